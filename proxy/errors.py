@@ -1,0 +1,180 @@
+"""Every error Tollgate raises, and the one place they become OpenAI-shaped bodies.
+
+    TollgateError
+    ├── ConfigError                 bad YAML or values; names the key path and the bad value
+    ├── ClientError                 the request is at fault: 4xx, nothing sent upstream
+    │   ├── InvalidRequest          400 invalid_request_error
+    │   ├── InvalidApiKey           401 invalid_api_key
+    │   ├── NotFound                404 (unknown path)
+    │   ├── ModelNotFound           404 model_not_found
+    │   ├── MethodNotAllowed        405
+    │   ├── BodyTooLarge            413
+    │   └── BudgetExceeded          429 budget_exceeded (+ retry-after)
+    └── UpstreamError               the upstream is at fault: 5xx made by the proxy
+        ├── UpstreamUnreachable     502 (connect refused, DNS, reset before headers)
+        ├── UpstreamBroken          502 (reset or garbage after headers)
+        └── UpstreamTimeout         504 (connect, first byte, idle between chunks)
+
+Lower-layer exceptions (aiohttp, asyncio, OSError) are translated into this tree only by
+`translate_upstream_exception`, which forward.py calls; nothing else catches them.
+Errors the upstream itself returns (an HTTP 4xx/5xx with a body) are not exceptions: they
+are relayed unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import orjson
+
+
+class TollgateError(Exception):
+    """Base of everything Tollgate raises on purpose."""
+
+
+class ConfigError(TollgateError):
+    """The configuration cannot be used. `problems` holds one line per bad key."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+    def __str__(self) -> str:
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        return f"invalid configuration in {self.source}:\n{lines}"
+
+
+class HttpError(TollgateError):
+    """An error the proxy answers itself, in the OpenAI error shape."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers: dict[str, str] = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.body())
+
+    def to_sse(self) -> bytes:
+        """The in-stream form: what the OpenAI SDK raises on once a stream has started."""
+        return b"data: " + self.to_json() + b"\n\n"
+
+    @property
+    def kind(self) -> str:
+        """A short, bounded name for metrics and logs (`error.type`)."""
+        return self.code or self.type
+
+
+class ClientError(HttpError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class InvalidRequest(ClientError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class InvalidApiKey(ClientError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class NotFound(ClientError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(ClientError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class BodyTooLarge(ClientError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class BudgetExceeded(ClientError):
+    status = 429
+    type = "budget_exceeded"
+    code = "budget_exceeded"
+
+
+class UpstreamError(HttpError):
+    status = 502
+    type = "upstream_error"
+
+
+class UpstreamUnreachable(UpstreamError):
+    status = 502
+    code = "upstream_unreachable"
+
+
+class UpstreamBroken(UpstreamError):
+    status = 502
+    code = "upstream_broken"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "timeout"
+    code = "upstream_timeout"
+
+
+def translate_upstream_exception(exc: BaseException, upstream: str, phase: str) -> UpstreamError:
+    """Map an aiohttp/asyncio/OS exception met while talking to `upstream` into our tree.
+
+    `phase` is "connect", "headers" or "body": where in the exchange it happened, which
+    decides between unreachable (nothing received yet) and broken (the response started).
+    """
+    if isinstance(exc, UpstreamError):
+        return exc
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, aiohttp.ServerTimeoutError)):
+        what = {
+            "connect": "connecting to",
+            "headers": "waiting for the first byte from",
+            "body": "waiting for the next chunk from",
+        }.get(phase, "talking to")
+        return UpstreamTimeout(f"Timed out {what} upstream '{upstream}'.")
+    detail = str(exc) or type(exc).__name__
+    if phase == "body" or isinstance(exc, aiohttp.ClientPayloadError):
+        return UpstreamBroken(f"Upstream '{upstream}' broke off the response: {detail}")
+    return UpstreamUnreachable(f"Upstream '{upstream}' is unreachable: {detail}")

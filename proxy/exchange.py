@@ -1,0 +1,194 @@
+"""The per-request record, and the observers that watch it.
+
+An `Exchange` is created when a request has been fully received (t0) and is finished exactly
+once, on every path: success, upstream error, client gone, refused. All timestamps are
+`time.perf_counter_ns()` values; wall-clock time is kept only for log lines and the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Literal, Protocol
+
+from proxy.usage import Usage
+
+log = logging.getLogger("tollgate.exchange")
+
+# The endpoints the proxy understands; everything else under /v1 is "other" and passes through.
+Endpoint = Literal["chat.completions", "completions", "embeddings", "responses", "models", "other"]
+
+# OpenTelemetry GenAI `gen_ai.operation.name` values for each endpoint.
+OPERATION_NAMES: dict[str, str] = {
+    "chat.completions": "chat",
+    "completions": "text_completion",
+    "embeddings": "embeddings",
+    "responses": "chat",
+    "models": "list_models",
+    "other": "other",
+}
+
+Outcome = Literal[
+    "ok",  # upstream answered 2xx and the whole response reached the client
+    "upstream_error",  # upstream answered with an HTTP error status (relayed unchanged)
+    "proxy_error",  # the proxy answered with its own error (unreachable, timeout, broken)
+    "rejected",  # refused before anything went upstream (bad request, key, budget, model)
+    "client_gone",  # the client disconnected before the response was complete
+]
+
+
+@dataclass(slots=True, eq=False)
+class Exchange:
+    request_id: str
+    endpoint: Endpoint
+    method: str
+    path: str
+    t0_ns: int
+    wall_start: float = field(default_factory=time.time)
+
+    # accept
+    body: dict[str, Any] | None = None
+    requested_model: str | None = None
+    stream: bool = False
+    output_cap: int | None = None
+    user: str | None = None
+    key_name: str | None = None
+    traceparent: str | None = None
+
+    # route
+    upstream: str | None = None
+    upstream_kind: str | None = None
+    upstream_model: str | None = None
+    route_model: str | None = None  # the configured name used as the bounded `model` label
+    usage_injected: bool = False
+
+    # forward / relay (perf_counter_ns)
+    t_upstream_sent_ns: int | None = None
+    t_headers_ns: int | None = None
+    t_first_byte_ns: int | None = None
+    t_first_token_ns: int | None = None
+    t_last_token_ns: int | None = None
+    t_end_ns: int | None = None
+    gaps_ns: list[int] = field(default_factory=list)
+    output_events: int = 0
+    overhead_ns: int = 0
+    bytes_out: int = 0
+
+    # result
+    status: int | None = None
+    outcome: Outcome | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    response_model: str | None = None
+    response_id: str | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+    usage: Usage | None = None
+    output_text_parts: list[str] = field(default_factory=list)
+    llamacpp_timings: dict[str, float] | None = None
+    cost: Decimal | None = None
+    priced: bool = True
+    finished: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def operation(self) -> str:
+        return OPERATION_NAMES[self.endpoint]
+
+    @property
+    def model_label(self) -> str:
+        return self.route_model or "other"
+
+    # Derived timings, in seconds; None where the moment never came.
+    def _since_t0(self, t_ns: int | None) -> float | None:
+        return None if t_ns is None else (t_ns - self.t0_ns) / 1e9
+
+    @property
+    def ttfb_s(self) -> float | None:
+        return self._since_t0(self.t_first_byte_ns)
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self._since_t0(self.t_first_token_ns)
+
+    @property
+    def upstream_ttft_s(self) -> float | None:
+        if self.t_first_token_ns is None or self.t_upstream_sent_ns is None:
+            return None
+        return (self.t_first_token_ns - self.t_upstream_sent_ns) / 1e9
+
+    @property
+    def duration_s(self) -> float | None:
+        return self._since_t0(self.t_end_ns)
+
+    @property
+    def tpot_s(self) -> float | None:
+        """(last output chunk - first output chunk) / (output tokens - 1)."""
+        if self.t_first_token_ns is None or self.t_last_token_ns is None or self.usage is None:
+            return None
+        n = self.usage.output_tokens
+        if n < 2:
+            return None
+        return (self.t_last_token_ns - self.t_first_token_ns) / 1e9 / (n - 1)
+
+    @property
+    def overhead_s(self) -> float:
+        return self.overhead_ns / 1e9
+
+    def gap_stats_s(self) -> tuple[float | None, float | None]:
+        """Mean and p95 (nearest rank) of the inter-token gaps."""
+        gaps = self.gaps_ns
+        if not gaps:
+            return None, None
+        ordered = sorted(gaps)
+        rank = max(0, -(-95 * len(ordered) // 100) - 1)
+        return sum(gaps) / len(gaps) / 1e9, ordered[rank] / 1e9
+
+
+class Observer(Protocol):
+    """Watches exchanges. Hooks are named after the moment they fire.
+
+    Observers run on the request's task, so they must be quick and must not block; an
+    exception raised by one is logged and counted by `Observers`, never propagated.
+    """
+
+    def on_start(self, ex: Exchange) -> None: ...
+
+    def on_first_token(self, ex: Exchange) -> None: ...
+
+    def on_finish(self, ex: Exchange) -> None: ...
+
+
+class Observers:
+    """Fans hooks out to every observer, containing each one's failures."""
+
+    def __init__(self, observers: list[Observer] | None = None) -> None:
+        self.observers: list[Observer] = list(observers or [])
+        self.failures = 0
+        self.on_failure: list[Any] = []  # callables(name: str) -> None, e.g. a metric counter
+
+    def add(self, observer: Observer) -> None:
+        self.observers.append(observer)
+
+    def _call(self, hook: str, ex: Exchange) -> None:
+        for obs in self.observers:
+            try:
+                getattr(obs, hook)(ex)
+            except Exception:  # noqa: BLE001 - measuring must never break forwarding
+                self.failures += 1
+                log.exception("observer %s failed in %s", type(obs).__name__, hook)
+                for cb in self.on_failure:
+                    try:
+                        cb(type(obs).__name__)
+                    except Exception:  # noqa: BLE001
+                        log.exception("observer failure callback failed")
+
+    def on_start(self, ex: Exchange) -> None:
+        self._call("on_start", ex)
+
+    def on_first_token(self, ex: Exchange) -> None:
+        self._call("on_first_token", ex)
+
+    def on_finish(self, ex: Exchange) -> None:
+        self._call("on_finish", ex)
