@@ -1,0 +1,246 @@
+"""Cost of a Usage under a price table. Pure; money is Decimal, never float.
+
+Prices are USD per 1M tokens. A price table maps model names or fnmatch globs to prices;
+shipped defaults live in proxy/data/pricing.yaml, and the user's entries win over them.
+
+Pricing file format (a flat mapping, model or glob -> price):
+
+    gpt-4o-mini:
+      input: 0.15          # USD per 1M uncached input tokens
+      cached_input: 0.075  # optional; defaults to input
+      cache_write: 0.20    # optional; defaults to input
+      output: 0.60         # reasoning tokens are output tokens
+    "local/*": 0           # shorthand: one number prices input and output alike
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import importlib.resources
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+import yaml
+
+from proxy.errors import ConfigError
+from proxy.usage import Usage
+
+__all__ = ["Price", "PriceTable", "cost", "parse_price", "worst_case_cost"]
+
+_PER = Decimal(1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per 1M tokens. None for cached_input/cache_write means "same as input"."""
+
+    input: Decimal
+    output: Decimal
+    cached_input: Decimal | None = None
+    cache_write: Decimal | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("input", "output", "cached_input", "cache_write"):
+            value = getattr(self, name)
+            if value is None and name in ("cached_input", "cache_write"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (Decimal, int)):
+                # A float here would already have lost the exact price.
+                raise TypeError(f"Price.{name} must be a Decimal, got {type(value).__name__}")
+            value = Decimal(value)
+            if not value.is_finite() or value < 0:
+                raise ValueError(f"Price.{name} must be a finite, non-negative number: {value}")
+            object.__setattr__(self, name, value)
+
+
+def cost(usage: Usage, price: Price) -> Decimal:
+    """Exact USD cost of `usage`.
+
+    Uncached input at `input`, cached input at `cached_input`, cache writes at
+    `cache_write` (each defaulting to `input`), output (reasoning included) at `output`.
+
+    Odd counts are clamped so the result is never negative and no reported token goes
+    unbilled: negative counts read as 0; parts are trusted as lower bounds of their totals,
+    so if cached + cache-write exceed input_tokens, input is taken to be their sum, and if
+    reasoning exceeds output_tokens, output is taken to be the reasoning count. Hence
+    adding tokens of any kind never lowers the cost (monotone in every count); raising
+    cached_input_tokens with input_tokens fixed re-prices existing tokens rather than
+    adding any.
+    """
+    cached = max(usage.cached_input_tokens, 0)
+    cache_write = max(usage.cache_write_tokens, 0)
+    input_tokens = max(usage.input_tokens, cached + cache_write, 0)
+    uncached = input_tokens - cached - cache_write
+    output_tokens = max(usage.output_tokens, usage.reasoning_tokens, 0)
+    cached_rate = price.input if price.cached_input is None else price.cached_input
+    write_rate = price.input if price.cache_write is None else price.cache_write
+    total = (
+        uncached * price.input
+        + cached * cached_rate
+        + cache_write * write_rate
+        + output_tokens * price.output
+    )
+    return total / _PER
+
+
+def worst_case_cost(input_tokens: int, output_cap: int, price: Price) -> Decimal:
+    """The most a request can cost: all input uncached, the whole output cap used."""
+    return cost(Usage(input_tokens=input_tokens, output_tokens=output_cap), price)
+
+
+# ----------------------------------------------------------------------------------------
+# Parsing
+
+_FIELDS = ("input", "output", "cached_input", "cache_write")
+
+
+def _decimal(value: object, where: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    try:
+        # str() first: YAML gives 0.075 as a float, and Decimal(str(0.075)) is exactly 0.075.
+        result = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise ValueError(f"{where}: expected a number, got {value!r}") from None
+    if not result.is_finite():
+        raise ValueError(f"{where}: expected a finite number, got {value!r}")
+    if result < 0:
+        raise ValueError(f"{where}: a price cannot be negative, got {value!r}")
+    return result
+
+
+def parse_price(raw: Mapping[str, object] | Decimal | int | float | str, where: str) -> Price:
+    """One price entry: a mapping {input, output, cached_input?, cache_write?}, or a single
+    number that prices input and output alike (`local/*: 0`).
+
+    Raises ValueError naming `where` (the key path) and the bad value.
+    """
+    if not isinstance(raw, Mapping):
+        flat = _decimal(raw, where)
+        return Price(input=flat, output=flat)
+    unknown = sorted(str(k) for k in raw if k not in _FIELDS)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(_FIELDS)}")
+    missing = [k for k in ("input", "output") if raw.get(k) is None]
+    if missing:
+        raise ValueError(f"{where}: missing {' and '.join(missing)}")
+    optional = {
+        k: (None if raw.get(k) is None else _decimal(raw[k], f"{where}.{k}"))
+        for k in ("cached_input", "cache_write")
+    }
+    return Price(
+        input=_decimal(raw["input"], f"{where}.input"),
+        output=_decimal(raw["output"], f"{where}.output"),
+        cached_input=optional["cached_input"],
+        cache_write=optional["cache_write"],
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Lookup
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+# Snapshot suffixes: "-2024-07-18" (current) and "-0613" (gpt-4 / gpt-3.5 era).
+_SNAPSHOT_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
+
+
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    exact: Mapping[str, Price]
+    # Most specific first: longer patterns, then fewer wildcards, then by name for stability.
+    globs: tuple[tuple[str, Price], ...]
+
+    @classmethod
+    def of(cls, entries: Mapping[str, Price]) -> _Layer:
+        exact = {k: v for k, v in entries.items() if not _GLOB_CHARS.search(k)}
+        globs = sorted(
+            ((k, v) for k, v in entries.items() if _GLOB_CHARS.search(k)),
+            key=lambda kv: (-len(kv[0]), len(_GLOB_CHARS.findall(kv[0])), kv[0]),
+        )
+        return cls(exact=exact, globs=tuple(globs))
+
+    def lookup(self, names: tuple[str, ...]) -> Price | None:
+        for name in names:
+            if name in self.exact:
+                return self.exact[name]
+        for name in names:
+            for pattern, price in self.globs:
+                if fnmatch.fnmatchcase(name, pattern):
+                    return price
+        return None
+
+
+class PriceTable:
+    """Model -> Price. Entries are exact names or fnmatch globs (`local/*`, `gpt-4.1*`)."""
+
+    __slots__ = ("_layers",)
+
+    def __init__(self, entries: Mapping[str, Price]) -> None:
+        self._layers: tuple[_Layer, ...] = (_Layer.of(dict(entries)),)
+
+    @classmethod
+    def _of_layers(cls, layers: tuple[_Layer, ...]) -> PriceTable:
+        table = cls.__new__(cls)
+        table._layers = layers
+        return table
+
+    @classmethod
+    def from_yaml_text(cls, text: str, source: str = "pricing") -> PriceTable:
+        """Parse a pricing file; every bad entry is reported at once as a ConfigError."""
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"not valid YAML: {exc}"], source) from None
+        if data is None:
+            return cls({})
+        if not isinstance(data, Mapping):
+            raise ConfigError([f"expected a mapping of model -> price, got {type(data).__name__}"], source)
+        entries: dict[str, Price] = {}
+        problems: list[str] = []
+        for key, raw in data.items():
+            if not isinstance(key, str) or not key:
+                problems.append(f"{key!r}: a model name or glob must be a non-empty string")
+                continue
+            try:
+                entries[key] = parse_price(raw, key)
+            except (ValueError, TypeError) as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ConfigError(problems, source)
+        return cls(entries)
+
+    @classmethod
+    def shipped(cls) -> PriceTable:
+        """The defaults shipped in proxy/data/pricing.yaml."""
+        return _shipped()
+
+    def merged(self, overrides: Mapping[str, Price]) -> PriceTable:
+        """A table in which `overrides` (the user's YAML) are consulted before these entries."""
+        return PriceTable._of_layers((_Layer.of(dict(overrides)), *self._layers))
+
+    def lookup(self, model: str) -> Price | None:
+        """The price for `model`, or None if nothing matches.
+
+        Layer by layer, user overrides first: the exact name, then the name without a
+        snapshot date ("gpt-4o-mini-2024-07-18" -> "gpt-4o-mini"), then globs, most
+        specific first. A user's glob therefore beats a shipped exact entry: whoever wrote
+        `gpt-4o*` in their own file meant it for every gpt-4o model.
+        """
+        names = (model,)
+        undated = _SNAPSHOT_SUFFIX.sub("", model)
+        if undated != model:
+            names = (model, undated)
+        for layer in self._layers:
+            price = layer.lookup(names)
+            if price is not None:
+                return price
+        return None
+
+
+@functools.cache
+def _shipped() -> PriceTable:
+    text = importlib.resources.files("proxy").joinpath("data").joinpath("pricing.yaml").read_text("utf-8")
+    return PriceTable.from_yaml_text(text, source="proxy/data/pricing.yaml")
