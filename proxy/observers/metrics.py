@@ -1,0 +1,411 @@
+"""Prometheus metrics for every finished exchange, and the scrape endpoint that serves them.
+
+Metric names are a contract with dashboards and alert rules: base units (seconds, USD),
+counters end in `_total`, and every label value comes from a bounded set (configured route
+names, configured upstreams and keys, fixed endpoint names). Request ids, users and prompts
+never become labels.
+
+Histogram buckets follow the OpenTelemetry GenAI semantic conventions where they name one
+(`gen_ai.client.operation.duration`, `gen_ai.server.time_to_first_token`,
+`gen_ai.server.time_per_output_token`) and extend them: streams of reasoning models run for
+minutes, so duration and TTFT reach 600 s; gaps and proxy overhead need sub-millisecond
+resolution that the semconv sets do not have.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from proxy.exchange import Exchange
+
+# gen_ai.client.operation.duration (doubling from 10 ms to 81.92 s), extended for long
+# reasoning streams.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+    120.0, 300.0, 600.0,
+)  # fmt: skip
+# gen_ai.server.time_to_first_token (1 ms to 10 s), extended: a reasoning model can think
+# for minutes before its first visible token.
+TTFT_BUCKETS: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 20.0, 40.0, 81.92, 120.0, 300.0, 600.0,
+)  # fmt: skip
+# gen_ai.server.time_per_output_token (10 ms to 2.5 s), with finer steps below 10 ms
+# because fast models and local GPUs emit a token every few milliseconds.
+TPOT_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.0075,
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+)  # fmt: skip
+# Inter-token gaps: chunks can arrive back to back (sub-ms, several in one TCP read) or
+# stall for seconds.
+GAP_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1,
+    0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+# The proxy's own time per request: should stay well under a millisecond or two.
+OVERHEAD_BUCKETS: tuple[float, ...] = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0,
+)  # fmt: skip
+# llama.cpp prompt evaluation (prefill) time: milliseconds for a cached prompt, minutes for
+# a long context on CPU.
+PROMPT_EVAL_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 81.92, 120.0,
+    300.0,
+)  # fmt: skip
+# llama.cpp generation speed, tokens per second: from a slow CPU to a fast GPU.
+TOKENS_PER_SECOND_BUCKETS: tuple[float, ...] = (
+    1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 75.0, 100.0, 150.0, 200.0, 300.0,
+    500.0, 1000.0,
+)  # fmt: skip
+
+_FAILED_UPSTREAM_OUTCOMES = frozenset({"proxy_error", "upstream_error"})
+
+_INFLIGHT_KEY = "_metrics_in_flight"
+_STREAM_KEY = "_metrics_open_stream"
+
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class _Children(Generic[M]):
+    """A metric family with its labelled children cached per label tuple.
+
+    `labels()` validates and looks up under a lock on every call; the set of label tuples
+    is small and bounded, so a dict lookup on the hot path is cheaper.
+    """
+
+    __slots__ = ("family", "_cache")
+
+    def __init__(self, family: M) -> None:
+        self.family = family
+        self._cache: dict[tuple[str, ...], Any] = {}
+
+    def get(self, *values: str) -> Any:
+        child = self._cache.get(values)
+        if child is None:
+            child = self.family.labels(*values)
+            self._cache[values] = child
+        return child
+
+
+def status_class(status: int | None) -> str:
+    """`2xx`..`5xx`, or `none` when no status was ever sent."""
+    if status is None or not 100 <= status <= 599:
+        return "none"
+    return f"{status // 100}xx"
+
+
+def _build_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tollgate")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class MetricsObserver:
+    """Records every exchange into a Prometheus registry (injected, so tests use fresh ones)."""
+
+    def __init__(self, registry: CollectorRegistry, version: str | None = None) -> None:
+        self.registry = registry
+
+        def counter(name: str, doc: str, labels: Sequence[str]) -> _Children[Counter]:
+            return _Children(Counter(name, doc, labels, registry=registry))
+
+        def histogram(
+            name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]
+        ) -> _Children[Histogram]:
+            return _Children(Histogram(name, doc, labels, registry=registry, buckets=buckets))
+
+        route = ("model", "upstream", "endpoint", "stream")
+        self.requests = counter(
+            "tollgate_requests_total",
+            "Finished requests. status_class is 2xx..5xx of the status sent to the client, "
+            "or none when the client left before one was sent.",
+            ("model", "upstream", "endpoint", "status_class", "stream"),
+        )
+        self.duration = histogram(
+            "tollgate_request_duration_seconds",
+            "Request received to last byte written to the client (or failure). "
+            "Buckets: gen_ai.client.operation.duration, extended to 600 s.",
+            route,
+            DURATION_BUCKETS,
+        )
+        self.ttfb = histogram(
+            "tollgate_time_to_first_byte_seconds",
+            "Request received to first upstream response byte relayed.",
+            route,
+            TTFT_BUCKETS,
+        )
+        self.ttft = histogram(
+            "tollgate_time_to_first_token_seconds",
+            "Request received to first output-carrying chunk relayed (role-only chunks "
+            "do not count). Buckets: gen_ai.server.time_to_first_token, extended to 600 s.",
+            route,
+            TTFT_BUCKETS,
+        )
+        self.upstream_ttft = histogram(
+            "tollgate_upstream_time_to_first_token_seconds",
+            "Upstream request sent to first output-carrying chunk received.",
+            ("model", "upstream"),
+            TTFT_BUCKETS,
+        )
+        self.gaps = histogram(
+            "tollgate_inter_token_gap_seconds",
+            "Time between successive output-carrying chunks; one observation per gap.",
+            ("model", "upstream"),
+            GAP_BUCKETS,
+        )
+        self.tpot = histogram(
+            "tollgate_time_per_output_token_seconds",
+            "(last output chunk - first output chunk) / (output tokens - 1), per request. "
+            "Buckets: gen_ai.server.time_per_output_token, refined below 10 ms.",
+            ("model", "upstream"),
+            TPOT_BUCKETS,
+        )
+        self.overhead = histogram(
+            "tollgate_proxy_overhead_seconds",
+            "Time the proxy itself spent on a forwarded request: received to upstream "
+            "request sent, plus, per chunk, upstream read to client write done.",
+            ("upstream", "endpoint", "stream"),
+            OVERHEAD_BUCKETS,
+        )
+        self.tokens = counter(
+            "tollgate_tokens_total",
+            "Tokens by kind; the kinds partition the total, so summing them never double "
+            "counts: input = uncached prompt tokens (excluding cache reads and writes), "
+            "cached_input = prompt tokens read from cache, cache_write = prompt tokens "
+            "written to cache, output = completion tokens excluding reasoning, reasoning = "
+            "reasoning tokens. source is upstream (reported usage) or estimated (tiktoken).",
+            ("model", "upstream", "kind", "source"),
+        )
+        self.cost = counter(
+            "tollgate_cost_usd_total",
+            "Cost in USD from the price table; key is the configured key name or none.",
+            ("model", "upstream", "key"),
+        )
+        self.unpriced = counter(
+            "tollgate_unpriced_requests_total",
+            "Requests whose model has no price (counted at cost 0).",
+            ("model", "upstream"),
+        )
+        self.upstream_errors = counter(
+            "tollgate_upstream_errors_total",
+            "Requests that ended with an upstream error status or a proxy-side failure "
+            "(unreachable, timeout, broken stream).",
+            ("upstream", "error_type"),
+        )
+        self.observer_errors = counter(
+            "tollgate_observer_errors_total",
+            "Exceptions raised inside observers (measuring never breaks forwarding).",
+            ("observer",),
+        )
+        self.spans_dropped = Counter(
+            "tollgate_trace_spans_dropped_total",
+            "Spans dropped because the trace export queue was full.",
+            registry=registry,
+        )
+        self.in_flight = _Children(
+            Gauge(
+                "tollgate_in_flight_requests",
+                "Requests received and not yet finished.",
+                ("upstream",),
+                registry=registry,
+                multiprocess_mode="livesum",
+            )
+        )
+        self.open_streams = _Children(
+            Gauge(
+                "tollgate_open_streams",
+                "Streaming requests received and not yet finished.",
+                ("upstream",),
+                registry=registry,
+                multiprocess_mode="livesum",
+            )
+        )
+        self.llamacpp_prompt_eval = histogram(
+            "tollgate_llamacpp_prompt_eval_seconds",
+            "llama.cpp prompt evaluation time (timings.prompt_ms).",
+            ("upstream",),
+            PROMPT_EVAL_BUCKETS,
+        )
+        self.llamacpp_tps = histogram(
+            "tollgate_llamacpp_generation_tokens_per_second",
+            "llama.cpp generation speed (timings.predicted_per_second).",
+            ("upstream",),
+            TOKENS_PER_SECOND_BUCKETS,
+        )
+        # Every worker sees the same n_ctx for an upstream, so the max across live workers
+        # is the value.
+        self.llamacpp_context = _Children(
+            Gauge(
+                "tollgate_llamacpp_context_size",
+                "Context size (n_ctx) reported by a llama.cpp upstream.",
+                ("upstream",),
+                registry=registry,
+                multiprocess_mode="livemax",
+            )
+        )
+        build_info = Gauge(
+            "tollgate_build_info",
+            "Always 1; labels carry the Tollgate version and the Python version.",
+            ("version", "python"),
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        build_info.labels(version or _build_version(), platform.python_version()).set(1)
+
+    # Observer hooks
+
+    def on_start(self, ex: Exchange) -> None:
+        upstream = ex.upstream or "none"
+        # Remember the exact child that was raised: the upstream may only be known (or may
+        # change) after on_start, and the gauge must come back down on the same series.
+        g = self.in_flight.get(upstream)
+        g.inc()
+        ex.extra[_INFLIGHT_KEY] = g
+        if ex.stream:
+            s = self.open_streams.get(upstream)
+            s.inc()
+            ex.extra[_STREAM_KEY] = s
+
+    def on_first_token(self, ex: Exchange) -> None:
+        # TTFT is observed once, at finish, together with everything else.
+        return None
+
+    def on_finish(self, ex: Exchange) -> None:
+        g = ex.extra.pop(_INFLIGHT_KEY, None)
+        if g is not None:
+            g.dec()
+        s = ex.extra.pop(_STREAM_KEY, None)
+        if s is not None:
+            s.dec()
+
+        model = ex.model_label
+        upstream = ex.upstream or "none"
+        endpoint = ex.endpoint
+        stream = "true" if ex.stream else "false"
+
+        self.requests.get(model, upstream, endpoint, status_class(ex.status), stream).inc()
+
+        duration = ex.duration_s
+        if duration is not None:
+            self.duration.get(model, upstream, endpoint, stream).observe(duration)
+        ttfb = ex.ttfb_s
+        if ttfb is not None:
+            self.ttfb.get(model, upstream, endpoint, stream).observe(ttfb)
+        ttft = ex.ttft_s
+        if ttft is not None:
+            self.ttft.get(model, upstream, endpoint, stream).observe(ttft)
+        up_ttft = ex.upstream_ttft_s
+        if up_ttft is not None:
+            self.upstream_ttft.get(model, upstream).observe(up_ttft)
+        if ex.gaps_ns:
+            gap_child = self.gaps.get(model, upstream)
+            for gap in ex.gaps_ns:
+                gap_child.observe(gap / 1e9)
+        tpot = ex.tpot_s
+        if tpot is not None:
+            self.tpot.get(model, upstream).observe(tpot)
+        # Overhead only means something for a request that was actually forwarded.
+        if ex.t_upstream_sent_ns is not None:
+            self.overhead.get(upstream, endpoint, stream).observe(ex.overhead_s)
+
+        usage = ex.usage
+        if usage is not None:
+            cached = usage.cached_input_tokens
+            written = usage.cache_write_tokens
+            reasoning = usage.reasoning_tokens
+            parts = (
+                ("input", max(0, usage.input_tokens - cached - written), usage.input_source),
+                ("cached_input", cached, usage.input_source),
+                ("cache_write", written, usage.input_source),
+                ("output", max(0, usage.output_tokens - reasoning), usage.output_source),
+                ("reasoning", reasoning, usage.output_source),
+            )
+            for kind, n, source in parts:
+                if n > 0:
+                    self.tokens.get(model, upstream, kind, source).inc(n)
+
+        if ex.cost is not None:
+            self.cost.get(model, upstream, ex.key_name or "none").inc(float(ex.cost))
+        if not ex.priced:
+            self.unpriced.get(model, upstream).inc()
+
+        if ex.outcome in _FAILED_UPSTREAM_OUTCOMES:
+            self.upstream_errors.get(upstream, ex.error_type or ex.outcome).inc()
+
+        timings = ex.llamacpp_timings
+        if timings:
+            prompt_ms = timings.get("prompt_ms")
+            if prompt_ms is not None:
+                self.llamacpp_prompt_eval.get(upstream).observe(prompt_ms / 1000.0)
+            tps = timings.get("predicted_per_second")
+            if tps is not None and tps > 0:
+                self.llamacpp_tps.get(upstream).observe(tps)
+
+    # Called from outside the hooks
+
+    def count_observer_error(self, name: str) -> None:
+        """Wire to `Observers.on_failure`; `name` is an observer class name (bounded)."""
+        self.observer_errors.get(name).inc()
+
+    def count_dropped_span(self) -> None:
+        """Wire to `make_tracer_provider(on_drop=...)`. Called from the exporter's thread;
+        prometheus_client values are thread-safe."""
+        self.spans_dropped.inc()
+
+    def set_llamacpp_context(self, upstream: str, n_ctx: int) -> None:
+        self.llamacpp_context.get(upstream).set(n_ctx)
+
+
+def _scrape_registry(registry: CollectorRegistry) -> CollectorRegistry:
+    """The registry to expose: the given one, or, with several worker processes, a fresh
+    one that aggregates every worker's mmap files (prometheus_client's documented way)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"):
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)
+        return merged
+    return registry
+
+
+def metrics_handler(registry: CollectorRegistry) -> Callable[[web.Request], Any]:
+    async def handle(request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        body = encoder(_scrape_registry(registry))
+        # content_type carries its own charset parameter; set the raw header so aiohttp
+        # does not try to split it.
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    return handle
+
+
+async def start_metrics_server(
+    registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 9464, path: str = "/metrics"
+) -> web.AppRunner:
+    """Serve the text exposition on the running loop. Port 0 picks a free port; read it
+    back with `bound_port(runner)`. Stop with `await runner.cleanup()`."""
+    app = web.Application()
+    app.router.add_get(path, metrics_handler(registry))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The TCP port the metrics server actually listens on."""
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return int(addr[1])
+    raise RuntimeError("metrics server is not listening on a TCP socket")
