@@ -1,0 +1,125 @@
+"""The whole product on one page: what the application holds, serves and runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import AsyncIterator
+from typing import IO
+
+from aiohttp import web
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry
+
+from proxy import handlers
+from proxy.exchange import Observer, Observers
+from proxy.forward import open_upstream
+from proxy.observers import (
+    AccessLogObserver,
+    MetricsObserver,
+    SummaryObserver,
+    TracingObserver,
+    start_metrics_server,
+)
+from proxy.pricing import Price, PriceTable
+from proxy.settings import Settings
+from proxy.state import RUNTIME, Runtime
+
+log = logging.getLogger("tollgate")
+
+METRICS: web.AppKey[MetricsObserver] = web.AppKey("metrics", MetricsObserver)
+SUMMARY: web.AppKey[SummaryObserver] = web.AppKey("summary", SummaryObserver)
+METRICS_RUNNER: web.AppKey[web.AppRunner] = web.AppKey("metrics_runner", web.AppRunner)
+
+
+def make_app(
+    settings: Settings,
+    *,
+    registry: CollectorRegistry | None = None,
+    tracer_provider: TracerProvider | None = None,
+    access_log: IO[bytes] | None = None,
+    extra_observers: list[Observer] | None = None,
+) -> web.Application:
+    app = web.Application(client_max_size=settings.server.max_body_bytes)
+
+    # What every request is measured by (metrics, traces, the log line, the summary).
+    metrics = MetricsObserver(registry if registry is not None else CollectorRegistry())
+    summary = SummaryObserver()
+    observers = Observers([metrics, summary])
+    if tracer_provider is not None:
+        observers.add(TracingObserver(tracer_provider))
+    if settings.logging.access_log:
+        observers.add(
+            AccessLogObserver(
+                access_log if access_log is not None else sys.stdout.buffer,
+                payloads=settings.logging.payloads,
+                payload_max_chars=settings.logging.payload_max_chars,
+            )
+        )
+    for extra in extra_observers or []:
+        observers.add(extra)
+    observers.on_failure.append(metrics.count_observer_error)
+
+    app[RUNTIME] = Runtime(
+        settings=settings,
+        prices=PriceTable.shipped().merged(price_overrides(settings)),
+        observers=observers,
+    )
+    app[METRICS] = metrics
+    app[SUMMARY] = summary
+
+    # Lifecycle: upstream sessions, the metrics port, draining background work.
+    app.cleanup_ctx.append(upstream_sessions)
+    if settings.metrics.enabled:
+        app.cleanup_ctx.append(metrics_port)
+    app.cleanup_ctx.append(background_work)
+
+    # The API the applications call.
+    for path, endpoint in handlers.MODEL_PATHS.items():
+        app.router.add_post(path, handlers.model_endpoint(endpoint))
+    app.router.add_get("/v1/models", handlers.list_models)
+    app.router.add_get("/v1/tollgate/summary", summary_endpoint)
+    app.router.add_route("*", "/v1/{tail:.*}", handlers.passthrough)
+
+    # Probes, and OpenAI-shaped 404s for everything else.
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_route("*", "/{tail:.*}", handlers.not_found)
+    return app
+
+
+def price_overrides(settings: Settings) -> dict[str, Price]:
+    return {
+        pattern: Price(
+            input=p.input, output=p.output, cached_input=p.cached_input, cache_write=p.cache_write
+        )
+        for pattern, p in settings.pricing.models.items()
+    }
+
+
+async def upstream_sessions(app: web.Application) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+    for name, upstream in rt.settings.upstreams.items():
+        rt.upstreams[name] = open_upstream(name, upstream, rt.settings)
+    yield
+    await asyncio.gather(*(u.session.close() for u in rt.upstreams.values()))
+
+
+async def metrics_port(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[RUNTIME].settings.metrics
+    runner = await start_metrics_server(app[METRICS].registry, cfg.host, cfg.port, cfg.path)
+    app[METRICS_RUNNER] = runner
+    yield
+    await runner.cleanup()
+
+
+async def background_work(app: web.Application) -> AsyncIterator[None]:
+    yield
+    rt = app[RUNTIME]
+    if rt.background:
+        await asyncio.wait(rt.background, timeout=10)
+
+
+async def summary_endpoint(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SUMMARY].snapshot())

@@ -1,0 +1,273 @@
+"""The only module that talks to upstreams: build the request, send it, relay the answer.
+
+Bytes go to the client as they arrive, one write per upstream chunk, unchanged; the
+measurement tap gets a reference to the same bytes after the write (or before it, when the
+stream must be rewritten to undo Tollgate's own usage injection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.errors import UpstreamError, translate_upstream_exception
+from proxy.exchange import Exchange
+from proxy.measure import StreamTap, UsageStripper, measure_body
+from proxy.settings import Settings
+from proxy.settings import Upstream as UpstreamSettings
+
+log = logging.getLogger("tollgate.forward")
+
+# RFC 9110 §7.6.1 hop-by-hop headers, plus those the proxy recomputes itself.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "expect"}
+_NOT_RELAYED_DOWN = HOP_BY_HOP | {"content-length", "content-encoding", "server", "date"}
+
+
+@dataclass(slots=True)
+class Upstream:
+    """One configured upstream and its pooled session (created in the app's lifecycle)."""
+
+    name: str
+    settings: UpstreamSettings
+    session: aiohttp.ClientSession
+    api_base: str
+    idle_timeout: float
+
+    @property
+    def closed(self) -> bool:
+        return self.session.closed
+
+
+def open_upstream(name: str, settings: UpstreamSettings, global_settings: Settings) -> Upstream:
+    timeouts = settings.effective_timeouts(global_settings.timeouts)
+    connector = aiohttp.TCPConnector(
+        limit=settings.max_connections,
+        limit_per_host=settings.max_connections,
+        keepalive_timeout=30,
+        enable_cleanup_closed=True,
+    )
+    session = aiohttp.ClientSession(
+        connector=connector,
+        # first_byte bounds the wait for headers; idle replaces it once they arrive (relay()).
+        timeout=aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=timeouts.connect, sock_read=timeouts.first_byte
+        ),
+        auto_decompress=True,
+        skip_auto_headers=("User-Agent", "Content-Type"),
+    )
+    return Upstream(
+        name=name,
+        settings=settings,
+        session=session,
+        api_base=settings.api_base,
+        idle_timeout=timeouts.idle,
+    )
+
+
+def upstream_headers(
+    incoming: Mapping[str, str], upstream: Upstream, ex: Exchange, *, drop_client_auth: bool
+) -> CIMultiDict[str]:
+    """Headers sent upstream: the client's minus hop-by-hop, with credentials from config."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lname = name.lower()
+        if lname in _NOT_FORWARDED_UP or lname.startswith("x-tollgate-"):
+            continue
+        out.add(name, value)
+    # The hop between proxy and upstream is uncompressed so the tap reads plain SSE.
+    out["Accept-Encoding"] = "identity"
+    key = upstream.settings.api_key
+    if key is not None:
+        out["Authorization"] = f"Bearer {key.get_secret_value()}"
+    elif drop_client_auth:
+        out.popall("Authorization", None)
+    for name, value in upstream.settings.headers.items():
+        out[name] = value
+    trace = ex.extra.get("trace_headers")
+    if trace:
+        for name, value in trace.items():
+            out[name] = value
+    out["X-Request-Id"] = ex.request_id
+    return out
+
+
+def relayed_headers(upstream_headers_: CIMultiDictProxy[str], *, decoded: bool) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream_headers_.items():
+        lname = name.lower()
+        if lname in _NOT_RELAYED_DOWN:
+            continue
+        if lname == "x-request-id":
+            # Ours is the response's x-request-id; the upstream's is kept under its own name.
+            out.add("X-Upstream-Request-Id", value)
+            continue
+        out.add(name, value)
+    return out
+
+
+async def send(
+    upstream: Upstream,
+    method: str,
+    path_qs: str,
+    headers: CIMultiDict[str],
+    body: bytes | None,
+    ex: Exchange,
+) -> aiohttp.ClientResponse:
+    """Send the request and wait for response headers; errors come back translated."""
+    url = upstream.api_base + path_qs
+    ex.t_upstream_sent_ns = time.perf_counter_ns()
+    try:
+        resp = await upstream.session.request(
+            method, url, headers=headers, data=body, allow_redirects=False
+        )
+    except Exception as exc:  # noqa: BLE001 - translated in exactly one place
+        raise translate_upstream_exception(exc, upstream.name, _phase_of(exc)) from exc
+    ex.t_headers_ns = time.perf_counter_ns()
+    return resp
+
+
+def _phase_of(exc: BaseException) -> str:
+    if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
+        return "connect"
+    return "headers"
+
+
+def _set_idle_timeout(resp: aiohttp.ClientResponse, idle: float) -> None:
+    # aiohttp re-arms its read timer on every data_received; switching the value after the
+    # headers gives a per-chunk idle timeout with no timer of our own per chunk.
+    conn = resp.connection
+    if conn is not None and conn.protocol is not None:
+        conn.protocol.read_timeout = idle
+
+
+async def relay(
+    request: web.Request,
+    resp: aiohttp.ClientResponse,
+    upstream: Upstream,
+    ex: Exchange,
+    on_first_token: Callable[[Exchange], None],
+) -> web.StreamResponse:
+    """Relay the upstream response to the client as it arrives; fill the Exchange on the way.
+
+    Raises UpstreamError before the response has started; after, failures are reported to
+    the client in-stream (SSE) or by closing the connection (plain bodies), and recorded.
+    """
+    ex.status = resp.status
+    content_type = resp.headers.get("Content-Type", "")
+    is_sse = content_type.startswith("text/event-stream")
+    out = web.StreamResponse(status=resp.status, reason=resp.reason)
+    out.headers.update(relayed_headers(resp.headers, decoded=True))
+    out.headers["X-Request-Id"] = ex.request_id
+    if is_sse:
+        out.headers["X-Accel-Buffering"] = "no"
+        out.headers.setdefault("Cache-Control", "no-cache")
+    elif "Content-Length" in resp.headers and "Content-Encoding" not in resp.headers:
+        out.content_length = int(resp.headers["Content-Length"])
+    _set_idle_timeout(resp, upstream.idle_timeout)
+
+    content = resp.content
+    tap = StreamTap(ex, on_first_token) if is_sse else None
+    stripper = UsageStripper() if (is_sse and ex.usage_injected) else None
+    body_parts: list[bytes] | None = None if is_sse else []
+    body_size = 0
+    started = False
+    perf = time.perf_counter_ns
+    try:
+        while True:
+            try:
+                chunk = await content.readany()
+            except Exception as exc:  # noqa: BLE001 - translated in exactly one place
+                raise translate_upstream_exception(exc, upstream.name, "body") from exc
+            t_read = perf()
+            if not chunk:
+                break
+            if ex.t_first_byte_ns is None:
+                ex.t_first_byte_ns = t_read
+            if stripper is not None:
+                assert tap is not None
+                events = tap.feed(chunk, t_read)
+                chunk = b"".join([stripper.rewrite(ev) for ev in events])
+                if not chunk:
+                    continue
+            if not started:
+                await out.prepare(request)
+                started = True
+            await out.write(chunk)
+            t_written = perf()
+            ex.overhead_ns += t_written - t_read
+            ex.bytes_out += len(chunk)
+            if tap is not None:
+                if stripper is None:
+                    tap.feed(chunk, t_read)
+            elif body_parts is not None:
+                body_size += len(chunk)
+                if body_size <= (32 << 20):
+                    body_parts.append(chunk)
+        if tap is not None:
+            tail = tap.finish(perf())
+            if stripper is not None and tail:
+                rest = b"".join([stripper.rewrite(ev) for ev in tail])
+                if rest:
+                    if not started:
+                        await out.prepare(request)
+                        started = True
+                    await out.write(rest)
+        if not started:
+            await out.prepare(request)
+            started = True
+        await out.write_eof()
+    except UpstreamError as err:
+        ex.error_type = err.kind
+        ex.error_message = err.message
+        if not started:
+            raise
+        ex.outcome = "proxy_error"
+        if is_sse:
+            try:
+                await out.write(err.to_sse())
+                await out.write_eof()
+            except (ConnectionError, RuntimeError):
+                ex.outcome = "client_gone"
+        else:
+            # A plain body cut short must not look complete to the client.
+            if request.transport is not None:
+                request.transport.close()
+    except asyncio.CancelledError:
+        # The client left (aiohttp cancels the handler): drop the upstream connection now
+        # so the upstream stops generating.
+        ex.outcome = "client_gone"
+        resp.close()
+        raise
+    except ConnectionError:
+        ex.outcome = "client_gone"
+        resp.close()
+    finally:
+        if ex.outcome in ("client_gone", "proxy_error"):
+            resp.close()
+        else:
+            resp.release()
+        if body_parts:
+            measure_body(ex, b"".join(body_parts))
+    if ex.outcome is None:
+        ex.outcome = "ok" if resp.status < 400 else "upstream_error"
+    return out

@@ -1,0 +1,160 @@
+"""The HTTP handlers: each walks a request down accept → route → admit → forward → relay → finish."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from proxy.accept import accept_body, new_exchange, parse_json_object, read_body
+from proxy.errors import ClientError, HttpError, MethodNotAllowed, NotFound
+from proxy.exchange import Endpoint, Exchange
+from proxy.finish import finish, started
+from proxy.forward import relay, send, upstream_headers
+from proxy.route import outgoing_body, route_exchange
+from proxy.state import RUNTIME, Runtime
+
+log = logging.getLogger("tollgate.handlers")
+
+MODEL_PATHS: dict[str, Endpoint] = {
+    "/v1/chat/completions": "chat.completions",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/responses": "responses",
+}
+
+
+def error_response(err: HttpError, ex: Exchange | None = None) -> web.Response:
+    headers = dict(err.headers)
+    if ex is not None:
+        headers["X-Request-Id"] = ex.request_id
+    return web.Response(
+        status=err.status, body=err.to_json(), content_type="application/json", headers=headers
+    )
+
+
+def _refused(ex: Exchange, err: HttpError) -> web.Response:
+    ex.status = err.status
+    ex.outcome = "rejected" if isinstance(err, ClientError) else "proxy_error"
+    ex.error_type = err.kind
+    ex.error_message = err.message
+    return error_response(err, ex)
+
+
+async def _forward_and_relay(
+    request: web.Request, rt: Runtime, ex: Exchange, body: bytes | None
+) -> web.StreamResponse:
+    assert ex.upstream is not None
+    upstream = rt.upstreams[ex.upstream]
+    started(ex, rt)
+    headers = upstream_headers(request.headers, upstream, ex, drop_client_auth=False)
+    # The proxy serves /v1/...; the upstream's API base already ends where /v1 does.
+    path_qs = request.raw_path[3:]
+    resp = await send(upstream, request.method, path_qs, headers, body, ex)
+    return await relay(request, resp, upstream, ex, rt.observers.on_first_token)
+
+
+async def _run(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    settings = rt.settings
+    ex = new_exchange(request, endpoint, settings.server.request_id_header)
+    try:
+        body = await read_body(request, settings.server.max_body_bytes)
+        ex.t0_ns = time.perf_counter_ns()
+        if endpoint == "other":
+            if settings.default_upstream is None:
+                raise NotFound(f"Invalid URL ({request.method} {request.path})")
+            ex.upstream = settings.default_upstream
+            ex.upstream_kind = settings.upstreams[ex.upstream].kind
+            return await _forward_and_relay(request, rt, ex, body or None)
+        payload = parse_json_object(body)
+        accept_body(ex, payload)
+        route_exchange(ex, settings)
+        inject = rt.upstreams[ex.upstream].settings.inject_stream_usage  # type: ignore[index]
+        return await _forward_and_relay(request, rt, ex, outgoing_body(ex, body, payload, inject))
+    except HttpError as err:
+        return _refused(ex, err)
+    except asyncio.CancelledError:
+        ex.outcome = ex.outcome or "client_gone"
+        raise
+    except Exception:
+        log.exception("unexpected error handling %s", ex.request_id)
+        ex.error_type = "internal_error"
+        return _refused(ex, HttpError("The proxy failed to handle the request.", code="internal_error"))
+    finally:
+        finish(ex, rt)
+
+
+def model_endpoint(endpoint: Endpoint) -> web.Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await _run(request, endpoint)
+
+    handler.__name__ = endpoint.replace(".", "_")
+    return handler
+
+
+async def passthrough(request: web.Request) -> web.StreamResponse:
+    """Any other /v1/* path goes to the default upstream untouched."""
+    if request.path in MODEL_PATHS:
+        return error_response(
+            MethodNotAllowed(f"Method {request.method} is not allowed for {request.path}; use POST.")
+        )
+    return await _run(request, "other")
+
+
+async def not_found(request: web.Request) -> web.Response:
+    return error_response(NotFound(f"Invalid URL ({request.method} {request.path})"))
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """The models the route table can serve: aliases, plus each upstream's own list filtered
+    through the routes (an upstream model is listed only if a request for it would reach it)."""
+    rt = request.app[RUNTIME]
+    settings = rt.settings
+    seen: dict[str, dict[str, object]] = {}
+    for alias in settings.exact_model_names():
+        seen[alias] = {"id": alias, "object": "model", "created": 0, "owned_by": "tollgate"}
+
+    async def fetch(name: str) -> list[dict[str, object]]:
+        upstream = rt.upstreams[name]
+        headers = upstream_headers({}, upstream, new_exchange(request, "models", "x-none"), drop_client_auth=True)
+        if upstream.settings.api_key is None and "Authorization" in request.headers:
+            headers["Authorization"] = request.headers["Authorization"]
+        try:
+            async with upstream.session.get(
+                upstream.api_base + "/models", headers=headers, timeout=aiohttp.ClientTimeout(total=5)
+            ) as resp:
+                if resp.status != 200:
+                    return []
+                data = orjson.loads(await resp.read()).get("data", [])
+                return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        except Exception as exc:  # noqa: BLE001 - one upstream down must not hide the others
+            log.warning("listing models of upstream %s failed: %s", name, exc)
+            return []
+
+    names = sorted(rt.upstreams)
+    for name, models in zip(names, await asyncio.gather(*(fetch(n) for n in names))):
+        for model in models:
+            mid = str(model["id"])
+            resolved = settings.route_for(mid)
+            if resolved is not None and resolved.upstream == name and resolved.upstream_model == mid:
+                seen.setdefault(mid, model)
+    return web.Response(
+        body=orjson.dumps({"object": "list", "data": list(seen.values())}),
+        content_type="application/json",
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    if rt.ready:
+        return web.json_response({"status": "ready", "upstreams": sorted(rt.upstreams)})
+    return web.json_response({"status": "not ready"}, status=503)
