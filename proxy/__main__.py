@@ -5,12 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 import time
 from pathlib import Path
-
-from aiohttp import web
 
 from proxy.errors import ConfigError
 from proxy.settings import Settings, load_settings
@@ -27,47 +24,6 @@ def _configure_logging(level: str) -> None:
     )
 
 
-def _install_uvloop() -> str:
-    try:
-        import uvloop
-    except ImportError:
-        return "asyncio"
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return "uvloop"
-
-
-async def _serve(settings: Settings, started_at: float) -> None:
-    from proxy.app import make_app
-    from proxy.observers import make_tracer_provider
-
-    tracer_provider = make_tracer_provider()
-    app = make_app(settings, tracer_provider=tracer_provider)
-    # handler_cancellation: a client that disconnects cancels its handler at once, which is
-    # how the upstream request gets cancelled while the upstream is still thinking.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True)
-    await site.start()
-    log.info(
-        "tollgate ready on http://%s:%d/v1 in %.0f ms (metrics: %s)",
-        settings.server.host,
-        settings.server.port,
-        (time.perf_counter() - started_at) * 1000,
-        f"http://{settings.metrics.host}:{settings.metrics.port}{settings.metrics.path}"
-        if settings.metrics.enabled
-        else "off",
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down")
-    await runner.cleanup()
-    if tracer_provider is not None:
-        tracer_provider.shutdown()
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     started_at = time.perf_counter()
     try:
@@ -82,9 +38,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         data["server"] = {**data["server"], **overrides}
         settings = Settings.model_validate(data)
     _configure_logging(settings.logging.level)
-    loop_name = _install_uvloop()
-    log.debug("event loop: %s", loop_name)
-    asyncio.run(_serve(settings, started_at))
+    from proxy.serve import install_uvloop, serve
+
+    log.debug("event loop: %s", install_uvloop())
+    asyncio.run(serve(settings, started_at))
     return 0
 
 
@@ -115,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("config", type=Path)
     check.set_defaults(func=cmd_check_config)
+
+    from proxy import demo
+
+    demo_parser = sub.add_parser("demo", help="try Tollgate with no key: a synthetic upstream and a short burst")
+    demo.configure_parser(demo_parser)
+    demo_parser.set_defaults(func=demo.run)
     return parser
 
 

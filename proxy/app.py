@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy import handlers
 from proxy.exchange import Observer, Observers
-from proxy.forward import open_upstream
+from proxy.forward import open_upstream, read_llamacpp_context
 from proxy.observers import (
     AccessLogObserver,
     MetricsObserver,
@@ -102,6 +102,9 @@ async def upstream_sessions(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
     for name, upstream in rt.settings.upstreams.items():
         rt.upstreams[name] = open_upstream(name, upstream, rt.settings)
+        if upstream.kind == "llamacpp":
+            # In the background: a llama-server still loading must not delay readiness.
+            rt.spawn(read_llamacpp_context(rt.upstreams[name], app[METRICS]), f"{name} /props")
     yield
     await asyncio.gather(*(u.session.close() for u in rt.upstreams.values()))
 

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
@@ -85,7 +86,7 @@ def open_upstream(name: str, settings: UpstreamSettings, global_settings: Settin
 
 
 def upstream_headers(
-    incoming: Mapping[str, str], upstream: Upstream, ex: Exchange, *, drop_client_auth: bool
+    incoming: Mapping[str, str], upstream: Upstream, ex: Exchange | None, *, drop_client_auth: bool
 ) -> CIMultiDict[str]:
     """Headers sent upstream: the client's minus hop-by-hop, with credentials from config."""
     out: CIMultiDict[str] = CIMultiDict()
@@ -103,11 +104,12 @@ def upstream_headers(
         out.popall("Authorization", None)
     for name, value in upstream.settings.headers.items():
         out[name] = value
-    trace = ex.extra.get("trace_headers")
-    if trace:
-        for name, value in trace.items():
-            out[name] = value
-    out["X-Request-Id"] = ex.request_id
+    if ex is not None:
+        trace = ex.extra.get("trace_headers")
+        if trace:
+            for name, value in trace.items():
+                out[name] = value
+        out["X-Request-Id"] = ex.request_id
     return out
 
 
@@ -158,6 +160,7 @@ def _set_idle_timeout(resp: aiohttp.ClientResponse, idle: float) -> None:
     conn = resp.connection
     if conn is not None and conn.protocol is not None:
         conn.protocol.read_timeout = idle
+        conn.protocol.start_timeout()  # re-arm now, not at the next data_received
 
 
 async def relay(
@@ -271,3 +274,29 @@ async def relay(
     if ex.outcome is None:
         ex.outcome = "ok" if resp.status < 400 else "upstream_error"
     return out
+
+
+class ContextSink(Protocol):
+    def set_llamacpp_context(self, upstream: str, n_ctx: int) -> None: ...
+
+
+async def read_llamacpp_context(upstream: Upstream, metrics: ContextSink, attempts: int = 30) -> None:
+    """Read n_ctx from llama-server's /props (retrying while it loads) into the metrics."""
+    url = upstream.settings.root_url + "/props"
+    headers = upstream_headers({}, upstream, None, drop_client_auth=True)
+    for attempt in range(attempts):
+        try:
+            async with upstream.session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                if resp.status == 200:
+                    props = await resp.json(content_type=None)
+                    settings = props.get("default_generation_settings") or {}
+                    n_ctx = settings.get("n_ctx", props.get("n_ctx"))
+                    if isinstance(n_ctx, int):
+                        metrics.set_llamacpp_context(upstream.name, n_ctx)
+                        return
+                    log.warning("llama-server %s: no n_ctx in /props", upstream.name)
+                    return
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            log.debug("llama-server %s /props not readable yet: %s", upstream.name, exc)
+        await asyncio.sleep(min(10.0, 0.5 * (attempt + 1)))
+    log.warning("llama-server %s: gave up reading n_ctx from /props", upstream.name)

@@ -121,7 +121,7 @@ async def list_models(request: web.Request) -> web.Response:
 
     async def fetch(name: str) -> list[dict[str, object]]:
         upstream = rt.upstreams[name]
-        headers = upstream_headers({}, upstream, new_exchange(request, "models", "x-none"), drop_client_auth=True)
+        headers = upstream_headers({}, upstream, None, drop_client_auth=True)
         if upstream.settings.api_key is None and "Authorization" in request.headers:
             headers["Authorization"] = request.headers["Authorization"]
         try:
