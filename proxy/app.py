@@ -25,6 +25,7 @@ from proxy.observers import (
 from proxy.pricing import Price, PriceTable
 from proxy.settings import Settings
 from proxy.state import RUNTIME, Runtime
+from proxy.tokens import warm
 
 log = logging.getLogger("tollgate")
 
@@ -69,8 +70,9 @@ def make_app(
     app[METRICS] = metrics
     app[SUMMARY] = summary
 
-    # Lifecycle: upstream sessions, the metrics port, draining background work.
+    # Lifecycle: upstream sessions, the metrics port, tokenizers, draining background work.
     app.cleanup_ctx.append(upstream_sessions)
+    app.cleanup_ctx.append(tokenizers)
     if settings.metrics.enabled:
         app.cleanup_ctx.append(metrics_port)
     app.cleanup_ctx.append(background_work)
@@ -107,6 +109,20 @@ async def upstream_sessions(app: web.Application) -> AsyncIterator[None]:
             rt.spawn(read_llamacpp_context(rt.upstreams[name], app[METRICS]), f"{name} /props")
     yield
     await asyncio.gather(*(u.session.close() for u in rt.upstreams.values()))
+
+
+async def tokenizers(app: web.Application) -> AsyncIterator[None]:
+    # Building a BPE table holds the GIL for ~0.5 s: do it off the request path at start,
+    # and report ready only once the default encoding is loaded, so no stream stalls on it.
+    rt = app[RUNTIME]
+
+    async def load() -> None:
+        await asyncio.to_thread(warm, ("gpt-4o",))  # o200k_base: also the unknown-model default
+        rt.tokenizers_ready.set()
+        await asyncio.to_thread(warm, ("gpt-4",))  # cl100k_base
+
+    rt.spawn(load(), "warming tokenizers")
+    yield
 
 
 async def metrics_port(app: web.Application) -> AsyncIterator[None]:

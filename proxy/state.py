@@ -27,10 +27,15 @@ class Runtime:
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     unpriced_warned: set[str] = field(default_factory=set)
     measure_failures: int = 0
+    tokenizers_ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def ready(self) -> bool:
-        return bool(self.upstreams) and not any(u.closed for u in self.upstreams.values())
+        return (
+            self.tokenizers_ready.is_set()
+            and bool(self.upstreams)
+            and not any(u.closed for u in self.upstreams.values())
+        )
 
     def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
         """Run work that must outlive the request (e.g. after a client disconnect) and is

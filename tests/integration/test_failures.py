@@ -230,7 +230,8 @@ async def test_client_disconnect_mid_stream_cancels_upstream_within_100ms(
     proxy = await start_proxy(proxy_yaml(fake_openai.api_base, inject=False), observers=[rec])
     t_close = await _stream_then_hang_up(proxy.base_url + "/chat/completions", 1)
     gone = await fake_openai.wait_disconnect(timeout=2)
-    assert (gone.t_ns - t_close) / 1e6 < 100, f"upstream saw the disconnect after {(gone.t_ns - t_close) / 1e6:.1f} ms"
+    print(f"mid-stream disconnect: upstream saw it {(gone.t_ns - t_close) / 1e6:.1f} ms after the client closed ({gone.how})")
+    assert (gone.t_ns - t_close) / 1e6 < 100
     assert gone.chunks_sent < 50
     ex = await rec.wait()
     assert ex.outcome == "client_gone"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import socket
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -54,6 +55,14 @@ class DisconnectRecord:
     t_ns: int  # perf_counter_ns when the server noticed the client had gone
     chunks_sent: int
     how: Literal["poll", "write", "cancelled"]
+
+
+@dataclass(frozen=True)
+class ChunkWrite:
+    path: str
+    index: int  # position of the chunk in its Reply
+    t_ns: int  # perf_counter_ns just before the chunk was handed to the transport
+    data: bytes
 
 
 @dataclass
@@ -127,6 +136,8 @@ class FakeUpstream:
         self._routes: dict[tuple[str, str], ReplySource] = {}
         self.requests: list[RecordedRequest] = []
         self.disconnects: list[DisconnectRecord] = []
+        # Every response chunk written, in order: the timing truth fidelity tests compare to.
+        self.writes: list[ChunkWrite] = []
         self.hold: asyncio.Event | None = None
         self._changed = asyncio.Condition()
         self._closing = asyncio.Event()
@@ -272,6 +283,7 @@ class FakeUpstream:
                 if delay > 0 and not await self._sleep(request, delay):
                     self._gone(recorded, state, "poll")
                     return response
+                self.writes.append(ChunkWrite(recorded.path, i, time.perf_counter_ns(), chunk))
                 await response.write(chunk)
                 state.chunks_sent += 1
             await response.write_eof()
@@ -329,7 +341,20 @@ class _Progress:
 
 def _client_gone(request: web.Request) -> bool:
     transport = request.transport
-    return transport is None or transport.is_closing()
+    if transport is None or transport.is_closing():
+        return True
+    # aiohttp pauses reading while a handler runs, so a client's FIN is not seen until a
+    # write fails; peeking at the socket sees it at once, as a real front end would.
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    sock = getattr(sock, "_sock", sock)  # asyncio's TransportSocket wrapper hides recv()
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 # --- usage injection helpers ----------------------------------------------------------------------
@@ -629,6 +654,7 @@ def responses_reply(body: bytes, *, stream: bool, **timing: float) -> Reply:
 
 
 __all__ = [
+    "ChunkWrite",
     "DisconnectRecord",
     "FakeLlamaServer",
     "FakeUpstream",
