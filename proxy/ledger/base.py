@@ -1,0 +1,231 @@
+"""The ledger interface: durable, atomic budget counters plus the spend log.
+
+Both backends (sqlite.py, redis.py) implement `Ledger`. Their contract:
+
+- `reserve` is all or nothing across every charge, and atomic across tasks, processes and
+  (for Redis) instances: for each *block* bucket it checks spent + live reservations +
+  amount against the limits (`proxy.budgets.exceeds`), and only if all fit records the
+  reservation on every bucket (warn buckets included, so their state shows what is in
+  flight). A reservation lives until settled, released, or its lease ends.
+- `settle` replaces the reservation by the actual charges and writes the spend-log row,
+  exactly once per request id (a second settle is a no-op returning []).
+- Money is stored as integer nano-USD (1e-9 USD); reservations are rounded up, actual
+  spend half-even (`proxy.budgets.to_nanos` / `spend_nanos`). Decimal in, Decimal out.
+- All times are timezone-aware datetimes passed in by the caller (inject the clock).
+
+Request ids must be unique per admission: a client-chosen `x-request-id` can repeat, so the
+caller should give the ledger its own id for each reservation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from proxy.budgets import (
+    Bucket,
+    BucketState,
+    Charge,
+    ClampInput,
+    Crossing,
+    Decision,
+    LimitKind,
+    admit,
+    charges,
+    quantize_up,
+    threshold_crossed,
+)
+from proxy.usage import Usage
+
+GroupBy = Literal["key", "user", "model", "day"]
+GROUP_BY_FIELDS: tuple[GroupBy, ...] = ("key", "user", "model", "day")
+
+
+class LedgerError(Exception):
+    """The ledger could not do what was asked (storage unreachable, corrupt, misuse)."""
+
+
+class DuplicateReservation(LedgerError):
+    """`reserve` was called twice with one request id (or for an already settled one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    ok: bool
+    # Every bucket's state: after the reservation when ok, as checked when refused.
+    states: dict[str, BucketState]
+    refused: Bucket | None = None
+    refused_state: BucketState | None = None
+    reason: LimitKind | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """One bucket's spend before and after a settlement: feed to `threshold_crossed`.
+
+    Settlements of a bucket are serialized by the ledger, so across all instances exactly
+    one settlement sees each threshold crossed in a window.
+    """
+
+    bucket_id: str
+    spent_before: Decimal
+    spent_after: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class SpendRow:
+    """One line of the spend log: one settled request."""
+
+    time: datetime  # aware; stored in UTC
+    request_id: str
+    key: str | None
+    user: str | None
+    model: str | None
+    upstream: str | None
+    endpoint: str | None
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    cache_write_tokens: int = 0
+    input_source: str | None = None
+    output_source: str | None = None
+    cost: Decimal = Decimal(0)
+    outcome: str | None = None
+    status: int | None = None
+
+    @classmethod
+    def from_usage(cls, usage: Usage | None, cost: Decimal | None, **fields: Any) -> SpendRow:
+        """A row from an exchange's Usage and cost plus the identifying fields."""
+        u = usage or Usage()
+        return cls(
+            input_tokens=u.input_tokens,
+            cached_input_tokens=u.cached_input_tokens,
+            output_tokens=u.output_tokens,
+            reasoning_tokens=u.reasoning_tokens,
+            cache_write_tokens=u.cache_write_tokens,
+            input_source=u.input_source if usage is not None else None,
+            output_source=u.output_source if usage is not None else None,
+            cost=cost if cost is not None else Decimal(0),
+            **fields,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@runtime_checkable
+class Ledger(Protocol):
+    async def reserve(
+        self, request_id: str, charges: Sequence[Charge], lease_seconds: float, now: datetime
+    ) -> ReserveResult: ...
+
+    async def settle(
+        self, request_id: str, actual: Sequence[Charge], spend_row: SpendRow | None, now: datetime
+    ) -> list[Settled]: ...
+
+    async def release(self, request_id: str, now: datetime) -> bool: ...
+
+    async def expire(self, now: datetime) -> int: ...
+
+    async def state(self, buckets: Sequence[Bucket], now: datetime) -> dict[str, BucketState]: ...
+
+    async def spend_report(
+        self, start: datetime, end: datetime, group_by: Sequence[GroupBy]
+    ) -> list[dict[str, Any]]: ...
+
+    async def budget_report(self, now: datetime) -> list[dict[str, Any]]: ...
+
+    async def close(self) -> None: ...
+
+
+def check_group_by(group_by: Sequence[str]) -> list[GroupBy]:
+    out: list[GroupBy] = []
+    for g in group_by:
+        if g not in GROUP_BY_FIELDS:
+            raise ValueError(f"cannot group spend by {g!r}; choose from {', '.join(GROUP_BY_FIELDS)}")
+        if g not in out:
+            out.append(g)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The outcome of `admit_and_reserve`: admitted (maybe clamped) or refused."""
+
+    decision: Decision
+    reserved: bool
+    states: dict[str, BucketState]
+
+
+async def admit_and_reserve(
+    ledger: Ledger,
+    request_id: str,
+    buckets: Sequence[Bucket],
+    amount: Decimal,
+    *,
+    tokens: int = 0,
+    clamp: ClampInput | None = None,
+    lease_seconds: float,
+    now: datetime,
+) -> Admission:
+    """Reserve the worst case; if a clamp-mode budget refuses, retry once with a lower cap.
+
+    The fast path is one ledger round trip. The clamp is computed from the states the
+    ledger returned with its refusal, and the clamped reservation is again checked
+    atomically by the ledger, so a race between the two only ever refuses, never overspends.
+    """
+    amount_q = quantize_up(amount)
+    result = await ledger.reserve(request_id, charges(buckets, amount_q, tokens), lease_seconds, now)
+    if result.ok:
+        plain = Decision(
+            True, amount_q, tokens, output_cap=clamp.output_cap if clamp else None,
+            crossings=_projected(buckets, result.states, amount_q),
+            soft_exceeded=_over(buckets, result.states),
+        )
+        return Admission(plain, True, result.states)
+    decision = admit(buckets, result.states, amount, tokens=tokens, clamp=clamp)
+    if not decision.admitted or not decision.clamped:
+        refused = decision if not decision.admitted else Decision(
+            False, amount_q, tokens, refused=result.refused,
+            refused_state=result.refused_state, reason=result.reason,
+        )
+        return Admission(refused, False, result.states)
+    retry = await ledger.reserve(
+        request_id, charges(buckets, decision.amount, decision.tokens), lease_seconds, now
+    )
+    if retry.ok:
+        return Admission(decision, True, retry.states)
+    return Admission(
+        Decision(
+            False, decision.amount, decision.tokens, output_cap=decision.output_cap,
+            refused=retry.refused, refused_state=retry.refused_state, reason=retry.reason,
+        ),
+        False,
+        retry.states,
+    )
+
+
+def _projected(buckets: Sequence[Bucket], states: dict[str, BucketState], amount: Decimal) -> tuple[Crossing, ...]:
+    # The states after a successful reserve include this request, so it moved each warn
+    # bucket from (used - amount) to used.
+    out = []
+    for b in buckets:
+        if b.blocking or b.limit_usd is None:
+            continue
+        used = (states.get(b.id) or BucketState()).used
+        for t in threshold_crossed(used - amount, used, b.limit_usd, b.rule.thresholds):
+            out.append(Crossing(b, t, used, b.limit_usd))
+    return tuple(out)
+
+
+def _over(buckets: Sequence[Bucket], states: dict[str, BucketState]) -> tuple[Bucket, ...]:
+    return tuple(
+        b for b in buckets
+        if not b.blocking and b.limit_usd is not None
+        and (states.get(b.id) or BucketState()).used > b.limit_usd
+    )

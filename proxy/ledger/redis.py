@@ -1,0 +1,398 @@
+"""The shared ledger: budget counters in Redis, changed only by atomic Lua scripts.
+
+Several Tollgate instances pointing at one Redis share budgets. A script runs alone on the
+server, so the multi-bucket check-then-reserve and the settle are atomic without locks.
+
+Keys (P = "{prefix}", braces so a Redis Cluster puts every key in one slot; the scripts
+derive per-request and per-bucket keys from ids, which Redis only allows with one slot):
+
+    P:b:<bucket>   hash  spent, tokens, requests (settled); reserved, rtokens, rcount (live
+                         reservations); meta (JSON: name, scope, window, limits)
+    P:l:<bucket>   zset  request id -> lease end (ms): which reservations are live
+    P:r:<bucket>   hash  request id -> "nanos:tokens" reserved on this bucket
+    P:q:<request>  hash  bucket id -> 1: where a request holds reservations
+    P:d:<request>  str   settled marker (idempotent settle), kept a week
+    P:leases       zset  request id -> lease end: what `expire` sweeps
+    P:idx          zset  bucket id -> key expiry (ms; +inf for total): for budget reports
+
+Expired leases are dropped inside every script that reads a bucket, so the live sum never
+counts a dead reservation even if nobody ran `expire`. Bucket keys of a period expire a
+day after their window ends. Money is integer nano-USD; Lua numbers are doubles, exact to
+2^53 nano-USD (about $9M per bucket). Increments go to Redis as decimal strings, never
+as Lua-formatted numbers (which would turn large values into "1e+15").
+
+The spend log is local: every instance writes its own SQLite spend log (SpendLog), after
+the Redis settle succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from proxy.budgets import Bucket, BucketState, Charge, LimitKind, from_nanos, spend_nanos, to_nanos
+from proxy.ledger.base import (
+    DuplicateReservation,
+    GroupBy,
+    LedgerError,
+    ReserveResult,
+    Settled,
+    SpendRow,
+)
+from proxy.ledger.sqlite import SpendLog, budget_row, epoch_ms
+
+BUCKET_EXPIRY_MARGIN_MS = 24 * 3600 * 1000
+SETTLED_RETENTION_MS = 7 * 24 * 3600 * 1000
+EXPIRE_BATCH = 500
+_STATE_FIELDS = 6
+
+_COMMON = r"""
+local P = ARGV[1]
+local function bkey(bid) return P .. ':b:' .. bid end
+local function lkey(bid) return P .. ':l:' .. bid end
+local function rkey(bid) return P .. ':r:' .. bid end
+local function neg(s) if s == '0' then return '0' end return '-' .. s end
+
+local function unreserve(bid, rid)
+  local v = redis.call('HGET', rkey(bid), rid)
+  if v then
+    local sep = string.find(v, ':', 1, true)
+    local B = bkey(bid)
+    redis.call('HINCRBY', B, 'reserved', neg(string.sub(v, 1, sep - 1)))
+    redis.call('HINCRBY', B, 'rtokens', neg(string.sub(v, sep + 1)))
+    redis.call('HINCRBY', B, 'rcount', -1)
+    redis.call('HDEL', rkey(bid), rid)
+  end
+  redis.call('ZREM', lkey(bid), rid)
+end
+
+local function clean(bid, now)
+  local dead = redis.call('ZRANGEBYSCORE', lkey(bid), '-inf', now)
+  for _, rid in ipairs(dead) do unreserve(bid, rid) end
+end
+
+local function read(bid)
+  local v = redis.call('HMGET', bkey(bid), 'spent', 'reserved', 'tokens', 'rtokens', 'requests', 'rcount')
+  for i = 1, 6 do v[i] = v[i] or '0' end
+  return v
+end
+
+local function keep_until(bid, expire_at, meta)
+  local B = bkey(bid)
+  redis.call('HSET', B, 'meta', meta)
+  if expire_at ~= '' then
+    redis.call('PEXPIREAT', B, expire_at)
+    redis.call('PEXPIREAT', lkey(bid), expire_at)
+    redis.call('PEXPIREAT', rkey(bid), expire_at)
+    redis.call('ZADD', P .. ':idx', expire_at, bid)
+  else
+    redis.call('ZADD', P .. ':idx', '+inf', bid)
+  end
+end
+
+local function drop_request(rid)
+  local Q = P .. ':q:' .. rid
+  local bids = redis.call('HKEYS', Q)
+  for _, bid in ipairs(bids) do unreserve(bid, rid) end
+  redis.call('DEL', Q)
+  redis.call('ZREM', P .. ':leases', rid)
+  return #bids
+end
+"""
+
+# ARGV: P, rid, now, lease_until, request_key_expire_at, n, then n x 9:
+#   bid, amount, tokens, block, limit_nanos, limit_tokens, limit_requests, expire_at, meta
+# (limits and expire_at are '' when absent). Returns {ok (1, 0, -1 = duplicate id),
+# index of the refusing bucket, reason, 6 counters per bucket}.
+_RESERVE = _COMMON + r"""
+local rid, now, lease, qexp, n = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
+if redis.call('EXISTS', P .. ':q:' .. rid) == 1 or redis.call('EXISTS', P .. ':d:' .. rid) == 1 then
+  return {-1, 0, '', {}}
+end
+local W = 9
+local states = {}
+local refused, reason = 0, ''
+for i = 1, n do
+  local b = 6 + (i - 1) * W
+  local bid = ARGV[b + 1]
+  clean(bid, now)
+  local s = read(bid)
+  states[i] = s
+  if refused == 0 and ARGV[b + 4] == '1' then
+    local amt, tok = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+    if ARGV[b + 5] ~= '' and tonumber(s[1]) + tonumber(s[2]) + amt > tonumber(ARGV[b + 5]) then
+      refused, reason = i, 'usd'
+    elseif ARGV[b + 6] ~= '' and tonumber(s[3]) + tonumber(s[4]) + tok > tonumber(ARGV[b + 6]) then
+      refused, reason = i, 'tokens'
+    elseif ARGV[b + 7] ~= '' and tonumber(s[5]) + tonumber(s[6]) + 1 > tonumber(ARGV[b + 7]) then
+      refused, reason = i, 'requests'
+    end
+  end
+end
+if refused == 0 then
+  local Q = P .. ':q:' .. rid
+  for i = 1, n do
+    local b = 6 + (i - 1) * W
+    local bid, amt, tok = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
+    local B = bkey(bid)
+    redis.call('HINCRBY', B, 'reserved', amt)
+    redis.call('HINCRBY', B, 'rtokens', tok)
+    redis.call('HINCRBY', B, 'rcount', 1)
+    redis.call('HSET', rkey(bid), rid, amt .. ':' .. tok)
+    redis.call('ZADD', lkey(bid), lease, rid)
+    redis.call('HSET', Q, bid, '1')
+    keep_until(bid, ARGV[b + 8], ARGV[b + 9])
+    states[i] = read(bid)
+  end
+  if n > 0 then
+    redis.call('PEXPIREAT', Q, qexp)
+    redis.call('ZADD', P .. ':leases', lease, rid)
+  end
+end
+local flat = {}
+for i = 1, n do for j = 1, 6 do flat[#flat + 1] = states[i][j] end end
+local ok = 1
+if refused ~= 0 then ok = 0 end
+return {ok, refused, reason, flat}
+"""
+
+# ARGV: P, rid, now, settled_marker_expire_at, n, then n x 5: bid, amount, tokens, expire_at, meta
+_SETTLE = _COMMON + r"""
+local rid, now, dexp, n = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+if not redis.call('SET', P .. ':d:' .. rid, now, 'NX', 'PXAT', dexp) then
+  return {0, {}}
+end
+drop_request(rid)
+local after = {}
+for i = 1, n do
+  local b = 5 + (i - 1) * 5
+  local bid = ARGV[b + 1]
+  local B = bkey(bid)
+  after[i] = redis.call('HINCRBY', B, 'spent', ARGV[b + 2])
+  redis.call('HINCRBY', B, 'tokens', ARGV[b + 3])
+  redis.call('HINCRBY', B, 'requests', 1)
+  keep_until(bid, ARGV[b + 4], ARGV[b + 5])
+end
+return {1, after}
+"""
+
+# ARGV: P, rid
+_RELEASE = _COMMON + r"""
+return drop_request(ARGV[2])
+"""
+
+# ARGV: P, now, batch
+_EXPIRE = _COMMON + r"""
+local dead = redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, rid in ipairs(dead) do drop_request(rid) end
+redis.call('ZREMRANGEBYSCORE', P .. ':idx', '-inf', '(' .. ARGV[2])
+return #dead
+"""
+
+# ARGV: P, now, n, bid...  -> per bucket: 6 counters + meta ('' when unknown)
+_STATE = _COMMON + r"""
+local now, n = ARGV[2], tonumber(ARGV[3])
+local out = {}
+for i = 1, n do
+  local bid = ARGV[3 + i]
+  clean(bid, now)
+  local s = read(bid)
+  for j = 1, 6 do out[#out + 1] = s[j] end
+  out[#out + 1] = redis.call('HGET', bkey(bid), 'meta') or ''
+end
+return out
+"""
+
+
+def _state(values: Sequence[Any]) -> BucketState:
+    spent, reserved, tokens, rtokens, requests, rcount = (int(v) for v in values[:_STATE_FIELDS])
+    return BucketState(
+        spent=from_nanos(spent), reserved=from_nanos(reserved), tokens=tokens,
+        requests=requests, reserved_tokens=rtokens, reserved_requests=rcount,
+    )
+
+
+def _meta(b: Bucket) -> str:
+    return json.dumps(
+        {
+            "name": b.name, "key": b.key, "user": b.user, "action": b.rule.action,
+            "start_ms": epoch_ms(b.start),
+            "end_ms": epoch_ms(b.end) if b.end is not None else None,
+            "limit_nanos": to_nanos(b.limit_usd) if b.limit_usd is not None else None,
+            "limit_tokens": b.limit_tokens, "limit_requests": b.limit_requests,
+        },
+        separators=(",", ":"),
+    )
+
+
+def _expire_at(b: Bucket) -> str:
+    return "" if b.end is None else str(epoch_ms(b.end) + BUCKET_EXPIRY_MARGIN_MS)
+
+
+def _opt(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+class RedisLedger:
+    def __init__(self, client: aioredis.Redis, spend_log: SpendLog, key_prefix: str = "tollgate") -> None:
+        self.client = client
+        self.spend_log = spend_log
+        self.prefix = "{" + key_prefix + "}"
+        self._reserve = client.register_script(_RESERVE)
+        self._settle = client.register_script(_SETTLE)
+        self._release = client.register_script(_RELEASE)
+        self._expire = client.register_script(_EXPIRE)
+        self._state_script = client.register_script(_STATE)
+        # Request ids this instance holds reservations for: a settle with no charges for
+        # any other id needs no Redis round trip (requests no budget applies to).
+        self._holding: set[str] = set()
+
+    @classmethod
+    async def open(
+        cls, url: str, spend_log_path: str | Path, key_prefix: str = "tollgate",
+        busy_timeout_seconds: float = 30.0, max_connections: int = 32,
+    ) -> RedisLedger:
+        # A bounded pool that waits for a free connection: a burst of requests queues on
+        # it (each script is sub-millisecond) instead of opening a connection per request.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=busy_timeout_seconds, decode_responses=True
+        )
+        client = aioredis.Redis.from_pool(pool)
+        try:
+            await client.ping()
+        except RedisError as exc:
+            await client.aclose()
+            raise LedgerError(f"cannot reach Redis at {url}: {exc}") from exc
+        spend_log = await SpendLog.open(spend_log_path, busy_timeout_seconds)
+        return cls(client, spend_log, key_prefix)
+
+    async def _call(self, script: Any, args: list[Any]) -> Any:
+        try:
+            return await script(keys=[], args=[self.prefix, *args])
+        except RedisError as exc:
+            raise LedgerError(f"redis ledger: {exc}") from exc
+
+    async def reserve(
+        self, request_id: str, charges: Sequence[Charge], lease_seconds: float, now: datetime
+    ) -> ReserveResult:
+        ids = [c.bucket.id for c in charges]
+        if len(set(ids)) != len(ids):
+            raise ValueError("charges must name each bucket at most once")
+        now_ms = epoch_ms(now)
+        lease_until = now_ms + int(lease_seconds * 1000)
+        args: list[Any] = [request_id, now_ms, lease_until, lease_until + BUCKET_EXPIRY_MARGIN_MS, len(charges)]
+        for c in charges:
+            if c.amount < 0 or c.tokens < 0:
+                raise ValueError("charges must not be negative")
+            b = c.bucket
+            args += [
+                b.id, str(to_nanos(c.amount)), str(c.tokens), "1" if b.blocking else "0",
+                _opt(to_nanos(b.limit_usd) if b.limit_usd is not None else None),
+                _opt(b.limit_tokens), _opt(b.limit_requests), _expire_at(b), _meta(b),
+            ]
+        ok, refused, reason, flat = await self._call(self._reserve, args)
+        if int(ok) == -1:
+            raise DuplicateReservation(f"request id {request_id!r} was already reserved")
+        states = {
+            bid: _state(flat[i * _STATE_FIELDS:(i + 1) * _STATE_FIELDS]) for i, bid in enumerate(ids)
+        }
+        if int(ok) == 1:
+            if charges:
+                self._holding.add(request_id)
+            return ReserveResult(True, states)
+        bucket = charges[int(refused) - 1].bucket
+        why: LimitKind = reason
+        return ReserveResult(False, states, bucket, states[bucket.id], why)
+
+    async def settle(
+        self, request_id: str, actual: Sequence[Charge], spend_row: SpendRow | None, now: datetime
+    ) -> list[Settled]:
+        holding = request_id in self._holding
+        self._holding.discard(request_id)
+        if not actual and not holding:
+            if spend_row is not None:
+                await self.spend_log.write(spend_row)
+            return []
+        ids = [c.bucket.id for c in actual]
+        if len(set(ids)) != len(ids):
+            raise ValueError("charges must name each bucket at most once")
+        now_ms = epoch_ms(now)
+        args: list[Any] = [request_id, now_ms, now_ms + SETTLED_RETENTION_MS, len(actual)]
+        nanos = []
+        for c in actual:
+            n = spend_nanos(c.amount)
+            nanos.append(n)
+            args += [c.bucket.id, str(n), str(c.tokens), _expire_at(c.bucket), _meta(c.bucket)]
+        done, after = await self._call(self._settle, args)
+        if int(done) == 0:
+            return []
+        if spend_row is not None:
+            await self.spend_log.write(spend_row)
+        return [
+            Settled(bid, from_nanos(int(a) - n), from_nanos(int(a)))
+            for bid, a, n in zip(ids, after, nanos, strict=True)
+        ]
+
+    async def release(self, request_id: str, now: datetime) -> bool:
+        self._holding.discard(request_id)
+        return int(await self._call(self._release, [request_id])) > 0
+
+    async def expire(self, now: datetime) -> int:
+        total = 0
+        # Bounded: each round removes up to a batch; a full batch means there may be more.
+        for _ in range(1000):
+            n = int(await self._call(self._expire, [epoch_ms(now), EXPIRE_BATCH]))
+            total += n
+            if n < EXPIRE_BATCH:
+                break
+        return total
+
+    async def _states(self, ids: Sequence[str], now: datetime) -> list[tuple[BucketState, str]]:
+        if not ids:
+            return []
+        flat = await self._call(self._state_script, [epoch_ms(now), len(ids), *ids])
+        width = _STATE_FIELDS + 1
+        return [
+            (_state(flat[i * width:(i + 1) * width]), flat[i * width + _STATE_FIELDS])
+            for i in range(len(ids))
+        ]
+
+    async def state(self, buckets: Sequence[Bucket], now: datetime) -> dict[str, BucketState]:
+        ids = [b.id for b in buckets]
+        return {bid: st for bid, (st, _) in zip(ids, await self._states(ids, now), strict=True)}
+
+    async def budget_report(self, now: datetime) -> list[dict[str, Any]]:
+        now_ms = epoch_ms(now)
+        try:
+            # decode_responses=True: members come back as str.
+            ids = cast(list[str], await self.client.zrangebyscore(f"{self.prefix}:idx", now_ms, "+inf"))
+        except RedisError as exc:
+            raise LedgerError(f"redis ledger: {exc}") from exc
+        rows = []
+        for bid, (st, meta_text) in zip(ids, await self._states(ids, now), strict=True):
+            if not meta_text:
+                continue
+            m = json.loads(meta_text)
+            if m["start_ms"] > now_ms or (m["end_ms"] is not None and m["end_ms"] <= now_ms):
+                continue
+            rows.append(budget_row(
+                bid, m["name"], m["key"], m["user"], m["action"], m["start_ms"], m["end_ms"],
+                m["limit_nanos"], m["limit_tokens"], m["limit_requests"], st,
+            ))
+        rows.sort(key=lambda r: (r["name"], r["bucket"]))
+        return rows
+
+    async def spend_report(self, start: datetime, end: datetime, group_by: Sequence[GroupBy]) -> list[dict[str, Any]]:
+        return await self.spend_log.spend_report(start, end, group_by)
+
+    async def close(self) -> None:
+        try:
+            await self.client.aclose()
+        finally:
+            await self.spend_log.close()

@@ -1,0 +1,513 @@
+"""The embedded ledger: one SQLite file in WAL mode, safe for several processes on a host.
+
+Every reserve, settle, release and expire is one `BEGIN IMMEDIATE` transaction: it takes
+the database's write lock before reading, so check-then-record cannot interleave with
+another task, thread or worker process (they wait on `busy_timeout`). WAL lets readers
+(reports) run while a writer holds the lock, and `synchronous=NORMAL` makes a commit
+durable against a killed process (only an OS crash or power loss can drop the last
+commits), at a fraction of the cost of an fsync per request.
+
+sqlite3 calls block (on the disk, and on the lock when another process holds it), so each
+ledger owns one connection on one dedicated thread and the event loop awaits it. One thread
+also serializes this process's transactions without a Python lock.
+
+Money is integer nano-USD (see proxy.budgets.to_nanos); times are integer epoch
+milliseconds (leases, windows) or ISO-8601 UTC text (the spend log, for people and CSV).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+from proxy.budgets import (
+    Bucket,
+    BucketState,
+    Charge,
+    LimitKind,
+    exceeds,
+    from_nanos,
+    spend_nanos,
+    to_nanos,
+)
+from proxy.ledger.base import (
+    DuplicateReservation,
+    GroupBy,
+    LedgerError,
+    ReserveResult,
+    Settled,
+    SpendRow,
+    check_group_by,
+)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+# Settled markers make settle idempotent; a week covers any retry of a finished request.
+SETTLED_RETENTION_MS = 7 * 24 * 3600 * 1000
+
+_SPEND_LOG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spend_log (
+    request_id TEXT PRIMARY KEY,
+    time TEXT NOT NULL,               -- ISO-8601 UTC, microseconds, 'Z'
+    key_name TEXT,
+    user_name TEXT,
+    model TEXT,
+    upstream TEXT,
+    endpoint TEXT,
+    input_tokens INTEGER NOT NULL,
+    cached_input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    reasoning_tokens INTEGER NOT NULL,
+    cache_write_tokens INTEGER NOT NULL,
+    input_source TEXT,
+    output_source TEXT,
+    cost_nanos INTEGER NOT NULL,      -- nano-USD
+    outcome TEXT,
+    status INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS spend_log_time ON spend_log(time);
+"""
+
+_LEDGER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS buckets (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    key_name TEXT,
+    user_name TEXT,
+    action TEXT NOT NULL,
+    start_ms INTEGER NOT NULL,
+    end_ms INTEGER,                   -- NULL: a total budget, no end
+    limit_nanos INTEGER,
+    limit_tokens INTEGER,
+    limit_requests INTEGER,
+    spent_nanos INTEGER NOT NULL DEFAULT 0,
+    tokens INTEGER NOT NULL DEFAULT 0,
+    requests INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reservations (
+    request_id TEXT NOT NULL,
+    bucket_id TEXT NOT NULL,
+    amount_nanos INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    lease_until_ms INTEGER NOT NULL,
+    PRIMARY KEY (request_id, bucket_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS reservations_bucket ON reservations(bucket_id, lease_until_ms);
+CREATE INDEX IF NOT EXISTS reservations_lease ON reservations(lease_until_ms);
+CREATE TABLE IF NOT EXISTS settled (
+    request_id TEXT PRIMARY KEY,
+    at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS settled_at ON settled(at_ms);
+"""
+
+
+def epoch_ms(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        raise ValueError("ledger times must be timezone-aware")
+    return int(moment.timestamp() * 1000)
+
+
+def from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+
+
+def log_time(moment: datetime) -> str:
+    """Spend-log time text: fixed width, so text order is time order."""
+    if moment.tzinfo is None:
+        raise ValueError("spend-log times must be timezone-aware")
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class SqliteDb:
+    """One sqlite3 connection, used only from one dedicated thread."""
+
+    def __init__(self, path: str | Path, busy_timeout_seconds: float = 30.0) -> None:
+        self.path = Path(path)
+        self.busy_timeout_seconds = busy_timeout_seconds
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollgate-ledger")
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: no implicit transactions; we say BEGIN IMMEDIATE ourselves.
+        conn = sqlite3.connect(
+            self.path, timeout=self.busy_timeout_seconds, isolation_level=None
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_seconds * 1000)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise LedgerError(f"{self.path}: cannot switch to WAL mode (got {mode})")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is None:
+            self._conn = self._connect()
+        return fn(self._conn)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise LedgerError("the ledger is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, fn)
+
+    def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run on the ledger thread from synchronous code (CLI reports, measurements)."""
+        if self._closed:
+            raise LedgerError("the ledger is closed")
+        return self._executor.submit(self._call, fn).result()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+
+        def _close(_: sqlite3.Connection) -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        if self._conn is not None:
+            await self.run(_close)
+        self._closed = True
+        self._executor.shutdown(wait=True)
+
+
+def transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]) -> T:
+    """Run `body` inside BEGIN IMMEDIATE ... COMMIT; roll back on any exception."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = body(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+def _init_schema(conn: sqlite3.Connection, script: str) -> None:
+    def body(c: sqlite3.Connection) -> None:
+        version = c.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise LedgerError(f"ledger schema version {version} is newer than this Tollgate ({SCHEMA_VERSION})")
+        for statement in script.split(";"):
+            if statement.strip():
+                c.execute(statement)
+        c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    transaction(conn, body)
+
+
+# ---------------------------------------------------------------------------------------
+# The spend log (shared with the Redis ledger, which keeps its own local copy)
+
+
+_SPEND_COLUMNS = (
+    "request_id", "time", "key_name", "user_name", "model", "upstream", "endpoint",
+    "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens",
+    "cache_write_tokens", "input_source", "output_source", "cost_nanos", "outcome", "status",
+)
+_INSERT_SPEND = (
+    f"INSERT OR IGNORE INTO spend_log ({', '.join(_SPEND_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _SPEND_COLUMNS)})"
+)
+
+
+def insert_spend_row(conn: sqlite3.Connection, row: SpendRow) -> bool:
+    cur = conn.execute(
+        _INSERT_SPEND,
+        (
+            row.request_id, log_time(row.time), row.key, row.user, row.model, row.upstream,
+            row.endpoint, row.input_tokens, row.cached_input_tokens, row.output_tokens,
+            row.reasoning_tokens, row.cache_write_tokens, row.input_source, row.output_source,
+            spend_nanos(row.cost), row.outcome, row.status,
+        ),
+    )
+    return cur.rowcount == 1
+
+
+_GROUP_SQL = {"key": "key_name", "user": "user_name", "model": "model", "day": "substr(time, 1, 10)"}
+
+
+def query_spend(
+    conn: sqlite3.Connection, start: datetime, end: datetime, group_by: Sequence[GroupBy]
+) -> list[dict[str, Any]]:
+    """Totals over [start, end), grouped; `day` is the UTC calendar day."""
+    groups = check_group_by(group_by)
+    cols = [f"{_GROUP_SQL[g]} AS g_{g}" for g in groups]
+    sums = (
+        "COUNT(*), SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens), "
+        "SUM(reasoning_tokens), SUM(cost_nanos)"
+    )
+    sql = f"SELECT {', '.join([*cols, sums])} FROM spend_log WHERE time >= ? AND time < ?"
+    if groups:
+        order = ", ".join(f"g_{g}" for g in groups)
+        sql += f" GROUP BY {order} ORDER BY {order}"
+    out = []
+    for rec in conn.execute(sql, (log_time(start), log_time(end))):
+        values = dict(zip(groups, rec[: len(groups)], strict=True))
+        requests, inp, cached, outp, reasoning, cost = rec[len(groups):]
+        if not requests:
+            continue  # no GROUP BY and no rows: SQL still returns one row of NULLs
+        values.update(
+            requests=requests,
+            input_tokens=inp or 0,
+            cached_input_tokens=cached or 0,
+            output_tokens=outp or 0,
+            reasoning_tokens=reasoning or 0,
+            cost=from_nanos(cost or 0),
+        )
+        out.append(values)
+    return out
+
+
+class SpendLog:
+    """Just the spend log: the local SQLite copy kept beside a Redis ledger."""
+
+    def __init__(self, db: SqliteDb) -> None:
+        self.db = db
+
+    @classmethod
+    async def open(cls, path: str | Path, busy_timeout_seconds: float = 30.0) -> SpendLog:
+        db = SqliteDb(path, busy_timeout_seconds)
+        await db.run(lambda c: _init_schema(c, _SPEND_LOG_SCHEMA))
+        return cls(db)
+
+    async def write(self, row: SpendRow) -> bool:
+        """Insert the row unless its request id is there already; True if inserted."""
+        return await self.db.run(lambda c: transaction(c, lambda t: insert_spend_row(t, row)))
+
+    async def spend_report(self, start: datetime, end: datetime, group_by: Sequence[GroupBy]) -> list[dict[str, Any]]:
+        return await self.db.run(lambda c: query_spend(c, start, end, group_by))
+
+    async def close(self) -> None:
+        await self.db.close()
+
+
+# ---------------------------------------------------------------------------------------
+# The ledger
+
+
+def _check_charges(charges: Sequence[Charge]) -> None:
+    ids = [c.bucket.id for c in charges]
+    if len(set(ids)) != len(ids):
+        raise ValueError("charges must name each bucket at most once")
+    for c in charges:
+        if c.amount < 0 or c.tokens < 0:
+            raise ValueError("charges must not be negative")
+
+
+def _upsert_bucket(conn: sqlite3.Connection, b: Bucket) -> None:
+    # Limits follow the current config; counters are never touched here.
+    conn.execute(
+        "INSERT INTO buckets (id, name, key_name, user_name, action, start_ms, end_ms, "
+        "limit_nanos, limit_tokens, limit_requests) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT(id) DO UPDATE SET action = excluded.action, limit_nanos = excluded.limit_nanos, "
+        "limit_tokens = excluded.limit_tokens, limit_requests = excluded.limit_requests",
+        (
+            b.id, b.name, b.key, b.user, b.rule.action, epoch_ms(b.start),
+            epoch_ms(b.end) if b.end is not None else None,
+            to_nanos(b.limit_usd) if b.limit_usd is not None else None,
+            b.limit_tokens, b.limit_requests,
+        ),
+    )
+
+
+def _bucket_state(conn: sqlite3.Connection, bucket_id: str, now_ms: int) -> BucketState:
+    row = conn.execute(
+        "SELECT spent_nanos, tokens, requests FROM buckets WHERE id = ?", (bucket_id,)
+    ).fetchone()
+    live = conn.execute(
+        "SELECT COALESCE(SUM(amount_nanos), 0), COALESCE(SUM(tokens), 0), COUNT(*) "
+        "FROM reservations WHERE bucket_id = ? AND lease_until_ms > ?",
+        (bucket_id, now_ms),
+    ).fetchone()
+    spent, tokens, requests = row if row is not None else (0, 0, 0)
+    return BucketState(
+        spent=from_nanos(spent), reserved=from_nanos(live[0]), tokens=tokens,
+        requests=requests, reserved_tokens=live[1], reserved_requests=live[2],
+    )
+
+
+def _plus(st: BucketState, amount: Decimal, tokens: int) -> BucketState:
+    return BucketState(
+        spent=st.spent, reserved=st.reserved + amount, tokens=st.tokens, requests=st.requests,
+        reserved_tokens=st.reserved_tokens + tokens, reserved_requests=st.reserved_requests + 1,
+    )
+
+
+class SqliteLedger:
+    """Budget counters, reservations and the spend log in one SQLite file."""
+
+    def __init__(self, db: SqliteDb) -> None:
+        self.db = db
+
+    @classmethod
+    async def open(cls, path: str | Path, busy_timeout_seconds: float = 30.0) -> SqliteLedger:
+        db = SqliteDb(path, busy_timeout_seconds)
+        await db.run(lambda c: _init_schema(c, _SPEND_LOG_SCHEMA + _LEDGER_SCHEMA))
+        return cls(db)
+
+    # -- reserve ---------------------------------------------------------------------
+
+    async def reserve(
+        self, request_id: str, charges: Sequence[Charge], lease_seconds: float, now: datetime
+    ) -> ReserveResult:
+        _check_charges(charges)
+        now_ms = epoch_ms(now)
+        lease_until = now_ms + int(lease_seconds * 1000)
+        # Amounts as the ledger stores them, so checks and records agree to the nano.
+        quantized = [(c, to_nanos(c.amount)) for c in charges]
+
+        def body(conn: sqlite3.Connection) -> ReserveResult:
+            dup = conn.execute(
+                "SELECT 1 FROM reservations WHERE request_id = ? UNION ALL "
+                "SELECT 1 FROM settled WHERE request_id = ? LIMIT 1",
+                (request_id, request_id),
+            ).fetchone()
+            if dup is not None:
+                raise DuplicateReservation(f"request id {request_id!r} was already reserved")
+            states: dict[str, BucketState] = {}
+            refused: tuple[Bucket, BucketState, LimitKind] | None = None
+            for c, nanos in quantized:
+                st = _bucket_state(conn, c.bucket.id, now_ms)
+                states[c.bucket.id] = st
+                if refused is None and c.bucket.blocking:
+                    reason = exceeds(c.bucket, st, from_nanos(nanos), c.tokens)
+                    if reason is not None:
+                        refused = (c.bucket, st, reason)
+            if refused is not None:
+                return ReserveResult(False, states, refused[0], refused[1], refused[2])
+            for c, nanos in quantized:
+                _upsert_bucket(conn, c.bucket)
+                conn.execute(
+                    "INSERT INTO reservations (request_id, bucket_id, amount_nanos, tokens, "
+                    "lease_until_ms) VALUES (?, ?, ?, ?, ?)",
+                    (request_id, c.bucket.id, nanos, c.tokens, lease_until),
+                )
+                states[c.bucket.id] = _plus(states[c.bucket.id], from_nanos(nanos), c.tokens)
+            return ReserveResult(True, states)
+
+        return await self.db.run(lambda conn: transaction(conn, body))
+
+    # -- settle / release / expire ---------------------------------------------------
+
+    async def settle(
+        self, request_id: str, actual: Sequence[Charge], spend_row: SpendRow | None, now: datetime
+    ) -> list[Settled]:
+        _check_charges(actual)
+        now_ms = epoch_ms(now)
+
+        def body(conn: sqlite3.Connection) -> list[Settled]:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO settled (request_id, at_ms) VALUES (?, ?)", (request_id, now_ms)
+            )
+            if cur.rowcount == 0:
+                return []  # settled before: exactly once
+            out = []
+            for c in actual:
+                _upsert_bucket(conn, c.bucket)
+                before, after = conn.execute(
+                    "UPDATE buckets SET spent_nanos = spent_nanos + ?, tokens = tokens + ?, "
+                    "requests = requests + 1 WHERE id = ? "
+                    "RETURNING spent_nanos - ?, spent_nanos",
+                    (spend_nanos(c.amount), c.tokens, c.bucket.id, spend_nanos(c.amount)),
+                ).fetchone()
+                out.append(Settled(c.bucket.id, from_nanos(before), from_nanos(after)))
+            conn.execute("DELETE FROM reservations WHERE request_id = ?", (request_id,))
+            if spend_row is not None:
+                insert_spend_row(conn, spend_row)
+            return out
+
+        return await self.db.run(lambda conn: transaction(conn, body))
+
+    async def release(self, request_id: str, now: datetime) -> bool:
+        def body(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("DELETE FROM reservations WHERE request_id = ?", (request_id,))
+            return cur.rowcount > 0
+
+        return await self.db.run(lambda conn: transaction(conn, body))
+
+    async def expire(self, now: datetime) -> int:
+        """Drop reservations whose lease ended; returns how many requests they belonged to.
+
+        Also forgets settled markers older than a week (the idempotency window)."""
+        now_ms = epoch_ms(now)
+
+        def body(conn: sqlite3.Connection) -> int:
+            (count,) = conn.execute(
+                "SELECT COUNT(DISTINCT request_id) FROM reservations WHERE lease_until_ms <= ?", (now_ms,)
+            ).fetchone()
+            conn.execute("DELETE FROM reservations WHERE lease_until_ms <= ?", (now_ms,))
+            conn.execute("DELETE FROM settled WHERE at_ms < ?", (now_ms - SETTLED_RETENTION_MS,))
+            return int(count)
+
+        return await self.db.run(lambda conn: transaction(conn, body))
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def state(self, buckets: Sequence[Bucket], now: datetime) -> dict[str, BucketState]:
+        now_ms = epoch_ms(now)
+        ids = [b.id for b in buckets]
+        return await self.db.run(lambda conn: {i: _bucket_state(conn, i, now_ms) for i in ids})
+
+    async def spend_report(self, start: datetime, end: datetime, group_by: Sequence[GroupBy]) -> list[dict[str, Any]]:
+        return await self.db.run(lambda c: query_spend(c, start, end, group_by))
+
+    async def budget_report(self, now: datetime) -> list[dict[str, Any]]:
+        """Every bucket whose window contains `now` and that has seen a request."""
+        now_ms = epoch_ms(now)
+
+        def body(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT id, name, key_name, user_name, action, start_ms, end_ms, limit_nanos, "
+                "limit_tokens, limit_requests FROM buckets "
+                "WHERE start_ms <= ? AND (end_ms IS NULL OR end_ms > ?) ORDER BY name, id",
+                (now_ms, now_ms),
+            ).fetchall()
+            return [
+                budget_row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9],
+                           _bucket_state(conn, r[0], now_ms))
+                for r in rows
+            ]
+
+        return await self.db.run(body)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+
+def budget_row(
+    bucket_id: str, name: str, key: str | None, user: str | None, action: str,
+    start_ms: int, end_ms: int | None, limit_nanos: int | None, limit_tokens: int | None,
+    limit_requests: int | None, st: BucketState,
+) -> dict[str, Any]:
+    """One line of `tollgate budgets` / `GET /v1/tollgate/budgets` (both backends)."""
+    limit = from_nanos(limit_nanos) if limit_nanos is not None else None
+    return {
+        "bucket": bucket_id,
+        "name": name,
+        "key": key,
+        "user": user,
+        "action": action,
+        "window_start": from_ms(start_ms),
+        "window_end": from_ms(end_ms) if end_ms is not None else None,
+        "limit_usd": limit,
+        "limit_tokens": limit_tokens,
+        "limit_requests": limit_requests,
+        "spent": st.spent,
+        "reserved": st.reserved,
+        "remaining": max(Decimal(0), limit - st.used) if limit is not None else None,
+        "tokens": st.tokens,
+        "reserved_tokens": st.reserved_tokens,
+        "requests": st.requests,
+        "reserved_requests": st.reserved_requests,
+    }

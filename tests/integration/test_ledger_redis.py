@@ -1,0 +1,208 @@
+"""The Redis ledger against a real `redis-server` started here (it must be installed: CI does).
+
+The shared contract tests come from test_ledger_sqlite.py and run here with this module's
+`make_ledger`: several ledger instances (separate connections) on one Redis, each with its
+own local spend log, as several Tollgate instances would be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from proxy.budgets import BucketState, Charge, LedgerSettings, charges
+from proxy.ledger import Ledger, LedgerError, open_ledger
+from proxy.ledger.redis import RedisLedger
+from tests.integration.test_ledger_sqlite import (  # noqa: F401 - collected here with redis fixtures
+    LEASE,
+    NOW,
+    RACE_AMOUNT,
+    RACE_ATTEMPTS,
+    RACE_FITS,
+    RACE_LIMIT,
+    MakeLedger,
+    _race_bucket,
+    one,
+    row,
+    rule,
+    test_contract_admit_and_reserve_clamps_then_refuses,
+    test_contract_all_or_nothing_across_buckets,
+    test_contract_budget_report,
+    test_contract_duplicate_reserve_is_an_error,
+    test_contract_lease_expiry_frees_a_dead_reservation,
+    test_contract_ledger_agrees_with_admit,
+    test_contract_period_rolls_over_with_the_clock,
+    test_contract_refusal_reports_the_bucket_and_its_state,
+    test_contract_reserve_settle_release,
+    test_contract_restart_keeps_spend_and_open_reservations,
+    test_contract_settle_is_idempotent,
+    test_contract_settled_before_after_finds_each_threshold_once,
+    test_contract_spend_report_groups,
+    test_contract_token_and_request_limits,
+)
+from tests.support.redis_server import RedisServer
+
+D = Decimal
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def prefix() -> str:
+    # One server for the module; each test gets its own key space.
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def make_ledger(redis_server: RedisServer, prefix: str, tmp_path: Path) -> AsyncIterator[MakeLedger]:
+    opened: list[Ledger] = []
+
+    async def make() -> Ledger:
+        # Instances share Redis, but each keeps its own local spend log, as deployed; the
+        # contract tests read spend reports from the instance that wrote them.
+        ledger = await RedisLedger.open(redis_server.url, tmp_path / f"spend-{len(opened)}.db", prefix)
+        opened.append(ledger)
+        return ledger
+
+    yield make
+    for ledger in opened:
+        await ledger.close()
+
+
+async def _keys(redis_server: RedisServer, pattern: str) -> dict[str, int]:
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        return {k: await client.pttl(k) async for k in client.scan_iter(match=pattern)}
+    finally:
+        await client.aclose()
+
+
+async def test_period_keys_expire_after_their_window(
+    redis_server: RedisServer, make_ledger: MakeLedger, prefix: str
+) -> None:
+    ledger = await make_ledger()
+    daily = one(rule(name="daily", limit_usd="1"))
+    total = one(rule(name="total", period="total", limit_usd="1"))
+    await ledger.reserve("a", charges([daily, total], D("0.1")), LEASE, NOW)
+    await ledger.settle("a", charges([daily, total], D("0.1")), None, NOW)
+    ttls = await _keys(redis_server, "{" + prefix + "}:b:*")
+    assert set(ttls) == {"{" + prefix + "}:b:" + daily.id, "{" + prefix + "}:b:" + total.id}
+    assert ttls["{" + prefix + "}:b:" + total.id] == -1  # total: never expires
+    # The test clock is fixed in 2026; the TTL is window end + 1 day from that clock, so
+    # compare the absolute expiry rather than the TTL against the wall clock.
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        expire_ms = await client.pexpiretime("{" + prefix + "}:b:" + daily.id)
+        assert daily.end is not None
+        assert expire_ms == int((daily.end + timedelta(days=1)).timestamp() * 1000)
+        # The per-request key lives only until its lease ended (+ margin); settled, it is gone.
+        assert await client.exists("{" + prefix + "}:q:a") == 0
+        assert await client.pexpiretime("{" + prefix + "}:d:a") > 0
+    finally:
+        await client.aclose()
+
+
+async def test_instances_share_budgets_but_keep_local_spend_logs(make_ledger: MakeLedger) -> None:
+    one_instance, other_instance = await make_ledger(), await make_ledger()
+    b = one(rule(limit_usd="1"))
+    assert (await one_instance.reserve("a", [Charge(b, D("0.6"))], LEASE, NOW)).ok
+    assert not (await other_instance.reserve("b", [Charge(b, D("0.6"))], LEASE, NOW)).ok
+    await one_instance.settle("a", [Charge(b, D("0.5"))], row("a", cost="0.5"), NOW)
+    assert (await other_instance.state([b], NOW))[b.id] == BucketState(spent=D("0.5"), requests=1)
+    window = (NOW - timedelta(days=1), NOW + timedelta(days=1))
+    assert [r["requests"] for r in await one_instance.spend_report(*window, [])] == [1]
+    assert await other_instance.spend_report(*window, []) == []
+    # Settled by one instance means settled for all.
+    assert await other_instance.settle("a", [Charge(b, D("0.5"))], None, NOW) == []
+
+
+async def test_settle_without_budgets_only_writes_the_spend_log(make_ledger: MakeLedger) -> None:
+    ledger = await make_ledger()
+    await ledger.settle("free", [], row("free"), NOW)
+    await ledger.settle("free", [], row("free"), NOW)
+    window = (NOW - timedelta(days=1), NOW + timedelta(days=1))
+    assert [r["requests"] for r in await ledger.spend_report(*window, [])] == [1]
+
+
+async def test_large_amounts_stay_exact_in_lua(make_ledger: MakeLedger) -> None:
+    # 10^15 nano-USD would be printed "1e+15" by Lua; increments must stay integers.
+    ledger = await make_ledger()
+    b = one(rule(limit_usd="5000000"))
+    assert (await ledger.reserve("a", [Charge(b, D("1000000.000000001"))], LEASE, NOW)).ok
+    await ledger.settle("a", [Charge(b, D("1234567.123456789"))], None, NOW)
+    assert (await ledger.reserve("b", [Charge(b, D("3765432.876543211"))], LEASE, NOW)).ok
+    assert not (await ledger.reserve("c", [Charge(b, D("0.000000001"))], LEASE, NOW)).ok
+    assert (await ledger.state([b], NOW))[b.id] == BucketState(
+        spent=D("1234567.123456789"), reserved=D("3765432.876543211"), requests=1, reserved_requests=1
+    )
+
+
+async def test_expire_sweeps_leases_of_every_bucket(
+    redis_server: RedisServer, make_ledger: MakeLedger, prefix: str
+) -> None:
+    ledger = await make_ledger()
+    bs = [one(rule(name=f"b{i}", limit_usd="1")) for i in range(3)]
+    for i in range(7):
+        await ledger.reserve(f"r{i}", charges(bs, D("0.1")), LEASE, NOW)
+    assert await ledger.expire(NOW + timedelta(seconds=LEASE - 1)) == 0
+    assert await ledger.expire(NOW + timedelta(seconds=LEASE)) == 7
+    raw = await _keys(redis_server, "{" + prefix + "}:q:*")
+    assert raw == {}
+    states = await ledger.state(bs, NOW)  # read with the old clock: nothing is left anyway
+    assert all(s == BucketState() for s in states.values())
+
+
+async def test_open_ledger_with_the_redis_backend(redis_server: RedisServer, prefix: str, tmp_path: Path) -> None:
+    settings = LedgerSettings(
+        backend="redis", redis_url=redis_server.url, key_prefix=prefix, path=str(tmp_path / "s.db")
+    )
+    ledger = await open_ledger(settings, now=NOW)
+    try:
+        assert isinstance(ledger, RedisLedger)
+        assert (await ledger.reserve("a", [Charge(one(rule()), D("1"))], LEASE, NOW)).ok
+    finally:
+        await ledger.close()
+
+
+async def test_unreachable_redis_is_a_ledger_error(tmp_path: Path) -> None:
+    with RedisServer() as server:
+        url = server.url
+    with pytest.raises(LedgerError, match="cannot reach Redis"):
+        await RedisLedger.open(url, tmp_path / "s.db")
+
+
+async def test_race_two_instances_never_overspend(make_ledger: MakeLedger) -> None:
+    instances = [await make_ledger(), await make_ledger()]
+    bucket = _race_bucket()
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(
+        instances[i % 2].reserve(f"r{i}", [Charge(bucket, RACE_AMOUNT)], LEASE, NOW)
+        for i in range(RACE_ATTEMPTS)
+    ))
+    elapsed = time.perf_counter() - t0
+    admitted = [i for i, r in enumerate(results) if r.ok]
+    st = (await instances[0].state([bucket], NOW))[bucket.id]
+    per_instance = [sum(1 for i in admitted if i % 2 == k) for k in range(2)]
+    print(f"\nredis race: {RACE_ATTEMPTS} attempts from 2 instances, admitted {len(admitted)} "
+          f"(per instance {per_instance}), reserved {st.reserved}, {elapsed:.3f} s")
+    assert len(admitted) == RACE_FITS
+    assert st.reserved == RACE_FITS * RACE_AMOUNT <= RACE_LIMIT
+    assert st.reserved_requests == RACE_FITS
+    # Settling everything keeps it within the limit too.
+    await asyncio.gather(*(
+        instances[i % 2].settle(f"r{i}", [Charge(bucket, RACE_AMOUNT)], None, NOW) for i in admitted
+    ))
+    st = (await instances[1].state([bucket], NOW))[bucket.id]
+    assert st.spent == RACE_FITS * RACE_AMOUNT and st.reserved == 0 and st.requests == RACE_FITS
