@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from typing import IO
 
 from aiohttp import web
@@ -15,6 +17,8 @@ from prometheus_client import CollectorRegistry
 from proxy import handlers
 from proxy.exchange import Observer, Observers
 from proxy.forward import open_upstream, read_llamacpp_context
+from proxy.keys import KeyRing
+from proxy.ledger import open_ledger
 from proxy.observers import (
     AccessLogObserver,
     MetricsObserver,
@@ -24,7 +28,9 @@ from proxy.observers import (
 )
 from proxy.pricing import Price, PriceTable
 from proxy.settings import Settings
-from proxy.state import RUNTIME, Runtime
+from proxy.webhook import WebhookSender
+from proxy.observers.budget_metrics import BudgetMetrics
+from proxy.state import RUNTIME, Runtime, utc_now
 from proxy.tokens import warm
 
 log = logging.getLogger("tollgate")
@@ -41,11 +47,13 @@ def make_app(
     tracer_provider: TracerProvider | None = None,
     access_log: IO[bytes] | None = None,
     extra_observers: list[Observer] | None = None,
+    clock: Callable[[], datetime] = utc_now,
 ) -> web.Application:
     app = web.Application(client_max_size=settings.server.max_body_bytes)
+    registry = registry if registry is not None else CollectorRegistry()
 
     # What every request is measured by (metrics, traces, the log line, the summary).
-    metrics = MetricsObserver(registry if registry is not None else CollectorRegistry())
+    metrics = MetricsObserver(registry)
     summary = SummaryObserver()
     observers = Observers([metrics, summary])
     if tracer_provider is not None:
@@ -62,15 +70,22 @@ def make_app(
         observers.add(extra)
     observers.on_failure.append(metrics.count_observer_error)
 
+    # Who may ask, and what they may spend.
     app[RUNTIME] = Runtime(
         settings=settings,
         prices=PriceTable.shipped().merged(price_overrides(settings)),
         observers=observers,
+        keyring=KeyRing(settings.keys),
+        budget_metrics=BudgetMetrics(registry),
+        webhook=WebhookSender(settings.webhook),
+        clock=clock,
     )
     app[METRICS] = metrics
     app[SUMMARY] = summary
 
-    # Lifecycle: upstream sessions, the metrics port, tokenizers, draining background work.
+    # Lifecycle: the ledger, upstream sessions, tokenizers, the metrics port, draining
+    # background work (settlements) before the ledger closes.
+    app.cleanup_ctx.append(spend_ledger)
     app.cleanup_ctx.append(upstream_sessions)
     app.cleanup_ctx.append(tokenizers)
     if settings.metrics.enabled:
@@ -82,6 +97,7 @@ def make_app(
         app.router.add_post(path, handlers.model_endpoint(endpoint))
     app.router.add_get("/v1/models", handlers.list_models)
     app.router.add_get("/v1/tollgate/summary", summary_endpoint)
+    app.router.add_get("/v1/tollgate/budgets", handlers.budgets_report)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.passthrough)
 
     # Probes, and OpenAI-shaped 404s for everything else.
@@ -98,6 +114,34 @@ def price_overrides(settings: Settings) -> dict[str, Price]:
         )
         for pattern, p in settings.pricing.models.items()
     }
+
+
+async def spend_ledger(app: web.Application) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+    rt._ledger = await open_ledger(rt.settings.ledger, rt.clock())
+    chores = asyncio.get_running_loop().create_task(ledger_chores(rt))
+    yield
+    chores.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await chores
+    await rt.webhook.close()
+    await rt.ledger.close()
+
+
+async def ledger_chores(rt: Runtime, every: float = 2.0) -> None:
+    """Free reservations whose lease ran out (a crashed instance's), and refresh the budget
+    gauges from the ledger, so every instance's scrape shows the shared truth."""
+    while True:
+        try:
+            now = rt.clock()
+            expired = await rt.ledger.expire(now)
+            if expired:
+                log.warning("released %d reservations whose lease had expired", expired)
+            if rt.settings.budgets:
+                rt.budget_metrics.refresh(rt.settings.budgets, await rt.ledger.budget_report(now), now)
+        except Exception:  # noqa: BLE001 - a chore failing must not stop the next one
+            log.exception("ledger chores failed")
+        await asyncio.sleep(every)
 
 
 async def upstream_sessions(app: web.Application) -> AsyncIterator[None]:

@@ -5,6 +5,7 @@
     ├── ClientError                 the request is at fault: 4xx, nothing sent upstream
     │   ├── InvalidRequest          400 invalid_request_error
     │   ├── InvalidApiKey           401 invalid_api_key
+    │   ├── PermissionDenied        403 (a key used outside what it allows)
     │   ├── NotFound                404 (unknown path)
     │   ├── ModelNotFound           404 model_not_found
     │   ├── MethodNotAllowed        405
@@ -106,6 +107,12 @@ class InvalidApiKey(ClientError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+
+
+class PermissionDenied(ClientError):
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
 
 
 class NotFound(ClientError):

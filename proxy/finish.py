@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from decimal import Decimal
 
 from proxy.accept import MODEL_ENDPOINTS
+from proxy.admit import Hold
+from proxy.budgets import Crossing, charges, threshold_crossed, webhook_payload
 from proxy.exchange import Exchange
+from proxy.ledger import SpendRow
 from proxy.pricing import cost
 from proxy.state import Runtime
 from proxy.tokens import estimate_output_tokens, estimate_prompt_tokens, usage_from_llamacpp_timings
@@ -37,6 +41,10 @@ def finish(ex: Exchange, rt: Runtime) -> None:
         log.exception("accounting for %s failed", ex.request_id)
     started(ex, rt)
     rt.observers.on_finish(ex)
+    if ex.extra.get("hold") is not None or ex.t_upstream_sent_ns is not None:
+        # Settled off the request's task: it must complete even when the client is gone
+        # and the handler was cancelled, and shutdown waits for it.
+        rt.spawn(settle(ex, rt), f"settling {ex.request_id}")
 
 
 def account(ex: Exchange, rt: Runtime) -> None:
@@ -74,3 +82,52 @@ def account(ex: Exchange, rt: Runtime) -> None:
             log.warning("no price for model %r: its cost is counted as 0 (add it under pricing.models)", model)
         return
     ex.cost = cost(ex.usage, price)
+
+
+async def settle(ex: Exchange, rt: Runtime) -> None:
+    """Replace the reservation with what was actually spent, and log the spend; once."""
+    hold: Hold | None = ex.extra.get("hold")
+    if hold is not None:
+        if hold.settled:
+            return
+        hold.settled = True
+    now = rt.clock()
+    spent = ex.cost if ex.cost is not None else Decimal(0)
+    tokens = ex.usage.total_tokens if ex.usage is not None else 0
+    row = SpendRow.from_usage(
+        ex.usage,
+        ex.cost,
+        time=now,
+        request_id=ex.request_id,
+        key=ex.key_name,
+        user=ex.user,
+        model=ex.upstream_model or ex.requested_model,
+        upstream=ex.upstream,
+        endpoint=ex.endpoint,
+        outcome=ex.outcome,
+        status=ex.status,
+    )
+    if hold is not None and hold.reserved:
+        ledger_id, actual = hold.ledger_id, charges(hold.buckets, spent, tokens)
+    else:
+        ledger_id, actual = f"{ex.request_id}:{os.urandom(4).hex()}", []
+    try:
+        results = await rt.ledger.settle(ledger_id, actual, row, now)
+    except Exception:  # noqa: BLE001 - the lease frees the reservation; say so loudly
+        log.exception("settling %s failed; its reservation will expire with its lease", ex.request_id)
+        return
+    if hold is None:
+        return
+    by_id = {b.id: b for b in hold.buckets}
+    for result in results:
+        bucket = by_id.get(result.bucket_id)
+        if bucket is None or bucket.limit_usd is None:
+            continue
+        for threshold in threshold_crossed(
+            result.spent_before, result.spent_after, bucket.limit_usd, bucket.rule.thresholds
+        ):
+            rt.budget_metrics.crossed(bucket.name, threshold)
+            log.warning("budget %s crossed %.0f%% of its limit", bucket.describe(), threshold * 100)
+            if rt.webhook.enabled:
+                crossing = Crossing(bucket, threshold, result.spent_after, bucket.limit_usd)
+                rt.spawn(rt.webhook.send(webhook_payload(crossing, now)), "budget webhook")

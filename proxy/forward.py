@@ -181,6 +181,9 @@ async def relay(
     out = web.StreamResponse(status=resp.status, reason=resp.reason)
     out.headers.update(relayed_headers(resp.headers, decoded=True))
     out.headers["X-Request-Id"] = ex.request_id
+    extra = ex.extra.get("response_headers")
+    if extra:
+        out.headers.update(extra)
     if is_sse:
         out.headers["X-Accel-Buffering"] = "no"
         out.headers.setdefault("Cache-Control", "no-cache")

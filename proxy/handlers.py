@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
+from datetime import datetime
+from decimal import Decimal
 
 import aiohttp
 import orjson
 from aiohttp import web
 
 from proxy.accept import accept_body, new_exchange, parse_json_object, read_body
-from proxy.errors import ClientError, HttpError, MethodNotAllowed, NotFound
+from proxy.admit import authenticate, check_model_allowed, identify_user, reserve
+from proxy.errors import ClientError, HttpError, InvalidApiKey, MethodNotAllowed, NotFound, PermissionDenied
+from proxy.keys import parse_bearer
 from proxy.exchange import Endpoint, Exchange
 from proxy.finish import finish, started
 from proxy.forward import relay, send, upstream_headers
@@ -51,7 +56,8 @@ async def _forward_and_relay(
     assert ex.upstream is not None
     upstream = rt.upstreams[ex.upstream]
     started(ex, rt)
-    headers = upstream_headers(request.headers, upstream, ex, drop_client_auth=False)
+    # With virtual keys on, the client's Authorization is a Tollgate key: never forwarded.
+    headers = upstream_headers(request.headers, upstream, ex, drop_client_auth=rt.keyring.enabled)
     # The proxy serves /v1/...; the upstream's API base already ends where /v1 does.
     path_qs = request.raw_path[3:]
     resp = await send(upstream, request.method, path_qs, headers, body, ex)
@@ -63,6 +69,7 @@ async def _run(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     settings = rt.settings
     ex = new_exchange(request, endpoint, settings.server.request_id_header)
     try:
+        authenticate(request, ex, rt)
         body = await read_body(request, settings.server.max_body_bytes)
         ex.t0_ns = time.perf_counter_ns()
         if endpoint == "other":
@@ -73,9 +80,13 @@ async def _run(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
             return await _forward_and_relay(request, rt, ex, body or None)
         payload = parse_json_object(body)
         accept_body(ex, payload)
+        identify_user(request, ex, rt)
         route_exchange(ex, settings)
+        check_model_allowed(ex, rt)
+        ex.extra["response_headers"] = await reserve(ex, rt, payload)
         inject = rt.upstreams[ex.upstream].settings.inject_stream_usage  # type: ignore[index]
-        return await _forward_and_relay(request, rt, ex, outgoing_body(ex, body, payload, inject))
+        out_body = outgoing_body(ex, body, payload, inject, ex.extra.get("cap_override"))
+        return await _forward_and_relay(request, rt, ex, out_body)
     except HttpError as err:
         return _refused(ex, err)
     except asyncio.CancelledError:
@@ -115,6 +126,10 @@ async def list_models(request: web.Request) -> web.Response:
     through the routes (an upstream model is listed only if a request for it would reach it)."""
     rt = request.app[RUNTIME]
     settings = rt.settings
+    try:
+        authenticate(request, new_exchange(request, "models", settings.server.request_id_header), rt)
+    except HttpError as err:
+        return error_response(err)
     seen: dict[str, dict[str, object]] = {}
     for alias in settings.exact_model_names():
         seen[alias] = {"id": alias, "object": "model", "created": 0, "owned_by": "tollgate"}
@@ -122,7 +137,7 @@ async def list_models(request: web.Request) -> web.Response:
     async def fetch(name: str) -> list[dict[str, object]]:
         upstream = rt.upstreams[name]
         headers = upstream_headers({}, upstream, None, drop_client_auth=True)
-        if upstream.settings.api_key is None and "Authorization" in request.headers:
+        if upstream.settings.api_key is None and not rt.keyring.enabled and "Authorization" in request.headers:
             headers["Authorization"] = request.headers["Authorization"]
         try:
             async with upstream.session.get(
@@ -159,4 +174,38 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ready", "upstreams": sorted(rt.upstreams)})
     return web.json_response(
         {"status": "not ready", "tokenizers_loaded": rt.tokenizers_ready.is_set()}, status=503
+    )
+
+
+def require_admin(request: web.Request, rt: Runtime) -> None:
+    expected = rt.settings.admin.api_key
+    if expected is None:
+        raise PermissionDenied("The admin API is off: set admin.api_key in the config to use it.")
+    presented = parse_bearer(request.headers.get("Authorization")) or ""
+    if not hmac.compare_digest(presented.encode(), expected.get_secret_value().encode()):
+        raise InvalidApiKey("This endpoint needs the admin key as 'Authorization: Bearer <key>'.")
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, Decimal):
+        return f"{value:f}"
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    return value
+
+
+async def budgets_report(request: web.Request) -> web.Response:
+    """Each budget bucket's spent, reserved, limit and reset, from the shared ledger."""
+    rt = request.app[RUNTIME]
+    try:
+        require_admin(request, rt)
+    except HttpError as err:
+        return error_response(err)
+    now = rt.clock()
+    rows = await rt.ledger.budget_report(now)
+    return web.Response(
+        body=orjson.dumps(
+            {"object": "list", "now": _jsonable(now), "data": [{k: _jsonable(v) for k, v in r.items()} for r in rows]}
+        ),
+        content_type="application/json",
     )

@@ -30,7 +30,13 @@ def route_exchange(ex: Exchange, settings: Settings) -> None:
         ex.extra["default_output_cap"] = resolved.default_max_tokens
 
 
-def outgoing_body(ex: Exchange, body: bytes, payload: dict[str, Any], inject_usage: bool) -> bytes:
+def outgoing_body(
+    ex: Exchange,
+    body: bytes,
+    payload: dict[str, Any],
+    inject_usage: bool,
+    cap_override: tuple[str, int] | None = None,
+) -> bytes:
     """The bytes sent upstream: the client's own unless a rewrite is needed.
 
     Re-serialising is avoided when nothing changes, so the upstream sees exactly what the
@@ -47,4 +53,7 @@ def outgoing_body(ex: Exchange, body: bytes, payload: dict[str, Any], inject_usa
             payload = {**payload, "stream_options": {**(options or {}), "include_usage": True}}
             ex.usage_injected = True
             changed = True
+    if cap_override is not None and payload.get(cap_override[0]) != cap_override[1]:
+        payload = {**payload, cap_override[0]: cap_override[1]}
+        changed = True
     return orjson.dumps(payload) if changed else body

@@ -45,7 +45,9 @@ from pydantic import (
     model_validator,
 )
 
+from proxy.budgets import BudgetRules, LedgerSettings, WebhookSettings
 from proxy.errors import ConfigError
+from proxy.keys import VirtualKeys
 
 __all__ = [
     "AdminSettings",
@@ -443,6 +445,17 @@ class Settings(_Section):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
+    # Virtual keys: when any are configured, every request must present one.
+    keys: VirtualKeys = ()
+    # Header naming the end user (wins over the body's `user` field), for per-user budgets.
+    user_header: str | None = None
+    budgets: BudgetRules = ()
+    ledger: LedgerSettings = Field(default_factory=LedgerSettings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    # Output cap assumed for a budget reservation when neither the request nor its route or
+    # upstream sets one; also written into such requests while a blocking budget applies,
+    # so the worst case reserved is the worst case that can happen.
+    default_max_tokens: Annotated[int, Field(ge=1)] = 4096
 
     @field_validator("upstreams")
     @classmethod
@@ -502,6 +515,13 @@ class Settings(_Section):
                 "routes: [] and no default_upstream: every model would be 404;"
                 " add a route or set default_upstream"
             )
+
+        key_names = {k.name for k in self.keys}
+        for i, rule in enumerate(self.budgets):
+            key = rule.scope.key
+            if key is not None and key != "*" and key not in key_names:
+                known = ", ".join(sorted(key_names)) or "none configured"
+                problems.append(f"budgets[{i}].scope.key: {key!r} is not a configured key (have: {known})")
 
         m, s = self.metrics, self.server
         same_host = m.host == s.host or m.host in _WILDCARD_HOSTS or s.host in _WILDCARD_HOSTS

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
 
 from proxy.exchange import Observers
 from proxy.forward import Upstream
+from proxy.keys import KeyRing
+from proxy.ledger import Ledger
+from proxy.observers.budget_metrics import BudgetMetrics
 from proxy.pricing import PriceTable
 from proxy.settings import Settings
+from proxy.webhook import WebhookSender
 
 log = logging.getLogger("tollgate")
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 @dataclass(eq=False)
@@ -23,16 +32,32 @@ class Runtime:
     settings: Settings
     prices: PriceTable
     observers: Observers
+    keyring: KeyRing
+    budget_metrics: BudgetMetrics
+    webhook: WebhookSender
+    clock: Callable[[], datetime] = utc_now
     upstreams: dict[str, Upstream] = field(default_factory=dict)
+    _ledger: Ledger | None = None
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     unpriced_warned: set[str] = field(default_factory=set)
     measure_failures: int = 0
     tokenizers_ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            raise RuntimeError("the ledger is opened in the app's startup")
+        return self._ledger
+
+    @property
+    def lease_seconds(self) -> float:
+        return self.settings.ledger.lease_seconds
+
+    @property
     def ready(self) -> bool:
         return (
             self.tokenizers_ready.is_set()
+            and self._ledger is not None
             and bool(self.upstreams)
             and not any(u.closed for u in self.upstreams.values())
         )

@@ -6,6 +6,7 @@ import asyncio
 import io
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -113,13 +114,16 @@ StartProxy = Callable[..., Awaitable[Proxy]]
 
 
 @pytest.fixture
-async def start_proxy(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> StartProxy:
+async def start_proxy(aiohttp_server: Callable[..., Awaitable[TestServer]], tmp_path: Path) -> StartProxy:
     async def start(
         config: str | Settings,
         *,
         observers: list[Observer] | None = None,
         **make_app_kwargs: object,
     ) -> Proxy:
+        if isinstance(config, str) and "\nledger:" not in config:
+            # Each proxy its own ledger file, never ./data of the checkout.
+            config += f"\nledger:\n  path: {tmp_path / f'ledger-{len(list(tmp_path.iterdir()))}.db'}\n"
         settings = parse_settings(config, env={}) if isinstance(config, str) else config
         registry = CollectorRegistry()
         access_log = io.BytesIO()

@@ -1,0 +1,201 @@
+"""admit: who is asking (virtual key, user), and may they spend this much (budgets).
+
+Admission reserves the request's worst-case cost against every budget that applies, all or
+nothing, before anything is sent upstream; settlement (finish.py) replaces the reservation
+with the actual cost. A refusal is a 429 that names the budget, what was spent, the limit
+and when it resets.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from aiohttp import web
+
+from proxy.budgets import (
+    Bucket,
+    ClampInput,
+    budget_headers,
+    buckets_for,
+    clamp_header,
+    refusal_message,
+)
+from proxy.errors import BudgetExceeded, InvalidApiKey, ModelNotFound, PermissionDenied
+from proxy.exchange import Exchange
+from proxy.keys import parse_bearer, request_user
+from proxy.ledger import admit_and_reserve
+from proxy.pricing import Price, worst_case_cost
+from proxy.state import Runtime
+from proxy.tokens import estimate_prompt_tokens
+
+log = logging.getLogger("tollgate.admit")
+
+# The prompt estimate can run a few tokens under the real count (tool schemas, unknown
+# framing); the reservation adds this much so the worst case stays a worst case.
+INPUT_MARGIN = Decimal("1.10")
+INPUT_MARGIN_TOKENS = 16
+
+# Which field caps output, per endpoint, when the proxy must write one in.
+_CAP_FIELD = {"chat.completions": "max_completion_tokens", "completions": "max_tokens", "responses": "max_output_tokens"}
+_LLAMACPP_CHAT_CAP_FIELD = "max_tokens"
+
+
+@dataclass(slots=True)
+class Hold:
+    """What admission reserved, so settlement can replace it exactly once."""
+
+    ledger_id: str
+    buckets: list[Bucket]
+    amount: Decimal
+    reserved: bool
+    settled: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def authenticate(request: web.Request, ex: Exchange, rt: Runtime) -> None:
+    """With virtual keys on, every request must carry a known one (constant-time compare)."""
+    if not rt.keyring.enabled:
+        return
+    presented = parse_bearer(request.headers.get("Authorization"))
+    key = rt.keyring.authenticate(presented)
+    if key is None:
+        # Like OpenAI, never echo the key itself back.
+        raise InvalidApiKey(
+            "Incorrect API key provided. Use a Tollgate virtual key as the bearer token."
+            if presented
+            else "You didn't provide an API key. Send a Tollgate virtual key as 'Authorization: Bearer <key>'."
+        )
+    ex.key_name = key.name
+    ex.extra["virtual_key"] = key
+
+
+def identify_user(request: web.Request, ex: Exchange, rt: Runtime) -> None:
+    header = rt.settings.user_header
+    ex.user = request_user(ex.user, request.headers.get(header) if header else None)
+
+
+def check_model_allowed(ex: Exchange, rt: Runtime) -> None:
+    key = ex.extra.get("virtual_key")
+    if key is None or ex.requested_model is None:
+        return
+    if not rt.keyring.allows(key, ex.requested_model):
+        raise PermissionDenied(
+            f"The key '{key.name}' may not use the model `{ex.requested_model}`.",
+            param="model",
+            code="model_not_allowed",
+        )
+
+
+def _price_of(ex: Exchange, rt: Runtime) -> Price | None:
+    model = ex.upstream_model or ex.requested_model or ""
+    price = rt.prices.lookup(model)
+    if price is None and ex.requested_model and ex.requested_model != model:
+        price = rt.prices.lookup(ex.requested_model)
+    return price
+
+
+def _output_cap(ex: Exchange, rt: Runtime) -> int:
+    if ex.endpoint == "embeddings":
+        return 0
+    if ex.output_cap is not None:
+        return ex.output_cap
+    route_cap = ex.extra.get("default_output_cap")
+    return int(route_cap) if route_cap is not None else rt.settings.default_max_tokens
+
+
+def cap_field(ex: Exchange, payload: dict[str, Any]) -> str | None:
+    """The body field that caps this request's output (the client's own if it set one)."""
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        if payload.get(name) is not None:
+            return name
+    if ex.endpoint == "chat.completions" and ex.upstream_kind == "llamacpp":
+        return _LLAMACPP_CHAT_CAP_FIELD
+    return _CAP_FIELD.get(ex.endpoint)
+
+
+async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[str, str]:
+    """Reserve the worst case against every applicable budget; returns response headers.
+
+    Sets ex.extra["cap_override"] = (field, cap) when the body must carry a (lower) cap.
+    """
+    price = _price_of(ex, rt)
+    if price is None and rt.settings.pricing.unpriced == "refuse":
+        raise ModelNotFound(
+            f"The model `{ex.requested_model}` has no price, and this proxy refuses unpriced models.",
+            param="model",
+            code="model_not_priced",
+        )
+    now = rt.clock()
+    model = ex.upstream_model or ex.requested_model or ""
+    buckets = buckets_for(rt.settings.budgets, ex.key_name, ex.user, model, now)
+    if not buckets:
+        return {}
+    assert ex.body is not None
+    cap = _output_cap(ex, rt)
+    input_tokens = math.ceil(estimate_prompt_tokens(ex.endpoint, ex.body, model) * INPUT_MARGIN) + INPUT_MARGIN_TOKENS
+    if price is None:
+        price = Price(input=Decimal(0), output=Decimal(0))
+    amount = worst_case_cost(input_tokens, cap, price)
+    input_cost = worst_case_cost(input_tokens, 0, price)
+    clamp = None
+    if ex.endpoint != "embeddings":
+        clamp = ClampInput(input_cost, input_tokens, cap, price.output / Decimal(1_000_000))
+    ledger_id = f"{ex.request_id}:{os.urandom(4).hex()}"
+    admission = await admit_and_reserve(
+        rt.ledger,
+        ledger_id,
+        buckets,
+        amount,
+        tokens=input_tokens + cap,
+        clamp=clamp,
+        lease_seconds=rt.lease_seconds,
+        now=now,
+    )
+    decision = admission.decision
+    if not decision.admitted:
+        assert decision.refused is not None and decision.refused_state is not None
+        rt.budget_metrics.rejected(decision.refused.name)
+        message, retry_after = refusal_message(
+            decision.refused, decision.refused_state, now, decision.reason or "usd"
+        )
+        headers = {"x-tollgate-budget-name": decision.refused.name}
+        if retry_after is not None:
+            headers["retry-after"] = str(retry_after)
+        ex.extra["budget_verdict"] = f"refused:{decision.refused.name}"
+        raise BudgetExceeded(message, headers=headers)
+
+    hold = Hold(ledger_id, list(buckets), decision.amount, admission.reserved)
+    ex.extra["hold"] = hold
+    headers: dict[str, str] = {}
+    blocking = any(b.blocking for b in buckets)
+    new_cap = decision.output_cap if decision.clamped else None
+    if new_cap is None and blocking and ex.output_cap is None and ex.endpoint != "embeddings":
+        # The reservation assumed `cap` output tokens; make the upstream hold to it.
+        new_cap = cap
+    if new_cap is not None:
+        name = cap_field(ex, payload)
+        if name is not None:
+            ex.extra["cap_override"] = (name, new_cap)
+            ex.output_cap = new_cap
+    if decision.clamped:
+        headers.update(clamp_header(decision))
+        ex.extra["budget_verdict"] = f"clamped:{decision.clamped_by.name if decision.clamped_by else ''}"
+    soft = decision.crossings or decision.soft_exceeded
+    if soft:
+        headers.update(budget_headers(buckets, admission.states, now))
+        for crossing in decision.crossings:
+            log.warning(
+                "budget %s at %.0f%% of its limit (%s)",
+                crossing.bucket.describe(),
+                crossing.threshold * 100,
+                ex.request_id,
+            )
+        ex.extra.setdefault("budget_verdict", "warn")
+    ex.extra.setdefault("budget_verdict", "ok")
+    hold.headers = headers
+    return headers

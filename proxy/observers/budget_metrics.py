@@ -1,0 +1,99 @@
+"""Budget series for Prometheus: spent, limit, remaining and reset per budget rule.
+
+Labels are rule names only (bounded by the config). A per-user template rule has one
+bucket per user; its series aggregate them: spent is the sum over users, limit and
+remaining are per user (remaining: the least any user has left).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from proxy.budgets import TEMPLATE, BudgetRule, window
+
+
+class BudgetMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.spent = Gauge(
+            "tollgate_budget_spent_usd",
+            "Settled spend in the budget's current window, USD (per-user budgets: all users).",
+            ["budget"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.reserved = Gauge(
+            "tollgate_budget_reserved_usd",
+            "Reserved by requests in flight in the budget's current window, USD.",
+            ["budget"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.limit = Gauge(
+            "tollgate_budget_limit_usd",
+            "The budget's limit, USD (per-user budgets: each user's limit).",
+            ["budget"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.remaining = Gauge(
+            "tollgate_budget_remaining_usd",
+            "Limit minus spent and reserved, USD (per-user budgets: the least any user has left).",
+            ["budget"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.reset = Gauge(
+            "tollgate_budget_reset_timestamp_seconds",
+            "Unix time at which the budget's current window ends (absent for `total` budgets).",
+            ["budget"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.rejections = Counter(
+            "tollgate_budget_rejections_total",
+            "Requests refused with 429 budget_exceeded, by the budget that refused them.",
+            ["budget"],
+            registry=registry,
+        )
+        self.crossings = Counter(
+            "tollgate_budget_threshold_crossings_total",
+            "Warning thresholds crossed (first time in a window), by budget and threshold.",
+            ["budget", "threshold"],
+            registry=registry,
+        )
+
+    def rejected(self, budget: str) -> None:
+        self.rejections.labels(budget).inc()
+
+    def crossed(self, budget: str, threshold: float) -> None:
+        self.crossings.labels(budget, f"{threshold:g}").inc()
+
+    def refresh(self, rules: Sequence[BudgetRule], report: Iterable[Mapping[str, Any]], now: datetime) -> None:
+        """Set every rule's gauges from the ledger's view of the current windows."""
+        rows: dict[str, list[Mapping[str, Any]]] = {}
+        for row in report:
+            rows.setdefault(str(row["name"]), []).append(row)
+        for rule in rules:
+            mine = rows.get(rule.name, [])
+            spent = sum((Decimal(r["spent"]) for r in mine), Decimal(0))
+            reserved = sum((Decimal(r["reserved"]) for r in mine), Decimal(0))
+            self.spent.labels(rule.name).set(float(spent))
+            self.reserved.labels(rule.name).set(float(reserved))
+            _, end = window(rule.period, now, rule.timezone)
+            if end is not None:
+                self.reset.labels(rule.name).set(end.timestamp())
+            if rule.limit_usd is None:
+                continue
+            self.limit.labels(rule.name).set(float(rule.limit_usd))
+            per_bucket = [rule.limit_usd - Decimal(r["spent"]) - Decimal(r["reserved"]) for r in mine]
+            templated = TEMPLATE in (rule.scope.user, rule.scope.key)
+            if templated:
+                left = min(per_bucket) if per_bucket else rule.limit_usd
+            else:
+                left = rule.limit_usd - spent - reserved
+            self.remaining.labels(rule.name).set(float(max(Decimal(0), left)))
