@@ -161,9 +161,9 @@ async def tokenizers(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
 
     async def load() -> None:
-        await asyncio.to_thread(warm, ("gpt-4o",))  # o200k_base: also the unknown-model default
+        # o200k_base (also the unknown-model default) and cl100k_base.
+        await asyncio.to_thread(warm, ("gpt-4o", "gpt-4"))
         rt.tokenizers_ready.set()
-        await asyncio.to_thread(warm, ("gpt-4",))  # cl100k_base
 
     rt.spawn(load(), "warming tokenizers")
     yield
