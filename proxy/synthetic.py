@@ -1,0 +1,470 @@
+"""A synthetic OpenAI-compatible upstream with known tokens and known timing, for `tollgate demo`.
+
+This is not part of the production path: nothing in the request path imports it (only
+proxy/demo.py and tests do). It answers POST /v1/chat/completions, /v1/completions,
+/v1/embeddings and GET /v1/models the way OpenAI does, including the stream-usage protocol
+(`stream_options.include_usage`: `"usage":null` on every chunk, then one chunk with
+`"choices":[]` and the usage before `[DONE]`).
+
+Its output is exactly knowable: each emitted token is one word from `WORDS` with a leading
+space, which is one o200k_base token, and words that each pre-tokenize on their own stay one
+token each when concatenated. Reported usage agrees with that: completion tokens are the
+words sent, prompt tokens are `proxy.tokens.estimate_prompt_tokens` of the request, so a
+local estimate and the "upstream" count are the same truth.
+
+Timing: a chat stream writes the role-only chunk at once, the first token `ttft_s` after the
+request arrived, then one token every `gap_s` (never closer than half a gap when late). Every write is timestamped with
+`time.perf_counter_ns()` after it returned, and kept per request (keyed by the X-Request-Id
+the proxy sends), so a caller in the same process can compare what the proxy measured with
+when the bytes actually left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import itertools
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.tokens import count_text_tokens, estimate_prompt_tokens
+
+__all__ = ["WORDS", "SyntheticUpstream", "Truth", "completion_words"]
+
+# Common English words, each one o200k_base token when preceded by a space (checked by
+# `SyntheticUpstream.start`, so a tokenizer change cannot silently break the "truth").
+WORDS: tuple[str, ...] = tuple(
+    "the quick brown fox jumps over lazy dog and then runs far away into green hills where"
+    " small birds sing every morning while rivers flow softly under bright blue skies".split()
+)
+
+DEFAULT_EMBEDDING_DIMENSIONS = 16
+
+
+def completion_words(n: int) -> list[str]:
+    """The `n` tokens every completion of length `n` consists of (deterministic)."""
+    return [" " + WORDS[i % len(WORDS)] for i in range(n)]
+
+
+@dataclass(slots=True)
+class Truth:
+    """What the synthetic upstream did for one request, on the perf_counter_ns clock."""
+
+    request_id: str
+    endpoint: str  # chat.completions, completions, embeddings
+    model: str
+    stream: bool
+    include_usage: bool
+    t_received_ns: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    text: str = ""
+    finish_reason: str | None = None
+    t_role_ns: int | None = None  # role-only chunk written (chat streams)
+    token_times_ns: list[int] = field(default_factory=list)  # each output-carrying chunk written
+    t_body_ns: int | None = None  # whole body written (non-streams)
+    t_done_ns: int | None = None  # last byte written
+    aborted: bool = False
+
+    @property
+    def ttft_s(self) -> float | None:
+        """First output-carrying chunk written, since the request arrived."""
+        if not self.token_times_ns:
+            return None
+        return (self.token_times_ns[0] - self.t_received_ns) / 1e9
+
+    @property
+    def time_to_body_s(self) -> float | None:
+        """Non-streams: the whole body written, since the request arrived."""
+        return None if self.t_body_ns is None else (self.t_body_ns - self.t_received_ns) / 1e9
+
+    @property
+    def gaps_s(self) -> list[float]:
+        t = self.token_times_ns
+        return [(b - a) / 1e9 for a, b in itertools.pairwise(t)]
+
+    @property
+    def mean_gap_s(self) -> float | None:
+        gaps = self.gaps_s
+        return sum(gaps) / len(gaps) if gaps else None
+
+
+class SyntheticUpstream:
+    """The server. Use as `async with SyntheticUpstream(...) as syn: syn.base_url ...`."""
+
+    def __init__(
+        self,
+        *,
+        ttft_s: float = 0.2,
+        gap_s: float = 0.02,
+        tokens: int = 16,
+        models: tuple[str, ...] = ("demo-model", "demo-embedding"),
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        if ttft_s < 0 or gap_s < 0:
+            raise ValueError("ttft_s and gap_s must be >= 0")
+        if tokens < 1:
+            raise ValueError("tokens must be >= 1")
+        self.ttft_s = ttft_s
+        self.gap_s = gap_s
+        self.tokens = tokens
+        self.models = models
+        self.host = host
+        self.port = port
+        self.truths: dict[str, Truth] = {}
+        self._ids = itertools.count(1)
+        self._runner: web.AppRunner | None = None
+        self._bound_port: int | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_get("/v1/models", self._models)
+        return app
+
+    async def start(self) -> None:
+        check_vocabulary(self.models[0])
+        runner = web.AppRunner(self.make_app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        await site.start()
+        self._runner = runner
+        for addr in runner.addresses:
+            if isinstance(addr, tuple) and len(addr) >= 2:
+                self._bound_port = int(addr[1])
+                break
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> SyntheticUpstream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    @property
+    def base_url(self) -> str:
+        """The API base as the OpenAI SDK takes it (ends in /v1)."""
+        if self._bound_port is None:
+            raise RuntimeError("synthetic upstream is not started")
+        return f"http://{self.host}:{self._bound_port}/v1"
+
+    def truth_for(self, request_id: str) -> Truth | None:
+        return self.truths.get(request_id)
+
+    async def wait_done(self, request_ids: list[str], timeout: float) -> bool:
+        """Wait (bounded) until these requests are fully written; True if they all are.
+
+        The client can see a response end a moment before the upstream's handler resumes
+        to stamp its last write.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            truths = [self.truths.get(rid) for rid in request_ids]
+            if all(t is not None and (t.t_done_ns is not None or t.aborted) for t in truths):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+
+    # ------------------------------------------------------------------ handlers
+
+    async def _models(self, request: web.Request) -> web.Response:
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "tollgate-synthetic"} for m in self.models]
+        return _json(200, {"object": "list", "data": data})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "chat.completions")
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "completions")
+
+    async def _generate(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        t_received = time.perf_counter_ns()
+        body = await _read_json(request)
+        if isinstance(body, web.Response):
+            return body
+        field_name = "messages" if endpoint == "chat.completions" else "prompt"
+        if field_name not in body:
+            return _error(400, f"Missing required parameter: '{field_name}'.", field_name)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return _error(400, "Missing required parameter: 'model'.", "model")
+        stream = body.get("stream") is True
+        options = body.get("stream_options")
+        include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+        n, finish = self._length(body)
+        truth = Truth(
+            request_id=self._request_id(request),
+            endpoint=endpoint,
+            model=model,
+            stream=stream,
+            include_usage=include_usage,
+            t_received_ns=t_received,
+            prompt_tokens=estimate_prompt_tokens(endpoint, body, model),
+            completion_tokens=n,
+            finish_reason=finish,
+        )
+        self.truths[truth.request_id] = truth
+        words = completion_words(n)
+        truth.text = "".join(words)
+        try:
+            if stream:
+                return await self._stream(request, truth, words)
+            return await self._whole(request, truth)
+        except (ConnectionError, asyncio.CancelledError):
+            truth.aborted = True
+            raise
+
+    def _length(self, body: dict[str, Any]) -> tuple[int, str]:
+        cap = body.get("max_completion_tokens", body.get("max_tokens"))
+        if isinstance(cap, int) and not isinstance(cap, bool) and 0 < cap < self.tokens:
+            return cap, "length"
+        return self.tokens, "stop"
+
+    def _request_id(self, request: web.Request) -> str:
+        rid = request.headers.get("X-Request-Id")
+        return rid if rid else f"syn-{next(self._ids)}"
+
+    async def _sleep_until(self, t_ns: int) -> None:
+        delay = (t_ns - time.perf_counter_ns()) / 1e9
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def _target_ns(self, truth: Truth, index: int) -> int:
+        return truth.t_received_ns + int((self.ttft_s + index * self.gap_s) * 1e9)
+
+    async def _stream(self, request: web.Request, truth: Truth, words: list[str]) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200)
+        resp.content_type = "text/event-stream"
+        resp.headers["Cache-Control"] = "no-cache"
+        await resp.prepare(request)
+        chat = truth.endpoint == "chat.completions"
+        rid = ("chatcmpl-" if chat else "cmpl-") + hashlib.sha256(truth.request_id.encode()).hexdigest()[:24]
+        created = int(time.time())
+
+        def chunk(choices: list[dict[str, Any]], usage: Any = None) -> bytes:
+            if chat:
+                payload: dict[str, Any] = {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": truth.model,
+                    "system_fingerprint": None,
+                    "choices": choices,
+                }
+            else:
+                payload = {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "choices": choices,
+                    "model": truth.model,
+                }
+            if truth.include_usage:
+                payload["usage"] = usage
+            return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+        if chat:
+            role = {"role": "assistant", "content": "", "refusal": None}
+            await resp.write(chunk([{"index": 0, "delta": role, "logprobs": None, "finish_reason": None}]))
+            truth.t_role_ns = time.perf_counter_ns()
+        last = len(words) - 1
+        for i, word in enumerate(words):
+            # On an absolute schedule (so timer granularity does not add up), but never less
+            # than half a gap after the previous write when running late: two writes back to
+            # back would reach the reader as one chunk, and the truth would hold a gap
+            # nobody could have measured.
+            delay = (self._target_ns(truth, i) - time.perf_counter_ns()) / 1e9
+            await asyncio.sleep(delay if i == 0 else max(delay, self.gap_s / 2))
+            if chat:
+                choice = {"index": 0, "delta": {"content": word}, "logprobs": None, "finish_reason": None}
+            else:
+                # Completions carry the finish reason on the last text chunk, as OpenAI does.
+                reason = truth.finish_reason if i == last else None
+                choice = {"text": word, "index": 0, "logprobs": None, "finish_reason": reason}
+            await resp.write(chunk([choice]))
+            truth.token_times_ns.append(time.perf_counter_ns())
+        if chat:
+            end = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": truth.finish_reason}
+            await resp.write(chunk([end]))
+        if truth.include_usage:
+            await resp.write(chunk([], self._usage(truth)))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        truth.t_done_ns = time.perf_counter_ns()
+        return resp
+
+    async def _whole(self, request: web.Request, truth: Truth) -> web.StreamResponse:
+        # A non-stream answer arrives when generation would have finished.
+        await self._sleep_until(self._target_ns(truth, truth.completion_tokens - 1))
+        rid_hash = hashlib.sha256(truth.request_id.encode()).hexdigest()[:24]
+        created = int(time.time())
+        if truth.endpoint == "chat.completions":
+            message = {"role": "assistant", "content": truth.text, "refusal": None, "annotations": []}
+            payload: dict[str, Any] = {
+                "id": "chatcmpl-" + rid_hash,
+                "object": "chat.completion",
+                "created": created,
+                "model": truth.model,
+                "choices": [
+                    {"index": 0, "message": message, "logprobs": None, "finish_reason": truth.finish_reason}
+                ],
+                "usage": self._usage(truth),
+                "system_fingerprint": None,
+            }
+        else:
+            payload = {
+                "id": "cmpl-" + rid_hash,
+                "object": "text_completion",
+                "created": created,
+                "model": truth.model,
+                "choices": [
+                    {"text": truth.text, "index": 0, "logprobs": None, "finish_reason": truth.finish_reason}
+                ],
+                "usage": self._usage(truth),
+            }
+        return await self._write_body(request, truth, orjson.dumps(payload))
+
+    async def _write_body(self, request: web.Request, truth: Truth, body: bytes) -> web.StreamResponse:
+        # A StreamResponse rather than web.Response, so the moment the body left is known.
+        resp = web.StreamResponse(status=200)
+        resp.content_type = "application/json"
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        await resp.write(body)
+        truth.t_body_ns = time.perf_counter_ns()
+        await resp.write_eof()
+        truth.t_done_ns = time.perf_counter_ns()
+        return resp
+
+    def _usage(self, truth: Truth) -> dict[str, Any]:
+        usage: dict[str, Any] = {
+            "prompt_tokens": truth.prompt_tokens,
+            "completion_tokens": truth.completion_tokens,
+            "total_tokens": truth.prompt_tokens + truth.completion_tokens,
+        }
+        if truth.endpoint == "chat.completions":
+            usage["prompt_tokens_details"] = {"cached_tokens": 0, "audio_tokens": 0}
+            usage["completion_tokens_details"] = {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            }
+        return usage
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        t_received = time.perf_counter_ns()
+        body = await _read_json(request)
+        if isinstance(body, web.Response):
+            return body
+        model = body.get("model")
+        raw_input = body.get("input")
+        if not isinstance(model, str) or not model:
+            return _error(400, "Missing required parameter: 'model'.", "model")
+        inputs = _embedding_inputs(raw_input)
+        if inputs is None:
+            return _error(400, "'input' must be a string, a list of strings or token arrays.", "input")
+        dims = body.get("dimensions")
+        if not (isinstance(dims, int) and not isinstance(dims, bool) and 0 < dims <= 4096):
+            dims = DEFAULT_EMBEDDING_DIMENSIONS
+        as_base64 = body.get("encoding_format") == "base64"
+        truth = Truth(
+            request_id=self._request_id(request),
+            endpoint="embeddings",
+            model=model,
+            stream=False,
+            include_usage=False,
+            t_received_ns=t_received,
+            prompt_tokens=estimate_prompt_tokens("embeddings", body, model),
+        )
+        self.truths[truth.request_id] = truth
+        try:
+            # Embedding is one forward pass: the answer comes after one "time to first token".
+            await self._sleep_until(self._target_ns(truth, 0))
+            data = []
+            for index, item in enumerate(inputs):
+                vector = _vector(item, dims)
+                embedding: Any = (
+                    base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode() if as_base64 else vector
+                )
+                data.append({"object": "embedding", "index": index, "embedding": embedding})
+            payload = {
+                "object": "list",
+                "data": data,
+                "model": model,
+                "usage": {"prompt_tokens": truth.prompt_tokens, "total_tokens": truth.prompt_tokens},
+            }
+            return await self._write_body(request, truth, orjson.dumps(payload))
+        except (ConnectionError, asyncio.CancelledError):
+            truth.aborted = True
+            raise
+
+
+def check_vocabulary(model: str) -> None:
+    """Refuse to run if the words are not one token each (the truth would be wrong)."""
+    words = completion_words(len(WORDS))
+    bad = [w for w in words if count_text_tokens(w, model) != 1]
+    if bad or count_text_tokens("".join(words), model) != len(words):
+        raise RuntimeError(f"synthetic vocabulary is not one token per word for {model!r}: {bad}")
+
+
+def _embedding_inputs(value: Any) -> list[str] | None:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return list(value)
+        if all(isinstance(v, int) for v in value):
+            return [orjson.dumps(value).decode()]
+        if all(isinstance(v, list) and all(isinstance(t, int) for t in v) for v in value):
+            return [orjson.dumps(v).decode() for v in value]
+    return None
+
+
+def _vector(text: str, dims: int) -> list[float]:
+    """A deterministic unit-free vector in [-1, 1) from the text's hash."""
+    out: list[float] = []
+    counter = 0
+    while len(out) < dims:
+        digest = hashlib.sha256(f"{counter}:{text}".encode()).digest()
+        out.extend((b - 128) / 128 for b in digest)
+        counter += 1
+    return out[:dims]
+
+
+async def _read_json(request: web.Request) -> dict[str, Any] | web.Response:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _error(400, "We could not parse the JSON body of your request.", None)
+    if not isinstance(body, dict):
+        return _error(400, "The request body must be a JSON object.", None)
+    return body
+
+
+def _json(status: int, payload: dict[str, Any]) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json")
+
+
+def _error(status: int, message: str, param: str | None) -> web.Response:
+    return _json(
+        status,
+        {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}},
+    )
