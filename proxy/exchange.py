@@ -124,14 +124,12 @@ class Exchange:
 
     @property
     def tpot_s(self) -> float | None:
-        """(last output chunk - first output chunk) / (output tokens - 1).
-
-        Reasoning tokens the upstream reports separately were produced, unseen, before the
-        first visible chunk (OpenAI hides them), so they are not part of the streamed span.
-        """
+        """(last output chunk - first output chunk) / (output tokens - 1), as DESIGN.md defines
+        it. For models with hidden reasoning this understates the visible-token pace, since
+        reasoning tokens are produced before the first chunk."""
         if self.t_first_token_ns is None or self.t_last_token_ns is None or self.usage is None:
             return None
-        n = self.usage.output_tokens - self.usage.reasoning_tokens
+        n = self.usage.output_tokens
         if n < 2:
             return None
         return (self.t_last_token_ns - self.t_first_token_ns) / 1e9 / (n - 1)
