@@ -38,9 +38,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         data["server"] = {**data["server"], **overrides}
         settings = Settings.model_validate(data)
     _configure_logging(settings.logging.level)
-    from proxy.serve import install_uvloop, serve
+    from proxy.serve import install_uvloop, serve, serve_workers
 
     log.debug("event loop: %s", install_uvloop())
+    if args.workers > 1:
+        return serve_workers(settings, args.workers, started_at)
     asyncio.run(serve(settings, started_at))
     return 0
 
@@ -59,6 +61,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tollgate", description="A measuring OpenAI-compatible proxy.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=DEFAULT_CONFIG, type=Path, help="YAML config file")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="worker processes sharing the port (SO_REUSEPORT); about one per core",
+    )
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
@@ -78,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser = sub.add_parser("demo", help="try Tollgate with no key: a synthetic upstream and a short burst")
     demo.configure_parser(demo_parser)
     demo_parser.set_defaults(func=demo.run)
+    from proxy import cli_ledger
+
+    cli_ledger.add_commands(sub)
     return parser
 
 

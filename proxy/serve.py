@@ -1,17 +1,49 @@
-"""Running the app as a server process: listen, wait for a signal, shut down cleanly."""
+"""Running the app as a server process: one process, or a parent and N worker processes.
+
+One process (`serve`): listen, wait for SIGINT/SIGTERM, shut down cleanly.
+
+Several (`serve_workers`): the parent forks N workers that each run `serve` with their own
+listening socket on the same port (SO_REUSEPORT: the kernel spreads connections across
+them), so one Python process per core does the relaying. The parent only supervises:
+
+* before any worker exists it points PROMETHEUS_MULTIPROC_DIR at a fresh directory, so every
+  worker writes its metric values to mmap files there, and a scrape of the metrics port (which
+  every worker also binds with SO_REUSEPORT) merges all of them;
+* a port given as 0 is resolved once, in the parent, so all workers share the same one;
+* a worker that exits is reaped (its live gauges removed with `mark_process_dead`) and
+  restarted, at most `MAX_RESTARTS` times in `RESTART_WINDOW_S`, after which the parent
+  gives up and stops everything;
+* SIGTERM or SIGINT to the parent stops every worker with SIGTERM (each drains and exits),
+  then the parent exits 0.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
+import shutil
 import signal
+import socket
+import tempfile
 import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from types import FrameType
 
 from aiohttp import web
 
 from proxy.settings import Settings
 
 log = logging.getLogger("tollgate")
+
+MAX_RESTARTS = 10
+RESTART_WINDOW_S = 60.0
+# How long a stopping worker may drain its open requests before it is killed.
+STOP_TIMEOUT_S = 30.0
+_PR_SET_PDEATHSIG = 1
 
 
 def install_uvloop() -> str:
@@ -23,33 +55,253 @@ def install_uvloop() -> str:
     return "uvloop"
 
 
-async def serve(settings: Settings, started_at: float) -> None:
-    from proxy.app import make_app
+def _bound_port(runner: web.AppRunner) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return int(addr[1])
+    raise RuntimeError("the server is not listening on a TCP socket")
+
+
+async def serve(
+    settings: Settings,
+    started_at: float,
+    *,
+    reuse_port: bool = False,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Serve until SIGINT/SIGTERM. With `reuse_port`, the API and metrics sockets are bound
+    with SO_REUSEPORT so several processes can share their ports."""
+    from proxy.app import METRICS, METRICS_RUNNER, make_app
     from proxy.observers import make_tracer_provider
+    from proxy.observers.metrics import metrics_handler
 
     tracer_provider = make_tracer_provider()
-    app = make_app(settings, tracer_provider=tracer_provider)
+    # app.py binds the metrics port without SO_REUSEPORT, which a second worker could not
+    # share; in that case the app is told metrics are off and the port is bound here.
+    own_metrics = reuse_port and settings.metrics.enabled
+    app_settings = _with_section(settings, "metrics", {"enabled": False}) if own_metrics else settings
+    app = make_app(app_settings, tracer_provider=tracer_provider)
     # handler_cancellation: a client that disconnects cancels its handler at once, which is
     # how the upstream request gets cancelled while the upstream is still thinking.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True)
-    await site.start()
-    log.info(
-        "tollgate ready on http://%s:%d/v1 in %.0f ms (metrics: %s)",
+    site = web.TCPSite(
+        runner,
         settings.server.host,
         settings.server.port,
-        (time.perf_counter() - started_at) * 1000,
-        f"http://{settings.metrics.host}:{settings.metrics.port}{settings.metrics.path}"
-        if settings.metrics.enabled
-        else "off",
+        reuse_address=True,
+        reuse_port=True if reuse_port else None,
+        backlog=1024,
     )
+    await site.start()
+
+    metrics_runner: web.AppRunner | None = None
+    if own_metrics:
+        cfg = settings.metrics
+        metrics_app = web.Application()
+        metrics_app.router.add_get(cfg.path, metrics_handler(app[METRICS].registry))
+        metrics_runner = web.AppRunner(metrics_app, access_log=None)
+        await metrics_runner.setup()
+        await web.TCPSite(metrics_runner, cfg.host, cfg.port, reuse_address=True, reuse_port=True).start()
+    elif settings.metrics.enabled:
+        metrics_runner = app[METRICS_RUNNER]
+
+    metrics_url = (
+        f"http://{settings.metrics.host}:{_bound_port(metrics_runner)}{settings.metrics.path}"
+        if metrics_runner is not None
+        else "off"
+    )
+    if on_ready is not None:
+        log.debug("worker %d ready", os.getpid())
+        on_ready()
+    else:
+        log.info(
+            "tollgate ready on http://%s:%d/v1 in %.0f ms (metrics: %s)",
+            settings.server.host,
+            _bound_port(runner),
+            (time.perf_counter() - started_at) * 1000,
+            metrics_url,
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down")
+    log.info("shutting down%s", f" worker {os.getpid()}" if reuse_port else "")
     await runner.cleanup()
+    if own_metrics and metrics_runner is not None:
+        await metrics_runner.cleanup()
     if tracer_provider is not None:
         tracer_provider.shutdown()
+
+
+def _with_section(settings: Settings, section: str, changes: dict[str, object]) -> Settings:
+    # Validated again rather than model_copy'd: settings keep derived lookup tables.
+    data = settings.model_dump()
+    data[section] = {**data[section], **changes}
+    return Settings.model_validate(data)
+
+
+def _reserve_port(host: str) -> socket.socket:
+    """A socket bound (never listening) to a free port, with SO_REUSEPORT so the workers can
+    bind the same port. Held by the parent for its lifetime so the port stays ours across
+    worker restarts; a socket that does not listen never receives a connection."""
+    family, type_, proto, _, addr = socket.getaddrinfo(
+        host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, type_, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(addr)
+    return sock
+
+
+def pin_ports(settings: Settings) -> tuple[Settings, list[socket.socket]]:
+    """Resolve port 0 (API and metrics) to concrete ports every worker will share."""
+    held: list[socket.socket] = []
+    server_port = settings.server.port
+    if server_port == 0:
+        held.append(_reserve_port(settings.server.host))
+        server_port = held[-1].getsockname()[1]
+    metrics_port = settings.metrics.port
+    if settings.metrics.enabled and metrics_port == 0:
+        held.append(_reserve_port(settings.metrics.host))
+        metrics_port = held[-1].getsockname()[1]
+    if not held:
+        return settings, held
+    data = settings.model_dump()
+    data["server"] = {**data["server"], "port": server_port}
+    data["metrics"] = {**data["metrics"], "port": metrics_port}
+    return Settings.model_validate(data), held
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    # A parent killed with SIGKILL cannot stop its workers; ask the kernel to send them
+    # SIGTERM when it goes, so no orphan keeps serving on the port.
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+def _worker_main(settings: Settings, started_at: float, ready: Connection, parent_pid: int) -> None:
+    # The parent's signal handlers were inherited by fork; the worker's own are installed by
+    # serve() on its event loop.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _die_with_parent(parent_pid)
+    # prometheus_client picks its value class when it is first imported, which may have been
+    # in the parent before PROMETHEUS_MULTIPROC_DIR was set: pick again, now that it is.
+    from prometheus_client import values
+
+    values.ValueClass = values.get_value_class()
+
+    def on_ready() -> None:
+        ready.send(os.getpid())
+
+    asyncio.run(serve(settings, started_at, reuse_port=True, on_ready=on_ready))
+
+
+def serve_workers(settings: Settings, workers: int, started_at: float) -> int:
+    """Run `workers` worker processes until SIGTERM/SIGINT; the exit status for the CLI."""
+    from prometheus_client.multiprocess import mark_process_dead
+
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, not {workers}")
+    inherited = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if inherited:
+        log.warning("PROMETHEUS_MULTIPROC_DIR=%s is replaced by a fresh directory per run", inherited)
+    os.environ.pop("prometheus_multiproc_dir", None)
+    mp_dir = tempfile.mkdtemp(prefix="tollgate-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
+    settings, held = pin_ports(settings)
+
+    ctx = multiprocessing.get_context("fork")
+    ready_r, ready_w = ctx.Pipe(duplex=False)
+    parent_pid = os.getpid()
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def spawn(slot: int) -> BaseProcess:
+        proc = ctx.Process(
+            target=_worker_main,
+            args=(settings, started_at, ready_w, parent_pid),
+            name=f"tollgate-worker-{slot}",
+        )
+        proc.start()
+        return proc
+
+    slots: dict[int, BaseProcess] = {slot: spawn(slot) for slot in range(workers)}
+    restarts: list[float] = []
+    ready_pids: set[int] = set()
+    announced = False
+    status = 0
+    try:
+        while not stopping:
+            sentinels = {p.sentinel: slot for slot, p in slots.items()}
+            for obj in wait([ready_r, *sentinels], timeout=1.0):
+                if obj is ready_r:
+                    ready_pids.add(int(ready_r.recv()))
+                    continue
+                slot = sentinels[obj]  # type: ignore[index]
+                dead = slots[slot]
+                dead.join()
+                mark_process_dead(dead.pid, mp_dir)
+                ready_pids.discard(dead.pid or -1)
+                if stopping:
+                    continue
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
+                if len(restarts) > MAX_RESTARTS:
+                    log.error("workers exited %d times in %.0f s; giving up", len(restarts), RESTART_WINDOW_S)
+                    stopping = True
+                    status = 1
+                    break
+                log.warning("worker %s exited with %s; restarting it", dead.pid, dead.exitcode)
+                slots[slot] = spawn(slot)
+            if not announced and len(ready_pids) >= workers:
+                announced = True
+                log.info(
+                    "tollgate ready on http://%s:%d/v1 with %d workers in %.0f ms (metrics: %s)",
+                    settings.server.host,
+                    settings.server.port,
+                    workers,
+                    (time.perf_counter() - started_at) * 1000,
+                    f"http://{settings.metrics.host}:{settings.metrics.port}{settings.metrics.path}"
+                    if settings.metrics.enabled
+                    else "off",
+                )
+    finally:
+        log.info("stopping %d workers", len(slots))
+        _stop_all(list(slots.values()))
+        for proc in slots.values():
+            if proc.pid is not None:
+                mark_process_dead(proc.pid, mp_dir)
+        for sock in held:
+            sock.close()
+        shutil.rmtree(mp_dir, ignore_errors=True)
+    return status
+
+
+def _stop_all(procs: list[BaseProcess]) -> None:
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            log.warning("worker %s did not stop in %.0f s; killing it", proc.pid, STOP_TIMEOUT_S)
+            proc.kill()
+            proc.join(5)

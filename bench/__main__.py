@@ -1,0 +1,69 @@
+"""`python -m bench <command>`:
+
+run          the whole benchmark; writes bench/RESULTS.md (`--smoke`: ~30 s, checks it works)
+profile      Tollgate under py-spy while a load runs; prints where its CPU goes
+upstream     the fake OpenAI upstream (used by run)
+passthrough  the bare aiohttp passthrough (used by run)
+sink         the OTLP/HTTP receiver that discards (used by run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def cmd_run(argv: list[str]) -> int:
+    from bench import report, runner
+
+    p = argparse.ArgumentParser(prog="python -m bench run")
+    p.add_argument("--smoke", action="store_true", help="tiny run that only checks the machinery")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per measure")
+    p.add_argument("--out", type=Path, default=None, help=f"default: {RESULTS} (smoke: stdout only)")
+    a = p.parse_args(argv)
+    plan = runner.smoke_plan() if a.smoke else runner.full_plan(reps=a.reps, duration_s=a.duration)
+    result = runner.run(plan, log=lambda s: print(s, file=sys.stderr, flush=True))
+    command = "python -m bench run" + (" --smoke" if a.smoke else "")
+    text = report.render(result, command)
+    out = a.out if a.out is not None else (None if a.smoke else RESULTS)
+    if out is not None:
+        out.write_text(text)
+        print(f"wrote {out}", file=sys.stderr)
+    print(text)
+    failed = [m for m in result.measures if m.load["completed"] == 0]
+    return 1 if failed else 0
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        return cmd_run(rest)
+    if command == "profile":
+        from bench import profile
+
+        return profile.main(rest)
+    if command == "upstream":
+        from bench import upstream
+
+        return upstream.main(rest)
+    if command == "passthrough":
+        from bench import passthrough
+
+        return passthrough.main(rest)
+    if command == "sink":
+        from bench import sink
+
+        return sink.main(rest)
+    print(f"unknown command {command!r}\n{__doc__}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
