@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -19,6 +20,7 @@ from aiohttp import web
 
 from proxy.budgets import (
     Bucket,
+    BucketState,
     ClampInput,
     budget_headers,
     buckets_for,
@@ -118,6 +120,18 @@ def cap_field(ex: Exchange, payload: dict[str, Any]) -> str | None:
     return _CAP_FIELD.get(ex.endpoint)
 
 
+def _past_a_threshold(buckets: list[Bucket], states: Mapping[str, BucketState]) -> bool:
+    """Whether any warn budget's spent + reserved (this request included) is at or past
+    its first warning threshold."""
+    for b in buckets:
+        if b.blocking or b.limit_usd is None or not b.rule.thresholds:
+            continue
+        st = states.get(b.id)
+        if st is not None and st.used >= Decimal(str(b.rule.thresholds[0])) * b.limit_usd:
+            return True
+    return False
+
+
 async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[str, str]:
     """Reserve the worst case against every applicable budget; returns response headers.
 
@@ -163,11 +177,11 @@ async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[st
         message, retry_after = refusal_message(
             decision.refused, decision.refused_state, now, decision.reason or "usd"
         )
-        headers = {"x-tollgate-budget-name": decision.refused.name}
+        refusal_headers = {"x-tollgate-budget-name": decision.refused.name}
         if retry_after is not None:
-            headers["retry-after"] = str(retry_after)
+            refusal_headers["retry-after"] = str(retry_after)
         ex.extra["budget_verdict"] = f"refused:{decision.refused.name}"
-        raise BudgetExceeded(message, headers=headers)
+        raise BudgetExceeded(message, headers=refusal_headers)
 
     hold = Hold(ledger_id, list(buckets), decision.amount, admission.reserved)
     ex.extra["hold"] = hold
@@ -185,7 +199,9 @@ async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[st
     if decision.clamped:
         headers.update(clamp_header(decision))
         ex.extra["budget_verdict"] = f"clamped:{decision.clamped_by.name if decision.clamped_by else ''}"
-    soft = decision.crossings or decision.soft_exceeded
+    # Not only the request that crosses a threshold: every request while a warn budget is
+    # past its first threshold carries the headers, or a client arriving later never learns.
+    soft = decision.crossings or decision.soft_exceeded or _past_a_threshold(buckets, admission.states)
     if soft:
         headers.update(budget_headers(buckets, admission.states, now))
         for crossing in decision.crossings:

@@ -1,0 +1,178 @@
+"""500 requests at once against a $1 budget that fits exactly 40 of them, across processes.
+
+Every request is capped at 25 output tokens of `gpt-test` ($1000 per 1M output tokens, input
+free), so its worst case is exactly $0.025 and $1 holds exactly 40. The upstream holds every
+admitted request open until all 500 have been admitted or refused, so no settlement can
+free room mid-race: the only thing standing between 500 and 40 is the ledger's atomic
+reserve, shared by (a) two worker processes of `tollgate serve --workers 2` on one SQLite
+file, (b) two separate `tollgate serve` instances on one Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from proxy.budgets import LedgerSettings
+from proxy.ledger import open_ledger
+from tests.support.fake_upstream import Reply
+from tests.support.redis_server import RedisServer
+from tests.support.tollgate_process import Tollgate, UpstreamThread, start_tollgate
+
+REQUESTS = 500
+CAP = 25
+ADMITS = 40  # $1 / (25 tokens x $0.001)
+RACE_TIMEOUT_S = 30.0
+
+BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": CAP}
+REPLY = Reply.json(
+    {
+        "id": "chatcmpl-race",
+        "object": "chat.completion",
+        "created": 1750000000,
+        "model": "gpt-test",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": CAP, "total_tokens": 9 + CAP},
+    }
+)
+
+
+def race_config(upstream: str, ledger: str) -> str:
+    return f"""
+server: {{host: 127.0.0.1, port: 0}}
+timeouts: {{connect: 2, first_byte: 60, idle: 60}}
+upstreams:
+  openai: {{kind: openai, base_url: "{upstream}", api_key: sk-upstream}}
+routes:
+  - {{models: ["gpt-*"], upstream: openai}}
+metrics: {{enabled: false}}
+logging: {{access_log: false}}
+pricing:
+  models:
+    gpt-test: {{input: 0, output: 1000}}
+budgets:
+  - name: one-dollar
+    period: total
+    limit_usd: 1
+{ledger}
+"""
+
+
+async def race(upstream: UpstreamThread, urls: Sequence[str]) -> list[int]:
+    """Fire all requests at once (alternating between `urls`); release the upstream's gate
+    the moment every request is either at the upstream or refused; return the statuses."""
+    upstream.route("POST", "/v1/chat/completions", REPLY)
+    upstream.hold()
+    refused = 0
+    released = asyncio.Event()
+
+    # One connection per request: with SO_REUSEPORT the kernel spreads connections.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=RACE_TIMEOUT_S)) as s:
+
+        async def one(i: int) -> int:
+            nonlocal refused
+            async with s.post(urls[i % len(urls)] + "/chat/completions", json=BODY) as r:
+                await r.read()
+                if r.status == 429:
+                    refused += 1
+                return r.status
+
+        async def gatekeeper() -> None:
+            deadline = time.monotonic() + RACE_TIMEOUT_S
+            while upstream.received + refused < REQUESTS:
+                assert time.monotonic() < deadline, (upstream.received, refused)
+                await asyncio.sleep(0.005)
+            # Every request is accounted for and the admitted ones are all still open.
+            assert upstream.received == ADMITS
+            upstream.release()
+            released.set()
+
+        keeper = asyncio.create_task(gatekeeper())
+        statuses = await asyncio.gather(*(one(i) for i in range(REQUESTS)))
+        await keeper
+    assert released.is_set()
+    return list(statuses)
+
+
+async def final_state(settings: LedgerSettings, timeout: float = 10.0) -> dict[str, Any]:
+    """The budget's row once every admitted request has settled."""
+    deadline = time.monotonic() + timeout
+    ledger = await open_ledger(settings)
+    try:
+        while True:
+            rows = await ledger.budget_report(datetime.now(timezone.utc))
+            if rows and rows[0]["requests"] == ADMITS and rows[0]["reserved"] == 0:
+                return rows[0]
+            assert time.monotonic() < deadline, rows
+            await asyncio.sleep(0.05)
+    finally:
+        await ledger.close()
+
+
+def check(statuses: list[int], row: dict[str, Any]) -> None:
+    assert statuses.count(200) == ADMITS
+    assert statuses.count(429) == REQUESTS - ADMITS
+    assert row["spent"] == Decimal("1") <= row["limit_usd"]
+    assert row["requests"] == ADMITS and row["reserved_requests"] == 0
+
+
+async def test_race_sqlite_two_worker_processes(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    config = tmp_path / "tollgate.yaml"
+    proxy: Tollgate | None = None
+    with UpstreamThread() as upstream:
+        config.write_text(race_config(upstream.api_base, f"ledger: {{backend: sqlite, path: {db}}}"))
+        try:
+            proxy = await start_tollgate(config, tmp_path / "serve.log", workers=2)
+            started = time.monotonic()
+            statuses = await race(upstream, [proxy.base_url])
+            elapsed = time.monotonic() - started
+        finally:
+            if proxy is not None:
+                proxy.stop()
+    row = await final_state(LedgerSettings(backend="sqlite", path=str(db)))
+    check(statuses, row)
+    print(f"sqlite, 2 workers: {REQUESTS} requests, {statuses.count(200)} admitted, "
+          f"{statuses.count(429)} refused, spent ${row['spent']} in {elapsed:.2f} s")
+
+
+async def test_race_redis_two_instances(tmp_path: Path) -> None:
+    proxies: list[Tollgate] = []
+    async with RedisServer() as redis:
+        with UpstreamThread() as upstream:
+            try:
+                for i in range(2):
+                    config = tmp_path / f"tollgate-{i}.yaml"
+                    ledger = f"ledger: {{backend: redis, redis_url: '{redis.url}', path: {tmp_path / f'spend-{i}.db'}}}"
+                    config.write_text(race_config(upstream.api_base, ledger))
+                    proxies.append(await start_tollgate(config, tmp_path / f"serve-{i}.log"))
+                started = time.monotonic()
+                statuses = await race(upstream, [p.base_url for p in proxies])
+                elapsed = time.monotonic() - started
+            finally:
+                for p in proxies:
+                    p.stop()
+        row = await final_state(
+            LedgerSettings(backend="redis", redis_url=redis.url, path=str(tmp_path / "report.db"))
+        )
+    check(statuses, row)
+    # Each instance logged its own share of the 40 settled requests.
+    shares = []
+    for i in range(2):
+        log = await open_ledger(LedgerSettings(path=str(tmp_path / f"spend-{i}.db")))
+        try:
+            total = await log.spend_report(datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(9999, 1, 1, tzinfo=timezone.utc), [])
+            shares.append(int(total[0]["requests"]) if total else 0)
+        finally:
+            await log.close()
+    assert sum(shares) == ADMITS and all(shares), shares
+    print(f"redis, 2 instances: {REQUESTS} requests, {statuses.count(200)} admitted "
+          f"({shares[0]} + {shares[1]}), {statuses.count(429)} refused, spent ${row['spent']} in {elapsed:.2f} s")
