@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -42,9 +43,19 @@ def finish(ex: Exchange, rt: Runtime) -> None:
     started(ex, rt)
     rt.observers.on_finish(ex)
     if ex.extra.get("hold") is not None or ex.t_upstream_sent_ns is not None:
-        # Settled off the request's task: it must complete even when the client is gone
-        # and the handler was cancelled, and shutdown waits for it.
-        rt.spawn(settle(ex, rt), f"settling {ex.request_id}")
+        # Settled on a task of its own: it must complete even when the client is gone and
+        # the handler was cancelled, and shutdown waits for it.
+        ex.extra["settling"] = rt.spawn(settle(ex, rt), f"settling {ex.request_id}")
+
+
+async def complete(ex: Exchange, rt: Runtime) -> None:
+    """The response is whole but for its last bytes: account, observe and settle now, so a
+    response the client sees complete is never missing from the ledger (even on kill -9)."""
+    ex.t_end_ns = time.perf_counter_ns()
+    finish(ex, rt)
+    settling = ex.extra.get("settling")
+    if settling is not None:
+        await asyncio.shield(settling)
 
 
 def account(ex: Exchange, rt: Runtime) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -169,8 +169,13 @@ async def relay(
     upstream: Upstream,
     ex: Exchange,
     on_first_token: Callable[[Exchange], None],
+    complete: Callable[[], Awaitable[None]],
 ) -> web.StreamResponse:
     """Relay the upstream response to the client as it arrives; fill the Exchange on the way.
+
+    `complete` runs once the whole response is known and before its last bytes reach the
+    client (the final chunk of a chunked or SSE body, or the last piece of a Content-Length
+    body), so a response the client sees complete has already been accounted and settled.
 
     Raises UpstreamError before the response has started; after, failures are reported to
     the client in-stream (SSE) or by closing the connection (plain bodies), and recorded.
@@ -189,6 +194,7 @@ async def relay(
         out.headers.setdefault("Cache-Control", "no-cache")
     elif "Content-Length" in resp.headers and "Content-Encoding" not in resp.headers:
         out.content_length = int(resp.headers["Content-Length"])
+    expected_length = out.content_length
     _set_idle_timeout(resp, upstream.idle_timeout)
 
     content = resp.content
@@ -198,6 +204,14 @@ async def relay(
     body_size = 0
     started = False
     perf = time.perf_counter_ns
+
+    async def completing() -> None:
+        if body_parts is not None:
+            measure_body(ex, b"".join(body_parts))
+            body_parts.clear()
+        ex.outcome = "ok" if resp.status < 400 else "upstream_error"
+        await complete()
+
     try:
         while True:
             try:
@@ -218,17 +232,21 @@ async def relay(
             if not started:
                 await out.prepare(request)
                 started = True
+            if body_parts is not None:
+                body_size += len(chunk)
+                if body_size <= (32 << 20):
+                    body_parts.append(chunk)
+                if expected_length is not None and body_size >= expected_length:
+                    # The client will take this piece as the end of the body.
+                    ex.overhead_ns += perf() - t_read
+                    await completing()
+                    t_read = perf()
             await out.write(chunk)
             t_written = perf()
             ex.overhead_ns += t_written - t_read
             ex.bytes_out += len(chunk)
-            if tap is not None:
-                if stripper is None:
-                    tap.feed(chunk, t_read)
-            elif body_parts is not None:
-                body_size += len(chunk)
-                if body_size <= (32 << 20):
-                    body_parts.append(chunk)
+            if tap is not None and stripper is None:
+                tap.feed(chunk, t_read)
         if tap is not None:
             tail = tap.finish(perf())
             if stripper is not None and tail:
@@ -241,6 +259,8 @@ async def relay(
         if not started:
             await out.prepare(request)
             started = True
+        if ex.outcome is None:
+            await completing()
         await out.write_eof()
     except UpstreamError as err:
         ex.error_type = err.kind
@@ -274,8 +294,6 @@ async def relay(
             resp.release()
         if body_parts:
             measure_body(ex, b"".join(body_parts))
-    if ex.outcome is None:
-        ex.outcome = "ok" if resp.status < 400 else "upstream_error"
     return out
 
 

@@ -18,7 +18,7 @@ from proxy.admit import authenticate, check_model_allowed, identify_user, reserv
 from proxy.errors import ClientError, HttpError, InvalidApiKey, MethodNotAllowed, NotFound, PermissionDenied
 from proxy.keys import parse_bearer
 from proxy.exchange import Endpoint, Exchange
-from proxy.finish import finish, started
+from proxy.finish import complete, finish, started
 from proxy.forward import relay, send, upstream_headers
 from proxy.route import outgoing_body, route_exchange
 from proxy.state import RUNTIME, Runtime
@@ -61,7 +61,9 @@ async def _forward_and_relay(
     # The proxy serves /v1/...; the upstream's API base already ends where /v1 does.
     path_qs = request.raw_path[3:]
     resp = await send(upstream, request.method, path_qs, headers, body, ex)
-    return await relay(request, resp, upstream, ex, rt.observers.on_first_token)
+    return await relay(
+        request, resp, upstream, ex, rt.observers.on_first_token, lambda: complete(ex, rt)
+    )
 
 
 async def _run(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:

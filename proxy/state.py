@@ -62,7 +62,7 @@ class Runtime:
             and not any(u.closed for u in self.upstreams.values())
         )
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> asyncio.Task[Any]:
         """Run work that must outlive the request (e.g. after a client disconnect) and is
         awaited at shutdown, so nothing is lost when the process drains."""
         task = asyncio.get_running_loop().create_task(coro)
@@ -74,6 +74,7 @@ class Runtime:
                 log.error("background %s failed", what, exc_info=t.exception())
 
         task.add_done_callback(done)
+        return task
 
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
