@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
@@ -10,13 +11,30 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.errors import BodyTooLarge, InvalidRequest
+from proxy.errors import BodyTooLarge, InvalidRequest, RequestTimeout
 from proxy.exchange import Endpoint, Exchange
 
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
-_MODEL_OK = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+# C0 and C1 controls and DEL: a model name is echoed into messages, logs and span names.
+_MODEL_OK = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,256}")
 # Fields that cap output, per endpoint family; the first present wins.
 _CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+# A whole request body must arrive within this many seconds. Without a deadline, a client
+# that sends fewer bytes than its Content-Length promised (or trickles them) holds its
+# handler and connection for as long as it likes: aiohttp has no body read timeout. A
+# total, not an idle, deadline: a byte now and then cannot re-arm it. 120 s lets a
+# body at the default 20 MB limit arrive at 1.4 Mbit/s.
+BODY_READ_TIMEOUT_S = 120.0
+# JSON nesting the proxy accepts. orjson parses up to 1024 levels, but everything after the
+# parse has tighter limits: orjson.dumps stops at 255 (re-serialising a rewritten body), and
+# recursive walks (the prompt estimate, payload logging) meet Python's recursion limit near
+# 1000. OpenAI's own structured-output schemas nest at most 10 deep, so 128 refuses nothing
+# real and keeps a body that parses from failing later as a 500.
+MAX_JSON_DEPTH = 128
+# The largest output cap accepted (int32 max, OpenAI's own bound for these fields). The cap
+# is reserved against budgets as a token count; an int64-sized one would overflow the
+# ledger's integer columns once the prompt estimate is added to it.
+MAX_OUTPUT_CAP = 2**31 - 1
 MODEL_ENDPOINTS: frozenset[str] = frozenset({"chat.completions", "completions", "embeddings", "responses"})
 
 
@@ -39,14 +57,20 @@ def new_exchange(request: web.Request, endpoint: Endpoint, request_id_header: st
     )
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, timeout: float | None = None) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise BodyTooLarge(f"Request body of {length} bytes is over the limit of {limit} bytes.")
+    deadline = BODY_READ_TIMEOUT_S if timeout is None else timeout
     try:
-        return await request.read()
+        async with asyncio.timeout(deadline):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise BodyTooLarge(f"Request body is over the limit of {limit} bytes.") from exc
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body was not received within {deadline:g} seconds."
+        ) from None
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -66,7 +90,35 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise InvalidRequest(
             f"The JSON body of your request must be an object, not {type(payload).__name__}."
         )
+    # Every level of nesting needs an opening bracket: a body with few cannot be deep, and
+    # counting bytes is far cheaper than walking the parsed value.
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and json_depth(payload) > MAX_JSON_DEPTH:
+        raise InvalidRequest(
+            f"The JSON body of your request is nested more than {MAX_JSON_DEPTH} levels deep.",
+            code="invalid_value",
+        )
     return payload
+
+
+def json_depth(value: object) -> int:
+    """How deeply `value` nests arrays and objects (a scalar is 0). Iterative: a depth check
+    that recursed would fail on exactly the input it exists to refuse."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        for child in children:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth))
+    return deepest
 
 
 def _int_field(payload: dict[str, Any], name: str) -> int | None:
@@ -84,6 +136,12 @@ def _int_field(payload: dict[str, Any], name: str) -> int | None:
             f"Invalid '{name}': integer below minimum value. Expected a value >= 0, but got {value}.",
             param=name,
             code="integer_below_min_value",
+        )
+    if value > MAX_OUTPUT_CAP:
+        raise InvalidRequest(
+            f"Invalid '{name}': integer above maximum value. Expected a value <= {MAX_OUTPUT_CAP}, but got {value}.",
+            param=name,
+            code="integer_above_max_value",
         )
     return value
 

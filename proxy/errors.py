@@ -9,6 +9,7 @@
     │   ├── NotFound                404 (unknown path)
     │   ├── ModelNotFound           404 model_not_found
     │   ├── MethodNotAllowed        405
+    │   ├── RequestTimeout          408 (the client did not send its whole body in time)
     │   ├── BodyTooLarge            413
     │   └── BudgetExceeded          429 budget_exceeded (+ retry-after)
     └── UpstreamError               the upstream is at fault: 5xx made by the proxy
@@ -54,6 +55,9 @@ class HttpError(TollgateError):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    # The request's body was not read to its end: the connection cannot carry another
+    # request, so the answer closes it.
+    close_connection: bool = False
 
     def __init__(
         self,
@@ -133,10 +137,18 @@ class MethodNotAllowed(ClientError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(ClientError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+    close_connection = True
+
+
 class BodyTooLarge(ClientError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+    close_connection = True
 
 
 class BudgetExceeded(ClientError):

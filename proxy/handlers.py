@@ -8,6 +8,7 @@ import logging
 import time
 from datetime import datetime
 from decimal import Decimal
+from urllib.parse import unquote
 
 import aiohttp
 import orjson
@@ -15,7 +16,15 @@ from aiohttp import web
 
 from proxy.accept import accept_body, new_exchange, parse_json_object, read_body
 from proxy.admit import authenticate, check_model_allowed, identify_user, reserve
-from proxy.errors import ClientError, HttpError, InvalidApiKey, MethodNotAllowed, NotFound, PermissionDenied
+from proxy.errors import (
+    ClientError,
+    HttpError,
+    InvalidApiKey,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PermissionDenied,
+)
 from proxy.keys import parse_bearer
 from proxy.exchange import Endpoint, Exchange
 from proxy.finish import complete, finish, started
@@ -37,9 +46,12 @@ def error_response(err: HttpError, ex: Exchange | None = None) -> web.Response:
     headers = dict(err.headers)
     if ex is not None:
         headers["X-Request-Id"] = ex.request_id
-    return web.Response(
+    resp = web.Response(
         status=err.status, body=err.to_json(), content_type="application/json", headers=headers
     )
+    if err.close_connection:
+        resp.force_close()
+    return resp
 
 
 def _refused(ex: Exchange, err: HttpError) -> web.Response:
@@ -71,6 +83,7 @@ async def _run(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     settings = rt.settings
     ex = new_exchange(request, endpoint, settings.server.request_id_header)
     try:
+        check_request_target(request)
         authenticate(request, ex, rt)
         body = await read_body(request, settings.server.max_body_bytes)
         ex.t0_ns = time.perf_counter_ns()
@@ -108,6 +121,40 @@ def model_endpoint(endpoint: Endpoint) -> web.Handler:
 
     handler.__name__ = endpoint.replace(".", "_")
     return handler
+
+
+def escapes_api_base(raw_path: str) -> bool:
+    """Whether a path could leave the upstream's API base once the upstream URL is built.
+
+    The upstream URL is the configured base plus the client's path, and URL normalisation
+    resolves dot segments: `/v1/../props` would reach `<root>/props` on the upstream host,
+    with the upstream's credentials attached. Percent-encoding is undone until it is stable
+    (`%2e%2e`, `..%2f`, double encoding), since the upstream, or anything in front of it,
+    may decode again.
+    """
+    path = raw_path.split("?", 1)[0].split("#", 1)[0]
+    for _ in range(4):
+        decoded = unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    if "\\" in path or "\x00" in path:
+        return True
+    return any(segment in (".", "..") for segment in path.split("/"))
+
+
+def check_request_target(request: web.Request) -> None:
+    """The upstream URL is the configured API base plus the client's raw path, so only a
+    plain path that stays under the base may be forwarded. An absolute-form target
+    (`POST http://host/v1/...`) has a raw path that is a URL: appended to the base it would
+    give a mangled path, and with dot segments one outside the base."""
+    raw = request.raw_path
+    if not raw.startswith("/"):
+        raise InvalidRequest(
+            "The request target must be a path such as /v1/chat/completions, not an absolute URL."
+        )
+    if escapes_api_base(raw):
+        raise NotFound(f"Invalid URL ({request.method} {request.path})")
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:

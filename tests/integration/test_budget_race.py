@@ -173,6 +173,8 @@ async def test_race_redis_two_instances(tmp_path: Path) -> None:
             shares.append(int(total[0]["requests"]) if total else 0)
         finally:
             await log.close()
-    assert sum(shares) == ADMITS and all(shares), shares
+    # Which instance wins each reservation is up to timing (one may win all 40); the
+    # ledger's totals above are what must hold.
+    assert sum(shares) == ADMITS, shares
     print(f"redis, 2 instances: {REQUESTS} requests, {statuses.count(200)} admitted "
           f"({shares[0]} + {shares[1]}), {statuses.count(429)} refused, spent ${row['spent']} in {elapsed:.2f} s")
