@@ -70,8 +70,9 @@ async def _forward_and_relay(
     started(ex, rt)
     # With virtual keys on, the client's Authorization is a Tollgate key: never forwarded.
     headers = upstream_headers(request.headers, upstream, ex, drop_client_auth=rt.keyring.enabled)
-    # The proxy serves /v1/...; the upstream's API base already ends where /v1 does.
-    path_qs = request.raw_path[3:]
+    # The proxy serves /v1/...; the upstream's API base already ends where /v1 does. Built
+    # from the parsed target, so an absolute-form request line cannot smuggle in a host.
+    path_qs = request.rel_url.raw_path_qs[3:]
     resp = await send(upstream, request.method, path_qs, headers, body, ex)
     return await relay(
         request, resp, upstream, ex, rt.observers.on_first_token, lambda: complete(ex, rt)
