@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Protocol
 
 import aiohttp
@@ -59,6 +60,23 @@ class Upstream:
         return self.session.closed
 
 
+# How many times a request is sent again after a reused pooled connection turned out
+# closed (each attempt discards one stale connection).
+STALE_CONNECTION_RETRIES = 3
+
+
+async def _on_reused(
+    session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceConnectionReuseconnParams
+) -> None:
+    if isinstance(ctx.trace_request_ctx, dict):
+        ctx.trace_request_ctx["reused"] = True
+
+
+_REUSE_TRACE = aiohttp.TraceConfig()
+_REUSE_TRACE.on_connection_reuseconn.append(_on_reused)
+_REUSE_TRACE.freeze()
+
+
 def open_upstream(name: str, settings: UpstreamSettings, global_settings: Settings) -> Upstream:
     timeouts = settings.effective_timeouts(global_settings.timeouts)
     connector = aiohttp.TCPConnector(
@@ -75,6 +93,7 @@ def open_upstream(name: str, settings: UpstreamSettings, global_settings: Settin
         ),
         auto_decompress=True,
         skip_auto_headers=("User-Agent", "Content-Type"),
+        trace_configs=[_REUSE_TRACE],
     )
     return Upstream(
         name=name,
@@ -138,12 +157,25 @@ async def send(
     """Send the request and wait for response headers; errors come back translated."""
     url = upstream.api_base + path_qs
     ex.t_upstream_sent_ns = time.perf_counter_ns()
-    try:
-        resp = await upstream.session.request(
-            method, url, headers=headers, data=body, allow_redirects=False
-        )
-    except Exception as exc:  # noqa: BLE001 - translated in exactly one place
-        raise translate_upstream_exception(exc, upstream.name, _phase_of(exc)) from exc
+    attempt: dict[str, bool] = {}
+    for retry in range(STALE_CONNECTION_RETRIES + 1):
+        attempt["reused"] = False
+        try:
+            resp = await upstream.session.request(
+                method, url, headers=headers, data=body, allow_redirects=False,
+                trace_request_ctx=attempt,
+            )
+            break
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            # A pooled keep-alive connection the upstream closed as we reused it: nothing
+            # was answered, so the request goes again on another connection. aiohttp does
+            # this only for idempotent methods; a POST met the same race. A fresh
+            # connection that fails is never retried: the upstream may have acted on it.
+            if not attempt["reused"] or retry == STALE_CONNECTION_RETRIES:
+                raise translate_upstream_exception(exc, upstream.name, _phase_of(exc)) from exc
+            log.debug("upstream %s dropped a reused connection (%s); sending again", upstream.name, exc)
+        except Exception as exc:  # noqa: BLE001 - translated in exactly one place
+            raise translate_upstream_exception(exc, upstream.name, _phase_of(exc)) from exc
     ex.t_headers_ns = time.perf_counter_ns()
     return resp
 
