@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -22,15 +23,21 @@ from proxy.budgets import (
     Bucket,
     BucketState,
     ClampInput,
-    budget_headers,
     buckets_for,
+    budget_headers,
     clamp_header,
     refusal_message,
 )
-from proxy.errors import BudgetExceeded, InvalidApiKey, ModelNotFound, PermissionDenied
+from proxy.errors import (
+    BudgetExceeded,
+    InvalidApiKey,
+    LedgerUnavailable,
+    ModelNotFound,
+    PermissionDenied,
+)
 from proxy.exchange import Exchange
 from proxy.keys import parse_bearer, request_user
-from proxy.ledger import admit_and_reserve
+from proxy.ledger import DuplicateReservation, LedgerError, admit_and_reserve
 from proxy.pricing import Price, worst_case_cost
 from proxy.state import Runtime
 from proxy.tokens import estimate_prompt_tokens
@@ -57,6 +64,17 @@ class Hold:
     reserved: bool
     settled: bool = False
     headers: dict[str, str] = field(default_factory=dict)
+    # Admitted without a reservation because the ledger was down (fail_open): settlement
+    # charges the actual cost to `buckets` all the same, when the ledger is back if need be.
+    charge_on_settle: bool = False
+
+
+# Failures that mean the ledger's storage is unreachable or unwritable, not a bug.
+LEDGER_DOWN: tuple[type[BaseException], ...] = (LedgerError, sqlite3.Error, OSError, TimeoutError)
+
+
+def ledger_down(exc: BaseException) -> bool:
+    return isinstance(exc, LEDGER_DOWN) and not isinstance(exc, DuplicateReservation)
 
 
 def authenticate(request: web.Request, ex: Exchange, rt: Runtime) -> None:
@@ -160,16 +178,21 @@ async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[st
     if ex.endpoint != "embeddings":
         clamp = ClampInput(input_cost, input_tokens, cap, price.output / Decimal(1_000_000))
     ledger_id = f"{ex.request_id}:{os.urandom(4).hex()}"
-    admission = await admit_and_reserve(
-        rt.ledger,
-        ledger_id,
-        buckets,
-        amount,
-        tokens=input_tokens + cap,
-        clamp=clamp,
-        lease_seconds=rt.lease_seconds,
-        now=now,
-    )
+    try:
+        admission = await admit_and_reserve(
+            rt.ledger,
+            ledger_id,
+            buckets,
+            amount,
+            tokens=input_tokens + cap,
+            clamp=clamp,
+            lease_seconds=rt.lease_seconds,
+            now=now,
+        )
+    except Exception as exc:
+        if not ledger_down(exc):
+            raise
+        return _unreserved(ex, rt, payload, Hold(ledger_id, list(buckets), amount, False), cap, exc)
     decision = admission.decision
     if not decision.admitted:
         assert decision.refused is not None and decision.refused_state is not None
@@ -215,3 +238,32 @@ async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[st
     ex.extra.setdefault("budget_verdict", "ok")
     hold.headers = headers
     return headers
+
+
+def _unreserved(
+    ex: Exchange, rt: Runtime, payload: dict[str, Any], hold: Hold, cap: int, exc: BaseException
+) -> dict[str, str]:
+    """The ledger is down: refuse (fail_closed) or admit unchecked (fail_open)."""
+    mode = rt.settings.ledger.on_unavailable
+    if rt.faults is not None:
+        rt.faults.ledger_unavailable.labels("reserve", mode).inc()
+    if mode == "fail_closed":
+        log.error("ledger unavailable, refusing %s (fail_closed): %s", ex.request_id, exc)
+        ex.extra["budget_verdict"] = "ledger_unavailable"
+        raise LedgerUnavailable(
+            "Budgets apply to this request but the spend ledger is unavailable, so it was not "
+            "sent upstream. Retry shortly.",
+            headers={"retry-after": "2"},
+        )
+    log.warning("ledger unavailable, admitting %s without a reservation (fail_open): %s", ex.request_id, exc)
+    hold.charge_on_settle = True
+    ex.extra["hold"] = hold
+    ex.extra["budget_verdict"] = "unchecked"
+    if any(b.blocking for b in hold.buckets) and ex.output_cap is None and ex.endpoint != "embeddings":
+        # As when admitted normally: the cost charged later stays within what was estimated.
+        name = cap_field(ex, payload)
+        if name is not None:
+            ex.extra["cap_override"] = (name, cap)
+            ex.output_cap = cap
+    hold.headers = {"x-tollgate-budget-unchecked": "ledger-unavailable"}
+    return dict(hold.headers)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import IO
@@ -16,9 +17,10 @@ from prometheus_client import CollectorRegistry
 
 from proxy import handlers
 from proxy.exchange import Observer, Observers
+from proxy.finish import retry_unsettled
 from proxy.forward import open_upstream, read_llamacpp_context
 from proxy.keys import KeyRing
-from proxy.ledger import open_ledger
+from proxy.ledger import LedgerError, open_ledger
 from proxy.observers import (
     AccessLogObserver,
     MetricsObserver,
@@ -26,12 +28,12 @@ from proxy.observers import (
     TracingObserver,
     start_metrics_server,
 )
+from proxy.observers.budget_metrics import BudgetMetrics
 from proxy.pricing import Price, PriceTable
 from proxy.settings import Settings
-from proxy.webhook import WebhookSender
-from proxy.observers.budget_metrics import BudgetMetrics
-from proxy.state import RUNTIME, Runtime, utc_now
+from proxy.state import RUNTIME, FaultMetrics, Runtime, utc_now
 from proxy.tokens import warm
+from proxy.webhook import WebhookSender
 
 log = logging.getLogger("tollgate")
 
@@ -79,6 +81,7 @@ def make_app(
         budget_metrics=BudgetMetrics(registry),
         webhook=WebhookSender(settings.webhook),
         clock=clock,
+        faults=FaultMetrics(registry),
     )
     app[METRICS] = metrics
     app[SUMMARY] = summary
@@ -118,7 +121,12 @@ def price_overrides(settings: Settings) -> dict[str, Price]:
 
 async def spend_ledger(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
-    rt._ledger = await open_ledger(rt.settings.ledger, rt.clock())
+    try:
+        rt._ledger = await open_ledger(rt.settings.ledger, rt.clock())
+    except LedgerError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one clear line instead of sqlite's or redis's
+        raise LedgerError(f"cannot open the ledger at {rt.settings.ledger.path}: {exc}") from exc
     chores = asyncio.get_running_loop().create_task(ledger_chores(rt))
     yield
     chores.cancel()
@@ -130,8 +138,15 @@ async def spend_ledger(app: web.Application) -> AsyncIterator[None]:
 
 async def ledger_chores(rt: Runtime, every: float = 2.0) -> None:
     """Free reservations whose lease ran out (a crashed instance's), and refresh the budget
-    gauges from the ledger, so every instance's scrape shows the shared truth."""
+    gauges from the ledger, so every instance's scrape shows the shared truth. Also: charge
+    settlements kept while the ledger was down, close what a reload retired, and sample
+    the event loop's task count."""
     while True:
+        if rt.faults is not None:
+            rt.faults.tasks.set(len(asyncio.all_tasks()))
+        await close_retired(rt)
+        if rt.unsettled:
+            await retry_unsettled(rt)
         try:
             now = rt.clock()
             expired = await rt.ledger.expire(now)
@@ -182,6 +197,72 @@ async def background_work(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
     if rt.background:
         await asyncio.wait(rt.background, timeout=10)
+    if rt.unsettled:
+        # Last chance for settlements kept while the ledger was down.
+        await retry_unsettled(rt)
+    if rt.unsettled:
+        log.error(
+            "%d settlements could not reach the ledger before shutdown and are lost: %s",
+            len(rt.unsettled),
+            ", ".join(f"{p.row.request_id} ${p.row.cost}" for p in list(rt.unsettled)[:50]),
+        )
+    await close_retired(rt, everything=True)
+
+
+# How long a session replaced by a reload stays open for the requests still using it.
+RETIRE_AFTER_S = 900.0
+
+
+async def close_retired(rt: Runtime, *, everything: bool = False) -> None:
+    now = time.monotonic()
+    due = [c for c in rt.retired if everything or c[0] <= now]
+    rt.retired = [c for c in rt.retired if c not in due]
+    for _, close in due:
+        try:
+            await close()
+        except Exception:  # noqa: BLE001 - closing an old session must not stop the chores
+            log.exception("closing a retired resource failed")
+
+
+# Sections a reload cannot change in a running process (they hold sockets, files or
+# registered metrics): a reload that changes them keeps the old values and says so.
+RESTART_ONLY = ("server", "metrics", "logging", "ledger")
+
+
+async def reconfigure(app: web.Application, new: Settings) -> list[str]:
+    """Apply a new configuration to a running app, for requests that start from now on.
+
+    Requests in flight keep what they started with: the upstream sessions a reload replaces
+    stay open for RETIRE_AFTER_S (or until shutdown). Returns the restart-only sections
+    whose changes were not applied.
+    """
+    rt = app[RUNTIME]
+    old = rt.settings
+    kept = [name for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)]
+    if kept:
+        data = new.model_dump()
+        for name in kept:
+            data[name] = old.model_dump()[name]
+        new = Settings.model_validate(data)
+    upstreams = dict(rt.upstreams)
+    for name, upstream in rt.upstreams.items():
+        if name not in new.upstreams or new.upstreams[name] != old.upstreams.get(name) or new.timeouts != old.timeouts:
+            rt.retired.append((time.monotonic() + RETIRE_AFTER_S, upstream.session.close))
+            del upstreams[name]
+    for name, upstream_settings in new.upstreams.items():
+        if name not in upstreams:
+            upstreams[name] = open_upstream(name, upstream_settings, new)
+            if upstream_settings.kind == "llamacpp":
+                rt.spawn(read_llamacpp_context(upstreams[name], app[METRICS]), f"{name} /props")
+    if new.webhook != old.webhook:
+        rt.retired.append((time.monotonic() + RETIRE_AFTER_S, rt.webhook.close))
+        rt.webhook = WebhookSender(new.webhook)
+    # One assignment each, no await in between: a request sees the old set or the new one.
+    rt.prices = PriceTable.shipped().merged(price_overrides(new))
+    rt.keyring = KeyRing(new.keys)
+    rt.upstreams = upstreams
+    rt.settings = new
+    return kept
 
 
 async def summary_endpoint(request: web.Request) -> web.Response:

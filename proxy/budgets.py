@@ -186,6 +186,11 @@ class LedgerSettings(BaseModel):
     # How long a write waits for another process's SQLite lock, or for a free Redis connection.
     busy_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
     redis_max_connections: Annotated[int, Field(ge=1, le=1024)] = 32
+    # When the ledger cannot be reached (Redis down, the SQLite file unwritable) while
+    # budgets apply: `fail_closed` refuses with 503 ledger_unavailable (no spend goes
+    # unchecked); `fail_open` admits without a reservation, logs and counts it, and charges
+    # the request's actual cost to its budgets once the ledger is back.
+    on_unavailable: Literal["fail_closed", "fail_open"] = "fail_closed"
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> LedgerSettings:

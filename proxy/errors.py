@@ -16,6 +16,7 @@
         ├── UpstreamUnreachable     502 (connect refused, DNS, reset before headers)
         ├── UpstreamBroken          502 (reset or garbage after headers)
         └── UpstreamTimeout         504 (connect, first byte, idle between chunks)
+    LedgerUnavailable               503 ledger_unavailable (budgets apply, ledger down, fail_closed)
 
 Lower-layer exceptions (aiohttp, asyncio, OSError) are translated into this tree only by
 `translate_upstream_exception`, which forward.py calls; nothing else catches them.
@@ -176,6 +177,18 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     type = "timeout"
     code = "upstream_timeout"
+
+
+class LedgerUnavailable(HttpError):
+    """503: budgets apply but the ledger cannot be reached, and the config says fail_closed.
+
+    503 rather than 429: nothing is wrong with the client's spending, and 429 would read as
+    `budget_exceeded` or a rate limit to clients and dashboards; a 5xx with retry-after is
+    what SDKs retry, and it is counted as the proxy's failure, which it is."""
+
+    status = 503
+    type = "server_error"
+    code = "ledger_unavailable"
 
 
 def translate_upstream_exception(exc: BaseException, upstream: str, phase: str) -> UpstreamError:

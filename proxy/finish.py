@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
+from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 
 from proxy.accept import MODEL_ENDPOINTS
-from proxy.admit import Hold
-from proxy.budgets import Crossing, charges, threshold_crossed, webhook_payload
+from proxy.admit import Hold, ledger_down
+from proxy.budgets import Charge, Crossing, charges, threshold_crossed, webhook_payload
 from proxy.exchange import Exchange
-from proxy.ledger import SpendRow
+from proxy.ledger import Settled, SpendRow
 from proxy.pricing import cost
 from proxy.state import Runtime
-from proxy.tokens import estimate_output_tokens, estimate_prompt_tokens, usage_from_llamacpp_timings
+from proxy.tokens import (
+    estimate_output_tokens,
+    estimate_prompt_tokens,
+    usage_from_llamacpp_timings,
+)
 from proxy.usage import Usage
 
 log = logging.getLogger("tollgate.finish")
@@ -34,6 +41,11 @@ def finish(ex: Exchange, rt: Runtime) -> None:
     ex.finished = True
     if ex.t_end_ns is None:
         ex.t_end_ns = time.perf_counter_ns()
+    if ex.outcome == "client_gone" and rt.drain_deadline is not None and time.monotonic() >= rt.drain_deadline:
+        # Cancelled by the server at the end of the shutdown grace, not by the client.
+        ex.outcome = "proxy_error"
+        ex.error_type = "shutdown"
+        ex.error_message = "The proxy shut down before the response was complete."
     try:
         account(ex, rt)
     except Exception:  # noqa: BLE001 - a bug in accounting must not lose the record
@@ -58,6 +70,19 @@ async def complete(ex: Exchange, rt: Runtime) -> None:
         await asyncio.shield(settling)
 
 
+# Counting a huge relayed text exactly would hold the event loop for seconds (tiktoken on
+# 10 MB without whitespace: ~5 s and ~450 MB): past this many characters, a prefix is
+# counted and scaled to the whole.
+EXACT_ESTIMATE_CHARS = 1 << 16
+
+
+def output_estimate(text: str, model: str) -> int:
+    if len(text) <= EXACT_ESTIMATE_CHARS:
+        return estimate_output_tokens(text, model)
+    head = estimate_output_tokens(text[:EXACT_ESTIMATE_CHARS], model)
+    return math.ceil(head * len(text) / EXACT_ESTIMATE_CHARS)
+
+
 def account(ex: Exchange, rt: Runtime) -> None:
     """Tokens (upstream's, else llama.cpp timings, else estimated) and their cost."""
     forwarded = ex.t_upstream_sent_ns is not None
@@ -78,7 +103,7 @@ def account(ex: Exchange, rt: Runtime) -> None:
         text = "".join(ex.output_text_parts)
         ex.usage = Usage(
             input_tokens=estimate_prompt_tokens(ex.endpoint, ex.body, model),
-            output_tokens=estimate_output_tokens(text, model) if text else 0,
+            output_tokens=output_estimate(text, model) if text else 0,
         )
     if ex.usage is None or model is None:
         return
@@ -93,6 +118,21 @@ def account(ex: Exchange, rt: Runtime) -> None:
             log.warning("no price for model %r: its cost is counted as 0 (add it under pricing.models)", model)
         return
     ex.cost = cost(ex.usage, price)
+
+
+# Settlements kept in memory while the ledger is down; past this, the oldest are dropped
+# (and logged), so an outage cannot grow the process without bound.
+MAX_UNSETTLED = 100_000
+
+
+@dataclass(slots=True)
+class Unsettled:
+    """A settlement the ledger could not take: retried until it can."""
+
+    ledger_id: str
+    actual: list[Charge]
+    row: SpendRow
+    hold: Hold | None
 
 
 async def settle(ex: Exchange, rt: Runtime) -> None:
@@ -118,15 +158,60 @@ async def settle(ex: Exchange, rt: Runtime) -> None:
         outcome=ex.outcome,
         status=ex.status,
     )
-    if hold is not None and hold.reserved:
+    if hold is not None and (hold.reserved or hold.charge_on_settle):
         ledger_id, actual = hold.ledger_id, charges(hold.buckets, spent, tokens)
     else:
         ledger_id, actual = f"{ex.request_id}:{os.urandom(4).hex()}", []
+    await _settle_once(rt, Unsettled(ledger_id, actual, row, hold), now)
+
+
+async def _settle_once(rt: Runtime, job: Unsettled, now: datetime) -> bool:
     try:
-        results = await rt.ledger.settle(ledger_id, actual, row, now)
-    except Exception:  # noqa: BLE001 - the lease frees the reservation; say so loudly
-        log.exception("settling %s failed; its reservation will expire with its lease", ex.request_id)
-        return
+        results = await rt.ledger.settle(job.ledger_id, job.actual, job.row, now)
+    except Exception as exc:  # noqa: BLE001 - a request that was served must be charged
+        if not ledger_down(exc):
+            log.exception("settling %s failed; its reservation will expire with its lease", job.row.request_id)
+            return True
+        if len(rt.unsettled) >= MAX_UNSETTLED:
+            lost: Unsettled = rt.unsettled.popleft()
+            log.error("too many settlements waiting for the ledger: %s ($%s) is lost", lost.row.request_id, lost.row.cost)
+        rt.unsettled.append(job)
+        if rt.faults is not None:
+            rt.faults.ledger_unavailable.labels("settle", "deferred").inc()
+            rt.faults.unsettled.set(len(rt.unsettled))
+        log.warning("ledger unavailable; settlement of %s ($%s) kept for retry: %s", job.row.request_id, job.row.cost, exc)
+        return False
+    _after_settle(rt, job.hold, results, now)
+    return True
+
+
+async def retry_unsettled(rt: Runtime) -> int:
+    """Charge settlements kept while the ledger was down, oldest first; stops at the first
+    failure (the ledger is still down). Settle is idempotent per ledger id, so a retry of
+    one that did land (the reply was lost) charges nothing twice."""
+    done = 0
+    while rt.unsettled:
+        job = rt.unsettled.popleft()
+        try:
+            results = await rt.ledger.settle(job.ledger_id, job.actual, job.row, rt.clock())
+        except Exception as exc:  # noqa: BLE001 - still down: keep it, try again later
+            if ledger_down(exc):
+                rt.unsettled.appendleft(job)
+                break
+            log.exception("late settlement of %s failed for good", job.row.request_id)
+            continue
+        done += 1
+        _after_settle(rt, job.hold, results, rt.clock())
+    if rt.faults is not None:
+        rt.faults.unsettled.set(len(rt.unsettled))
+        if done:
+            rt.faults.reconciled.inc(done)
+    if done:
+        log.warning("ledger back: %d late settlements charged, %d still waiting", done, len(rt.unsettled))
+    return done
+
+
+def _after_settle(rt: Runtime, hold: Hold | None, results: list[Settled], now: datetime) -> None:
     if hold is None:
         return
     by_id = {b.id: b for b in hold.buckets}

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from proxy.exchange import Observers
 from proxy.forward import Upstream
@@ -27,6 +29,44 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class FaultMetrics:
+    """What the proxy counts about its own dependencies and lifecycle."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.ledger_unavailable = Counter(
+            "tollgate_ledger_unavailable_total",
+            "Ledger operations that failed because the ledger (Redis, the SQLite file) was "
+            "unavailable; mode is what admission did about it (fail_open, fail_closed, or "
+            "deferred for a settlement kept for retry).",
+            ("operation", "mode"),
+            registry=registry,
+        )
+        self.unsettled = Gauge(
+            "tollgate_ledger_unsettled",
+            "Settlements waiting for the ledger to come back (charged when it does).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.reconciled = Counter(
+            "tollgate_ledger_reconciled_total",
+            "Settlements charged late, after the ledger came back.",
+            registry=registry,
+        )
+        self.reloads = Counter(
+            "tollgate_config_reloads_total",
+            "Configuration reloads (SIGHUP), by result (applied or rejected).",
+            ("result",),
+            registry=registry,
+        )
+        self.tasks = Gauge(
+            "tollgate_event_loop_tasks",
+            "Tasks alive on the event loop at the last scrape (flat under steady load; "
+            "growth means a leak).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+
+
 @dataclass(eq=False)
 class Runtime:
     settings: Settings
@@ -42,6 +82,16 @@ class Runtime:
     unpriced_warned: set[str] = field(default_factory=set)
     measure_failures: int = 0
     tokenizers_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # Settlements the ledger could not take (storage down): retried until it can, so a
+    # request that was served is charged once the ledger is back (see finish.settle).
+    unsettled: deque[Any] = field(default_factory=deque)
+    # Resources a config reload replaced (old upstream sessions): closed at `deadline`
+    # (monotonic), once requests still using them have had time to finish, or at shutdown.
+    retired: list[tuple[float, Callable[[], Awaitable[None]]]] = field(default_factory=list)
+    faults: FaultMetrics | None = None
+    # Set (monotonic) when SIGTERM starts a drain: requests still running at this moment
+    # are cancelled by the server, and recorded as the proxy's doing, not the client's.
+    drain_deadline: float | None = None
 
     @property
     def ledger(self) -> Ledger:

@@ -50,6 +50,9 @@ from proxy.ledger.sqlite import SpendLog, budget_row, epoch_ms
 BUCKET_EXPIRY_MARGIN_MS = 24 * 3600 * 1000
 SETTLED_RETENTION_MS = 7 * 24 * 3600 * 1000
 EXPIRE_BATCH = 500
+# Every script runs in well under a millisecond; these only bound a dead or hung server.
+SOCKET_CONNECT_TIMEOUT_S = 2.0
+SOCKET_TIMEOUT_S = 5.0
 _STATE_FIELDS = 6
 
 _COMMON = r"""
@@ -260,8 +263,11 @@ class RedisLedger:
     ) -> RedisLedger:
         # A bounded pool that waits for a free connection: a burst of requests queues on
         # it (each script is sub-millisecond) instead of opening a connection per request.
+        # Socket timeouts: a Redis that hangs (not refusing, just silent) must fail a request
+        # in seconds, the same as one that is down, not hold it forever.
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=busy_timeout_seconds, decode_responses=True
+            url, max_connections=max_connections, timeout=busy_timeout_seconds, decode_responses=True,
+            socket_connect_timeout=SOCKET_CONNECT_TIMEOUT_S, socket_timeout=SOCKET_TIMEOUT_S,
         )
         client = aioredis.Redis.from_pool(pool)
         try:
