@@ -1,4 +1,4 @@
-"""The `tollgate` command: serve, check-config."""
+"""The `tollgate` command: serve, check-config, demo, keys, spend, budgets."""
 
 from __future__ import annotations
 
@@ -38,12 +38,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         data["server"] = {**data["server"], **overrides}
         settings = Settings.model_validate(data)
     _configure_logging(settings.logging.level)
-    from proxy.serve import install_uvloop, serve, serve_workers
+    from proxy.serve import install_uvloop, serve, serve_workers, settings_loader
 
     log.debug("event loop: %s", install_uvloop())
+    reload = settings_loader(args.config, overrides)  # SIGHUP reads the file again
     if args.workers > 1:
-        return serve_workers(settings, args.workers, started_at)
-    asyncio.run(serve(settings, started_at))
+        return serve_workers(settings, args.workers, started_at, reload=reload)
+    asyncio.run(serve(settings, started_at, reload=reload))
     return 0
 
 

@@ -24,6 +24,7 @@ from proxy.errors import (
     MethodNotAllowed,
     NotFound,
     PermissionDenied,
+    UpstreamUnreachable,
 )
 from proxy.keys import parse_bearer
 from proxy.exchange import Endpoint, Exchange
@@ -65,8 +66,10 @@ def _refused(ex: Exchange, err: HttpError) -> web.Response:
 async def _forward_and_relay(
     request: web.Request, rt: Runtime, ex: Exchange, body: bytes | None
 ) -> web.StreamResponse:
-    assert ex.upstream is not None
-    upstream = rt.upstreams[ex.upstream]
+    upstream = rt.upstreams.get(ex.upstream or "")
+    if upstream is None:
+        # A SIGHUP reload removed this upstream between routing and forwarding.
+        raise UpstreamUnreachable(f"Upstream '{ex.upstream}' is no longer configured.")
     started(ex, rt)
     # With virtual keys on, the client's Authorization is a Tollgate key: never forwarded.
     headers = upstream_headers(request.headers, upstream, ex, drop_client_auth=rt.keyring.enabled)
@@ -100,7 +103,7 @@ async def _run(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         route_exchange(ex, settings)
         check_model_allowed(ex, rt)
         ex.extra["response_headers"] = await reserve(ex, rt, payload)
-        inject = rt.upstreams[ex.upstream].settings.inject_stream_usage  # type: ignore[index]
+        inject = settings.upstreams[ex.upstream].inject_stream_usage  # type: ignore[index]  # this request's snapshot
         out_body = outgoing_body(ex, body, payload, inject, ex.extra.get("cap_override"))
         return await _forward_and_relay(request, rt, ex, out_body)
     except HttpError as err:

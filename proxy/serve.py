@@ -14,7 +14,21 @@ them), so one Python process per core does the relaying. The parent only supervi
   restarted, at most `MAX_RESTARTS` times in `RESTART_WINDOW_S`, after which the parent
   gives up and stops everything;
 * SIGTERM or SIGINT to the parent stops every worker with SIGTERM (each drains and exits),
-  then the parent exits 0.
+  then the parent exits 0; SIGHUP to the parent is forwarded to every worker.
+
+Signals, in every process that serves:
+
+* SIGTERM/SIGINT drain: the listening socket closes at once (new connections are refused),
+  idle keep-alive connections are closed, requests in flight get up to the grace period
+  (env TOLLGATE_SHUTDOWN_GRACE_SECONDS, default SHUTDOWN_GRACE_S) to finish, after which
+  they are cancelled (and recorded as such); then settlements are awaited, the ledger is
+  closed, spans are flushed, and the process exits 0.
+* SIGHUP reloads the YAML: the file is read and validated again; a valid one replaces the
+  running configuration for requests that start from then on (requests in flight finish
+  with what they started with: same listener, same app, new settings, see
+  `proxy.app.reconfigure`), an invalid one is rejected with a log line and the old
+  configuration keeps serving. Sections that hold sockets or files (server, metrics,
+  logging, ledger) need a restart; a reload that changes them says so and keeps them.
 """
 
 from __future__ import annotations
@@ -28,9 +42,10 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import FrameType
 
 from aiohttp import web
@@ -39,10 +54,30 @@ from proxy.settings import Settings
 
 log = logging.getLogger("tollgate")
 
+# Idle keep-alive connections, and clients slow to send their headers, are cut after this.
+KEEPALIVE_TIMEOUT_S = 75.0
+
 MAX_RESTARTS = 10
 RESTART_WINDOW_S = 60.0
-# How long a stopping worker may drain its open requests before it is killed.
-STOP_TIMEOUT_S = 30.0
+# How long requests in flight may run on after SIGTERM before they are cancelled.
+SHUTDOWN_GRACE_S = 25.0
+GRACE_ENV = "TOLLGATE_SHUTDOWN_GRACE_SECONDS"
+
+
+def shutdown_grace(env: Mapping[str, str] = os.environ) -> float:
+    raw = env.get(GRACE_ENV, "").strip()
+    if not raw:
+        return SHUTDOWN_GRACE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        log.warning("%s=%r is not a number; using %.0f s", GRACE_ENV, raw, SHUTDOWN_GRACE_S)
+        return SHUTDOWN_GRACE_S
+    return max(0.0, value)
+
+
+# How long the parent waits for a stopping worker beyond its grace (settling, closing).
+STOP_MARGIN_S = 10.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -68,23 +103,51 @@ async def serve(
     *,
     reuse_port: bool = False,
     on_ready: Callable[[], None] | None = None,
+    reload: Callable[[], Settings] | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM. With `reuse_port`, the API and metrics sockets are bound
-    with SO_REUSEPORT so several processes can share their ports."""
+    """Serve until SIGINT/SIGTERM, then drain (see the module docstring). With
+    `reuse_port`, the API and metrics sockets are bound with SO_REUSEPORT so several
+    processes can share their ports. `reload` reads the configuration again, for SIGHUP
+    (without it, SIGHUP is logged and ignored)."""
     from proxy.app import METRICS, METRICS_RUNNER, make_app
+    from proxy.ledger import LedgerError
     from proxy.observers import make_tracer_provider
     from proxy.observers.metrics import metrics_handler
+    from proxy.state import RUNTIME
 
-    tracer_provider = make_tracer_provider()
+    built: list[web.Application] = []
+
+    def dropped_span() -> None:
+        # From the exporter's thread, once the app (and its metrics) exist.
+        if built:
+            built[0][METRICS].count_dropped_span()
+
+    tracer_provider = make_tracer_provider(on_drop=dropped_span)
     # app.py binds the metrics port without SO_REUSEPORT, which a second worker could not
     # share; in that case the app is told metrics are off and the port is bound here.
     own_metrics = reuse_port and settings.metrics.enabled
     app_settings = _with_section(settings, "metrics", {"enabled": False}) if own_metrics else settings
     app = make_app(app_settings, tracer_provider=tracer_provider)
+    built.append(app)
     # handler_cancellation: a client that disconnects cancels its handler at once, which is
     # how the upstream request gets cancelled while the upstream is still thinking.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
+    grace = shutdown_grace()
+    # keepalive_timeout also bounds a client that trickles its request headers (slowloris):
+    # aiohttp has no header timeout, and its default keep-alive is an hour.
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=grace,
+        keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+    )
+    try:
+        await runner.setup()
+    except LedgerError as exc:
+        # The ledger is where spend is kept: serving without it would lose money silently.
+        log.error("%s", exc)
+        await runner.cleanup()
+        raise SystemExit(1) from None
     site = web.TCPSite(
         runner,
         settings.server.host,
@@ -126,13 +189,68 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloading: set[asyncio.Task[bool]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(reload_config(app, reload))
+        reloading.add(task)
+        task.add_done_callback(reloading.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
-    log.info("shutting down%s", f" worker {os.getpid()}" if reuse_port else "")
+    loop.remove_signal_handler(signal.SIGHUP)
+    who = f" worker {os.getpid()}" if reuse_port else ""
+    log.info("shutting down%s: draining requests in flight (grace %.0f s)", who, grace)
+    app[RUNTIME].drain_deadline = time.monotonic() + grace
     await runner.cleanup()
     if own_metrics and metrics_runner is not None:
         await metrics_runner.cleanup()
     if tracer_provider is not None:
-        tracer_provider.shutdown()
+        tracer_provider.shutdown()  # exports what the batch processor still holds
+    log.info("stopped%s", who)
+
+
+async def reload_config(app: web.Application, reload: Callable[[], Settings] | None) -> bool:
+    """SIGHUP: read the configuration again and apply it, or keep the old one."""
+    from proxy.app import reconfigure
+    from proxy.errors import ConfigError
+    from proxy.state import RUNTIME
+
+    rt = app[RUNTIME]
+    if reload is None:
+        log.warning("SIGHUP ignored: this server was not started from a config file")
+        return False
+    try:
+        # Reading and validating the file is quick and done once: no thread needed.
+        new = reload()
+    except ConfigError as exc:
+        log.error("config reload rejected, the old configuration keeps serving: %s", str(exc).replace("\n", " "))
+        if rt.faults is not None:
+            rt.faults.reloads.labels("rejected").inc()
+        return False
+    except Exception as exc:  # noqa: BLE001 - a reload must never take the server down
+        log.error("config reload failed, the old configuration keeps serving: %s", exc)
+        if rt.faults is not None:
+            rt.faults.reloads.labels("rejected").inc()
+        return False
+    kept = await reconfigure(app, new)
+    if kept:
+        log.warning("config reloaded, but changes to %s need a restart and were not applied", ", ".join(kept))
+    log.info("config reloaded: %d upstreams, %d routes, %d budgets", len(new.upstreams), len(new.routes), len(new.budgets))
+    if rt.faults is not None:
+        rt.faults.reloads.labels("applied").inc()
+    return True
+
+
+def settings_loader(path: str | Path, overrides: Mapping[str, object] | None = None) -> Callable[[], Settings]:
+    """What `serve(reload=...)` wants: read `path` again, with the CLI's server overrides."""
+    from proxy.settings import load_settings
+
+    def load() -> Settings:
+        settings = load_settings(path)
+        return _with_section(settings, "server", dict(overrides)) if overrides else settings
+
+    return load
 
 
 def _with_section(settings: Settings, section: str, changes: dict[str, object]) -> Settings:
@@ -189,11 +307,18 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def _worker_main(settings: Settings, started_at: float, ready: Connection, parent_pid: int) -> None:
+def _worker_main(
+    settings: Settings,
+    started_at: float,
+    ready: Connection,
+    parent_pid: int,
+    reload: Callable[[], Settings] | None = None,
+) -> None:
     # The parent's signal handlers were inherited by fork; the worker's own are installed by
     # serve() on its event loop.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     _die_with_parent(parent_pid)
     # prometheus_client picks its value class when it is first imported, which may have been
     # in the parent before PROMETHEUS_MULTIPROC_DIR was set: pick again, now that it is.
@@ -204,11 +329,14 @@ def _worker_main(settings: Settings, started_at: float, ready: Connection, paren
     def on_ready() -> None:
         ready.send(os.getpid())
 
-    asyncio.run(serve(settings, started_at, reuse_port=True, on_ready=on_ready))
+    asyncio.run(serve(settings, started_at, reuse_port=True, on_ready=on_ready, reload=reload))
 
 
-def serve_workers(settings: Settings, workers: int, started_at: float) -> int:
-    """Run `workers` worker processes until SIGTERM/SIGINT; the exit status for the CLI."""
+def serve_workers(
+    settings: Settings, workers: int, started_at: float, reload: Callable[[], Settings] | None = None
+) -> int:
+    """Run `workers` worker processes until SIGTERM/SIGINT; the exit status for the CLI.
+    SIGHUP is forwarded to the workers, each of which reloads with `reload`."""
     from prometheus_client.multiprocess import mark_process_dead
 
     if workers < 1:
@@ -233,16 +361,24 @@ def serve_workers(settings: Settings, workers: int, started_at: float) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        for proc in list(slots.values()):
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGHUP)
+
+    signal.signal(signal.SIGHUP, on_hup)
+
     def spawn(slot: int) -> BaseProcess:
         proc = ctx.Process(
             target=_worker_main,
-            args=(settings, started_at, ready_w, parent_pid),
+            args=(settings, started_at, ready_w, parent_pid, reload),
             name=f"tollgate-worker-{slot}",
         )
         proc.start()
         return proc
 
-    slots: dict[int, BaseProcess] = {slot: spawn(slot) for slot in range(workers)}
+    slots: dict[int, BaseProcess] = {}
+    slots.update({slot: spawn(slot) for slot in range(workers)})
     restarts: list[float] = []
     ready_pids: set[int] = set()
     announced = False
@@ -298,10 +434,11 @@ def _stop_all(procs: list[BaseProcess]) -> None:
     for proc in procs:
         if proc.is_alive():
             proc.terminate()
-    deadline = time.monotonic() + STOP_TIMEOUT_S
+    timeout = shutdown_grace() + STOP_MARGIN_S
+    deadline = time.monotonic() + timeout
     for proc in procs:
         proc.join(max(0.0, deadline - time.monotonic()))
         if proc.is_alive():
-            log.warning("worker %s did not stop in %.0f s; killing it", proc.pid, STOP_TIMEOUT_S)
+            log.warning("worker %s did not stop in %.0f s; killing it", proc.pid, timeout)
             proc.kill()
             proc.join(5)
