@@ -97,19 +97,29 @@ def worst_case_cost(input_tokens: int, output_cap: int, price: Price) -> Decimal
 _FIELDS = ("input", "output", "cached_input", "cache_write")
 
 
-def _decimal(value: object, where: str) -> Decimal:
+def usd_per_million(value: object) -> Decimal:
+    """A price in USD per 1M tokens as YAML gives it; ValueError says what is wrong with it.
+
+    str() first: YAML gives 0.075 as a float, and Decimal(str(0.075)) is exactly 0.075.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
-        raise ValueError(f"{where}: expected a number, got {value!r}")
+        raise ValueError(f"{value!r} is not a price (a number of USD per 1M tokens)")
     try:
-        # str() first: YAML gives 0.075 as a float, and Decimal(str(0.075)) is exactly 0.075.
-        result = Decimal(str(value).strip())
+        result = value if isinstance(value, Decimal) else Decimal(str(value).strip())
     except InvalidOperation:
-        raise ValueError(f"{where}: expected a number, got {value!r}") from None
+        raise ValueError(f"{value!r} is not a price (a number of USD per 1M tokens)") from None
     if not result.is_finite():
-        raise ValueError(f"{where}: expected a finite number, got {value!r}")
+        raise ValueError(f"{value!r} is not a finite price")
     if result < 0:
-        raise ValueError(f"{where}: a price cannot be negative, got {value!r}")
+        raise ValueError(f"{value!r} must be >= 0")
     return result
+
+
+def _decimal(value: object, where: str) -> Decimal:
+    try:
+        return usd_per_million(value)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def parse_price(raw: Mapping[str, object] | Decimal | int | float | str, where: str) -> Price:

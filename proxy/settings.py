@@ -24,7 +24,7 @@ import re
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -48,6 +48,7 @@ from pydantic import (
 from proxy.budgets import BudgetRules, LedgerSettings, WebhookSettings
 from proxy.errors import ConfigError
 from proxy.keys import VirtualKeys
+from proxy.pricing import usd_per_million
 
 __all__ = [
     "AdminSettings",
@@ -140,21 +141,6 @@ def _empty_secret_is_none(value: Any) -> Any:
     return value
 
 
-def _to_price(value: Any) -> Decimal:
-    """USD per 1M tokens. Floats go through str() so YAML's 0.1 stays exactly 0.1."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
-        raise ValueError(f"{value!r} is not a price (a number of USD per 1M tokens)")
-    try:
-        price = value if isinstance(value, Decimal) else Decimal(str(value).strip())
-    except InvalidOperation:
-        raise ValueError(f"{value!r} is not a price (a number of USD per 1M tokens)") from None
-    if not price.is_finite():
-        raise ValueError(f"{value!r} is not a finite price")
-    if price < 0:
-        raise ValueError(f"{value!r} must be >= 0")
-    return price
-
-
 Port = Annotated[int, AfterValidator(_check_port)]
 Host = Annotated[str, AfterValidator(_check_non_empty)]
 Seconds = Annotated[float, Field(gt=0)]
@@ -162,7 +148,7 @@ Count = Annotated[int, Field(gt=0)]
 HeaderName = Annotated[str, AfterValidator(_check_header_name)]
 UpstreamName = Annotated[str, AfterValidator(_check_upstream_name)]
 Pattern = Annotated[str, AfterValidator(_check_non_empty)]
-Price = Annotated[Decimal, PlainValidator(_to_price)]
+Price = Annotated[Decimal, PlainValidator(usd_per_million)]
 Secret = Annotated[SecretStr | None, BeforeValidator(_empty_secret_is_none)]
 
 
