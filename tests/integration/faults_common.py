@@ -10,10 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.state import Runtime
 from tests.integration.conftest import Proxy
-from tests.support.tollgate_process import _READY, ROOT
+from tests.support.tollgate_process import Tollgate, start_tollgate
 
 # Tasks that live as long as the app does, by the name of their coroutine.
 _LONG_LIVED = frozenset({"ledger_chores", "retry_unsettled"})
@@ -115,33 +112,13 @@ def sse_events(raw: bytes) -> list[bytes]:
     return [e for e in raw.replace(b"\r\n", b"\n").split(b"\n\n") if e.strip()]
 
 
-# `tollgate serve` as a subprocess, with the config path handed to serve() for SIGHUP
-# reloads, stdout (the access log) kept in a file, and extra environment variables.
-_LAUNCH = """
-import asyncio, logging, sys, time
-from proxy.serve import install_uvloop, serve, settings_loader
-from proxy.settings import load_settings
-started = time.perf_counter()
-path = sys.argv[1]
-settings = load_settings(path)
-logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-install_uvloop()
-asyncio.run(serve(settings, started, reload=settings_loader(path)))
-"""
-
-
 @dataclass
-class ServerProcess:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-    stdout: Path
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+class ServerProcess(Tollgate):
+    """`tollgate serve` as a subprocess, its stdout (the access log) kept in a file, with
+    what the fault tests observe of it from outside."""
 
     def access_log(self) -> list[dict[str, Any]]:
+        assert self.stdout is not None
         return [orjson.loads(line) for line in self.stdout.read_bytes().splitlines() if line.strip()]
 
     def log_text(self) -> str:
@@ -181,54 +158,19 @@ class ServerProcess:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
     def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
+        # The fault tests stop servers that may still be draining streams: a wider bound.
+        return super().stop(timeout)
 
 
 async def start_server_process(
     config: Path, workdir: Path, *, env: dict[str, str] | None = None, timeout: float = 30.0
 ) -> ServerProcess:
-    """Start the server, wait for its ready line and for /readyz."""
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PROMETHEUS_MULTIPROC"))}
-    log, stdout = workdir / "tollgate.log", workdir / "access.log"
-    with open(log, "ab") as err, open(stdout, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCH, str(config)], cwd=ROOT, env={**base_env, **(env or {})}, stdout=out, stderr=err
-        )
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"tollgate exited with {proc.returncode}:\n{log.read_text()}")
-            m = _READY.search(log.read_text(errors="replace"))
-            if m:
-                port = int(m.group(1))
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"tollgate did not start:\n{log.read_text()}")
-            await asyncio.sleep(0.05)
-        async with aiohttp.ClientSession() as s:
-            while True:
-                try:
-                    async with s.get(f"http://127.0.0.1:{port}/readyz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"tollgate never became ready:\n{log.read_text()}")
-                await asyncio.sleep(0.05)
-    except BaseException:
-        proc.kill()
-        proc.wait(10)
-        raise
-    return ServerProcess(proc, port, log, stdout)
+    """Start the server (`tollgate serve`, which reloads its config on SIGHUP), wait for its
+    ready line and for /readyz; its log and access log go to files in `workdir`."""
+    started = await start_tollgate(
+        config, workdir / "tollgate.log", stdout=workdir / "access.log", env=env, timeout=timeout
+    )
+    return ServerProcess(started.proc, started.log, started.port, started.stdout)
 
 
 def server_yaml(upstream_base: str, ledger: Path, extra: str = "", *, idle: float = 5.0) -> str:

@@ -12,48 +12,17 @@ from pathlib import Path
 import aiohttp
 
 from proxy.budgets import from_nanos
+from tests.integration.budget_common import BODY, COST, budget_config, capped_reply
 from tests.support.fake_upstream import Reply
+from tests.support.procs import wait_until
 from tests.support.tollgate_process import Tollgate, UpstreamThread, start_tollgate
 
-CAP = 25
-COST = Decimal("0.025")  # 25 output tokens at $0.001
-BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": CAP}
-
-
 def reply(delay: float = 0.0) -> Reply:
-    r = Reply.json(
-        {
-            "id": "chatcmpl-d",
-            "object": "chat.completion",
-            "created": 1750000000,
-            "model": "gpt-test",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 9, "completion_tokens": CAP, "total_tokens": 9 + CAP},
-        }
-    )
-    r.headers_delay = delay
-    return r
+    return capped_reply("chatcmpl-d", delay)
 
 
 def config(upstream: str, db: Path, lease: float) -> str:
-    return f"""
-server: {{host: 127.0.0.1, port: 0}}
-timeouts: {{connect: 2, first_byte: 60, idle: 60}}
-upstreams:
-  openai: {{kind: openai, base_url: "{upstream}", api_key: sk-upstream}}
-routes:
-  - {{models: ["gpt-*"], upstream: openai}}
-metrics: {{enabled: false}}
-logging: {{access_log: false}}
-pricing:
-  models:
-    gpt-test: {{input: 0, output: 1000}}
-budgets:
-  - name: total
-    period: total
-    limit_usd: 1000
-ledger: {{backend: sqlite, path: {db}, lease_seconds: {lease}}}
-"""
+    return budget_config(upstream, "total", 1000, f"ledger: {{backend: sqlite, path: {db}, lease_seconds: {lease}}}")
 
 
 class Db:
@@ -88,15 +57,6 @@ class Db:
         return from_nanos(int(self.query("SELECT COALESCE(SUM(cost_nanos), 0) FROM spend_log")[0][0]))
 
 
-async def wait_for(predicate, what: str, timeout: float) -> float:  # type: ignore[no-untyped-def]
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
-
-
 async def post(session: aiohttp.ClientSession, proxy: Tollgate, request_id: str | None = None) -> int:
     headers = {"X-Request-Id": request_id} if request_id else {}
     async with session.post(proxy.base_url + "/chat/completions", json=BODY, headers=headers) as r:
@@ -118,7 +78,7 @@ async def test_restart_keeps_spend_and_open_reservations_until_the_lease_frees_t
         try:
             async with aiohttp.ClientSession() as s:
                 assert [await post(s, first) for _ in range(3)] == [200, 200, 200]
-            await wait_for(lambda: len(db.logged()) == 3, "three settlements", 5)
+            await wait_until(lambda: len(db.logged()) == 3, "three settlements", 5)
         finally:
             assert first.stop() == 0  # a clean stop
         assert db.spent() == 3 * COST
@@ -129,7 +89,7 @@ async def test_restart_keeps_spend_and_open_reservations_until_the_lease_frees_t
             upstream.hold()
             async with aiohttp.ClientSession() as s:
                 stuck = asyncio.create_task(post(s, second))
-                await wait_for(lambda: upstream.received == 4, "the held request upstream", 5)
+                await wait_until(lambda: upstream.received == 4, "the held request upstream", 5)
                 assert db.reservations() == 1 and db.live_reserved() == COST
                 second.kill()  # dies holding a reservation it can never settle
                 killed_at = time.monotonic()
@@ -147,7 +107,7 @@ async def test_restart_keeps_spend_and_open_reservations_until_the_lease_frees_t
             assert db.reservations() == 1 and db.live_reserved() == COST
             restarted_after = time.monotonic() - killed_at
             # ...until its lease ends; the ledger chore (every 2 s) then deletes it.
-            await wait_for(lambda: db.reservations() == 0, "the lease to free it", lease + 5)
+            await wait_until(lambda: db.reservations() == 0, "the lease to free it", lease + 5)
             freed_after = time.monotonic() - killed_at
         finally:
             third.stop()
@@ -204,7 +164,7 @@ async def test_kill_9_mid_traffic_loses_no_settled_request_and_leaves_no_stuck_r
         left_at_restart = db.reservations()
         restarted = await start_tollgate(cfg, log)
         try:
-            freed_in = await wait_for(lambda: db.reservations() == 0, "expired leases swept", lease + 5)
+            freed_in = await wait_until(lambda: db.reservations() == 0, "expired leases swept", lease + 5)
         finally:
             restarted.stop()
 

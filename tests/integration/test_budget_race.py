@@ -22,47 +22,18 @@ import aiohttp
 
 from proxy.budgets import LedgerSettings
 from proxy.ledger import open_ledger
-from tests.support.fake_upstream import Reply
+from tests.integration.budget_common import BODY, budget_config, capped_reply
 from tests.support.redis_server import RedisServer
 from tests.support.tollgate_process import Tollgate, UpstreamThread, start_tollgate
 
 REQUESTS = 500
-CAP = 25
 ADMITS = 40  # $1 / (25 tokens x $0.001)
 RACE_TIMEOUT_S = 30.0
-
-BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": CAP}
-REPLY = Reply.json(
-    {
-        "id": "chatcmpl-race",
-        "object": "chat.completion",
-        "created": 1750000000,
-        "model": "gpt-test",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 9, "completion_tokens": CAP, "total_tokens": 9 + CAP},
-    }
-)
+REPLY = capped_reply("chatcmpl-race")
 
 
 def race_config(upstream: str, ledger: str) -> str:
-    return f"""
-server: {{host: 127.0.0.1, port: 0}}
-timeouts: {{connect: 2, first_byte: 60, idle: 60}}
-upstreams:
-  openai: {{kind: openai, base_url: "{upstream}", api_key: sk-upstream}}
-routes:
-  - {{models: ["gpt-*"], upstream: openai}}
-metrics: {{enabled: false}}
-logging: {{access_log: false}}
-pricing:
-  models:
-    gpt-test: {{input: 0, output: 1000}}
-budgets:
-  - name: one-dollar
-    period: total
-    limit_usd: 1
-{ledger}
-"""
+    return budget_config(upstream, "one-dollar", 1, ledger)
 
 
 async def race(upstream: UpstreamThread, urls: Sequence[str]) -> list[int]:

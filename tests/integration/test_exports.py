@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
@@ -29,7 +28,6 @@ from tests.integration.test_fidelity import (
     CHAT_BODY,
     MODEL,
     RESPONSE_MODEL,
-    Recorder,
     content_stream,
     timed_post,
 )
@@ -42,6 +40,8 @@ from tests.support.fake_upstream import (
     openai_usage_aware,
 )
 from tests.support.otlp_receiver import OtlpReceiver
+from tests.support.procs import free_port
+from tests.support.recorder import Recorder
 
 USAGE = {
     "prompt_tokens": 1500,
@@ -415,12 +415,6 @@ async def test_trace_span_genai_attributes_first_token_and_traceparent(
     assert span.end_time_unix_nano - span.start_time_unix_nano == ex.t_end_ns - ex.t0_ns
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_trace_error_type_on_upstream_failures(
     start_proxy: StartProxy,
     fake_openai: FakeUpstream,
@@ -438,7 +432,7 @@ async def test_trace_error_type_on_upstream_failures(
         0
     ] == 500
     dead = await start_proxy(
-        proxy_yaml(f"http://127.0.0.1:{_closed_port()}/v1"),
+        proxy_yaml(f"http://127.0.0.1:{free_port()}/v1"),
         observers=[rec],
         tracer_provider=tracer_provider,
     )

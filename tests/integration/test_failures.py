@@ -3,60 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
-from collections import Counter
 
 import aiohttp
 import openai
 import orjson
 import pytest
 
-from proxy.exchange import Exchange
 from tests.integration.conftest import StartProxy, proxy_yaml
 from tests.support.cassettes import openai_capture
-from tests.support.fake_upstream import FakeUpstream, RecordedRequest, Reply
+from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.procs import free_port
+from tests.support.recorder import Recorder
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 SSE = (("Content-Type", "text/event-stream; charset=utf-8"),)
 
 
-class Recorder:
-    """Keeps every finished exchange, and counts how often each was finished."""
-
-    def __init__(self) -> None:
-        self.finished: list[Exchange] = []
-        self.finish_calls: Counter[str] = Counter()
-
-    def on_start(self, ex: Exchange) -> None:
-        pass
-
-    def on_first_token(self, ex: Exchange) -> None:
-        pass
-
-    def on_finish(self, ex: Exchange) -> None:
-        self.finished.append(ex)
-        self.finish_calls[ex.request_id] += 1
-
-    async def wait(self, n: int = 1, timeout: float = 5.0) -> Exchange:
-        deadline = time.monotonic() + timeout
-        while len(self.finished) < n:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"only {len(self.finished)} exchanges finished")
-            await asyncio.sleep(0.005)
-        assert all(c == 1 for c in self.finish_calls.values()), self.finish_calls
-        return self.finished[n - 1]
-
-
 def chunk(i: int, content: str) -> bytes:
     payload = {"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": content}}]}
     return b"data: " + orjson.dumps(payload) + b"\n\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def post(url: str, body: bytes | dict, headers: dict[str, str] | None = None) -> tuple[int, dict, dict[str, str]]:

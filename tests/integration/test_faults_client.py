@@ -25,8 +25,9 @@ from tests.integration.faults_common import (
     spend_rows,
     start_server_process,
 )
-from tests.integration.test_failures import CHAT, SSE, Recorder, chunk
+from tests.integration.test_failures import CHAT, SSE, chunk
 from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.recorder import Recorder
 from tests.support.tollgate_process import UpstreamThread
 
 BUDGET = """

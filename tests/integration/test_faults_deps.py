@@ -9,7 +9,6 @@ import resource
 import time
 from decimal import Decimal
 from pathlib import Path
-from unittest import mock
 
 import aiohttp
 import orjson
@@ -30,13 +29,13 @@ from tests.integration.faults_common import (
 from tests.integration.test_failures import (
     CHAT,
     SSE,
-    Recorder,
     assert_openai_error,
     chunk,
-    free_port,
     post,
 )
 from tests.support.fake_upstream import FakeUpstream, RecordedRequest, Reply
+from tests.support.procs import free_port
+from tests.support.recorder import Recorder
 from tests.support.redis_server import RedisServer
 from tests.support.tollgate_process import UpstreamThread
 
@@ -66,8 +65,7 @@ def restart(server: RedisServer) -> None:
     Redis without persistence comes back."""
     port = server.port
     server.stop()
-    with mock.patch("tests.support.redis_server._free_port", return_value=port):
-        server.start()
+    server.start(port)
 
 
 def stop_only(server: RedisServer) -> None:

@@ -19,12 +19,12 @@ from tests.integration.faults_common import recorded, sample, sse_events
 from tests.integration.test_failures import (
     CHAT,
     SSE,
-    Recorder,
     assert_openai_error,
     chunk,
     post,
 )
 from tests.support.fake_upstream import FakeUpstream, RecordedRequest, Reply, openai_error_body
+from tests.support.recorder import Recorder
 
 USAGE = {"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10}
 

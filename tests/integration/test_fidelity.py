@@ -41,6 +41,7 @@ from tests.support.fake_upstream import (
     openai_stream_with_usage,
     responses_stream,
 )
+from tests.support.recorder import Recorder
 
 MODEL = "gpt-4o-mini"
 RESPONSE_MODEL = "gpt-4o-mini-2024-07-18"
@@ -53,44 +54,6 @@ M = Decimal(1_000_000)
 
 
 # --- observing the proxy from inside --------------------------------------------------------
-
-
-class Recorder:
-    """An extra observer that keeps every finished Exchange (and when its hooks fired)."""
-
-    def __init__(self) -> None:
-        self.started: list[Exchange] = []
-        self.first_token_ns: list[int] = []
-        self.finished: list[Exchange] = []
-        self._changed = asyncio.Event()
-
-    def on_start(self, ex: Exchange) -> None:
-        self.started.append(ex)
-
-    def on_first_token(self, ex: Exchange) -> None:
-        self.first_token_ns.append(time.perf_counter_ns())
-
-    def on_finish(self, ex: Exchange) -> None:
-        self.finished.append(ex)
-        self._changed.set()
-
-    async def wait(self, n: int = 1, timeout: float = 5.0) -> Exchange:
-        """The n-th finished exchange (1-based). The client can have its last byte before
-        the handler's `finish` has run, so this waits for it (bounded)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while len(self.finished) < n:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"expected {n} finished exchanges, got {len(self.finished)}"
-                )
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                continue
-        return self.finished[n - 1]
 
 
 @dataclass

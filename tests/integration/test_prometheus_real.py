@@ -39,7 +39,8 @@ from tests.support.fake_upstream import (
     openai_error_body,
     openai_usage_aware,
 )
-from tests.support.prometheus_server import PrometheusServer, _free_port
+from tests.support.procs import free_port
+from tests.support.prometheus_server import PrometheusServer
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
@@ -290,7 +291,7 @@ async def evaluate(prom: PrometheusServer, q: PanelQuery) -> Outcome:
 async def run_scenario(start_proxy: StartProxy, tmp: Path) -> Observed:
     async with FakeUpstream() as fake_openai, FakeLlamaServer(first_delay=0.003, gap=0.001) as fake_llama:
         fake_openai_routes(fake_openai)
-        dead = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
+        dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
         config, budgets = proxy_config(fake_openai.api_base, fake_llama.url, dead, tmp)
         proxy = await start_proxy(config)
         async with PrometheusServer(scrape_config(proxy.metrics_url, fake_llama.url)) as prom:

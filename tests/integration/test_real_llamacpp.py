@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.exchange import Exchange
 from tests.integration.conftest import Proxy, StartProxy, proxy_yaml
 from tests.support.llama_server import HOW_TO_GET_IT, LlamaServer, LlamaServerError
+from tests.support.recorder import Recorder
 
 # Never contacted: only the llamacpp routes are used here.
 UNUSED_OPENAI = "http://127.0.0.1:9/v1"
@@ -57,31 +58,6 @@ PROMPT_SECONDS_SLACK_PER_REQUEST_S = 0.010
 PREDICTED_SECONDS_SLACK_PER_REQUEST_S = 0.001
 
 
-class Recorder:
-    """An extra observer that keeps every finished Exchange for the test to inspect."""
-
-    def __init__(self) -> None:
-        self.finished: list[Exchange] = []
-
-    def on_start(self, ex: Exchange) -> None:
-        return None
-
-    def on_first_token(self, ex: Exchange) -> None:
-        return None
-
-    def on_finish(self, ex: Exchange) -> None:
-        self.finished.append(ex)
-
-    async def wait_for(self, n: int, timeout: float = 10.0) -> list[Exchange]:
-        # The client can read [DONE] a moment before the proxy finishes the Exchange.
-        deadline = time.monotonic() + timeout
-        while len(self.finished) < n:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{len(self.finished)} exchanges finished, expected {n}")
-            await asyncio.sleep(0.01)
-        return self.finished
-
-
 @pytest.fixture(scope="session")
 def llama() -> Iterator[LlamaServer]:
     # A missing or broken server fails every test that needs it (reported as a setup error
@@ -108,7 +84,8 @@ def inject_yaml(llama_url: str) -> str:
 
 
 async def start(start_proxy: StartProxy, yaml_text: str) -> tuple[Proxy, Recorder]:
-    recorder = Recorder()
+    # A real model on one CPU thread is slower than the fakes: a wider bound than 5 s.
+    recorder = Recorder(timeout=10.0)
     proxy = await start_proxy(yaml_text, observers=[recorder])
     return proxy, recorder
 

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,9 +23,11 @@ from proxy.settings import parse_settings
 from tests.integration.conftest import proxy_yaml
 from tests.support.cassettes import openai_capture
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.procs import wait_until
+from tests.support.tollgate_process import ROOT, start_tollgate
 
-ROOT = Path(__file__).resolve().parents[2]
 READY = re.compile(r"ready on http://127\.0\.0\.1:(\d+)/v1 with (\d+) workers .*\(metrics: (\S+)\)")
+WAIT_S = 20.0
 
 
 @dataclass
@@ -56,49 +57,20 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-async def wait_for(predicate, what: str, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @asynccontextmanager
 async def start_workers(tmp_path: Path, extra_yaml: str = "") -> AsyncIterator[tuple[Served, FakeUpstream]]:
     async with FakeUpstream() as fake:
         fake.replay(openai_capture("chat-basic"))
         config = tmp_path / "tollgate.yaml"
         config.write_text(proxy_yaml(fake.api_base, extra=extra_yaml))
-        log = tmp_path / "serve.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PROMETHEUS_MULTIPROC"))}
-        with open(log, "wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--workers", "2"],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
+        tollgate = await start_tollgate(config, tmp_path / "serve.log", workers=2)
         try:
-            found: list[re.Match[str]] = []
-
-            def ready() -> bool:
-                m = READY.search(log.read_text())
-                if m:
-                    found.append(m)
-                assert proc.poll() is None, log.read_text()
-                return bool(m)
-
-            await wait_for(ready, "the ready line", timeout=30)
-            m = found[0]
+            m = READY.search(tollgate.log.read_text())
+            assert m is not None, tollgate.log.read_text()
             assert m.group(2) == "2"
-            yield Served(proc, log, int(m.group(1)), m.group(3)), fake
+            yield Served(tollgate.proc, tollgate.log, int(m.group(1)), m.group(3)), fake
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            tollgate.kill()
 
 
 @pytest.fixture
@@ -165,10 +137,10 @@ async def test_a_killed_worker_is_replaced_and_its_counts_survive(
         now = [p for p in children(srv.proc.pid) if alive(p)]
         return len(now) == 2 and first[0] not in now
 
-    await wait_for(replaced, "a replacement worker")
+    await wait_until(replaced, "a replacement worker", WAIT_S, interval=0.05)
     assert first[1] in children(srv.proc.pid)
     # The replacement is listening once the parent says nothing more; just retry briefly.
-    await wait_for(lambda: _accepts(srv.port), "the port to accept")
+    await wait_until(lambda: _accepts(srv.port), "the port to accept", WAIT_S, interval=0.05)
     assert await send(srv.chat_url, 10) == [200] * 10
     metrics = await scrape(srv.metrics_url)
     # The dead worker's counter file stays in the multiprocess directory.
@@ -183,7 +155,7 @@ async def test_sigterm_to_the_parent_stops_every_worker_and_exits_0(
     workers = children(srv.proc.pid)
     assert len(workers) == 2
     srv.proc.send_signal(signal.SIGTERM)
-    await wait_for(lambda: srv.proc.poll() is not None, "the parent to exit")
+    await wait_until(lambda: srv.proc.poll() is not None, "the parent to exit", WAIT_S, interval=0.05)
     assert srv.proc.returncode == 0
     assert not any(alive(p) for p in workers)
     log = srv.log.read_text()

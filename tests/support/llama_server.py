@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,6 +23,8 @@ from types import TracebackType
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.procs import free_port, stop_process, wait_started
 
 # Loading the 253 MB model takes about 2 s on an idle 2-core machine; a busy CI runner can be
 # many times slower, and waiting longer costs nothing when the server is healthy.
@@ -39,14 +39,6 @@ HOW_TO_GET_IT = (
 
 class LlamaServerError(RuntimeError):
     pass
-
-
-def _free_port() -> int:
-    # llama-server does not report a port chosen by the OS, so take a free one and hand it
-    # over; if another process grabs it in between, startup fails loudly, never silently.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -97,7 +89,8 @@ class LlamaServer:
         return self.url + "/v1"
 
     def start(self) -> None:
-        self.port = _free_port()
+        # llama-server does not report a port chosen by the OS, so take a free one.
+        self.port = free_port()
         self._log = tempfile.TemporaryFile(prefix="tollgate-llama-")
         self.process = subprocess.Popen(
             [
@@ -108,22 +101,21 @@ class LlamaServer:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                tail = self.log_tail()
-                self.stop()
-                raise LlamaServerError(f"llama-server exited at start:\n{tail}")
-            try:
-                # 503 while the model loads, 200 once it can serve.
-                if _get(self.url + "/health", timeout=1.0)[0] == 200:
-                    return
-            except OSError:
-                pass  # not listening yet
-            time.sleep(0.05)
+        started = wait_started(self.process, self._healthy, STARTUP_TIMEOUT_S, interval=0.05)
+        if started == "ready":
+            return
         tail = self.log_tail()
         self.stop()
+        if started == "exited":
+            raise LlamaServerError(f"llama-server exited at start:\n{tail}")
         raise LlamaServerError(f"llama-server not healthy within {STARTUP_TIMEOUT_S} s:\n{tail}")
+
+    def _healthy(self) -> bool:
+        try:
+            # 503 while the model loads, 200 once it can serve.
+            return _get(self.url + "/health", timeout=1.0)[0] == 200
+        except OSError:
+            return False  # not listening yet
 
     def log_tail(self, chars: int = 4000) -> str:
         if self._log is None:
@@ -134,13 +126,7 @@ class LlamaServer:
 
     def stop(self) -> None:
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(timeout=STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait(timeout=STOP_TIMEOUT_S)
+            stop_process(self.process, STOP_TIMEOUT_S, STOP_TIMEOUT_S)
             self.process = None
         if self._log is not None:
             self._log.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,19 +21,13 @@ from typing import Any
 
 import aiohttp
 
+from tests.support.procs import free_port, stop_process
+
 STARTUP_TIMEOUT_S = 20.0
 
 
 class PrometheusServerError(RuntimeError):
     pass
-
-
-def _free_port() -> int:
-    # prometheus cannot report a port it picked itself; the window in which another
-    # process could take this one is tiny, and startup would then fail loudly.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PrometheusServer:
@@ -68,7 +61,7 @@ class PrometheusServer:
         self._tmp = tempfile.TemporaryDirectory(prefix="tollgate-prometheus-")
         tmp = Path(self._tmp.name)
         (tmp / "prometheus.yml").write_text(self.config_yaml, encoding="utf-8")
-        self.port = _free_port()
+        self.port = free_port()  # prometheus cannot report a port it picked itself
         log = self.log_path.open("wb")
         try:
             self.process = subprocess.Popen(
@@ -104,21 +97,11 @@ class PrometheusServer:
             await self._session.close()
             self._session = None
         if self.process is not None:
-            await asyncio.to_thread(self._terminate, self.process)
+            await asyncio.to_thread(stop_process, self.process, 10, 5)
             self.process = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-    @staticmethod
-    def _terminate(process: subprocess.Popen[bytes]) -> None:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
 
     def log_tail(self, n: int = 40) -> str:
         try:

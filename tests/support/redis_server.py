@@ -14,23 +14,16 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from types import TracebackType
+
+from tests.support.procs import free_port, stop_process, wait_started
 
 STARTUP_TIMEOUT_S = 10.0
 
 
 class RedisServerError(RuntimeError):
     pass
-
-
-def _free_port() -> int:
-    # redis-server cannot be told "port 0 and report it", so take a free port and hand it
-    # over; the window for another process to grab it is tiny and startup would then fail loudly.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _ping(port: int) -> bool:
@@ -59,9 +52,10 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, port: int | None = None) -> None:
+        """Start on `port`, or on a free one (redis-server cannot report a port it picked)."""
         self._tmp = tempfile.TemporaryDirectory(prefix="tollgate-redis-")
-        self.port = _free_port()
+        self.port = free_port() if port is None else port
         self.process = subprocess.Popen(
             [
                 self.executable, "--bind", "127.0.0.1", "--port", str(self.port),
@@ -72,27 +66,19 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                self.stop()
-                raise RedisServerError(f"redis-server exited at start: {err.strip()}")
-            if _ping(self.port):
-                return
-            time.sleep(0.02)
+        started = wait_started(self.process, lambda: _ping(self.port), STARTUP_TIMEOUT_S, interval=0.02)
+        if started == "ready":
+            return
+        if started == "exited":
+            err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+            self.stop()
+            raise RedisServerError(f"redis-server exited at start: {err.strip()}")
         self.stop()
         raise RedisServerError(f"redis-server did not answer PING within {STARTUP_TIMEOUT_S} s")
 
     def stop(self) -> None:
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait(timeout=5)
+            stop_process(self.process, 5, 5)
             if self.process.stderr is not None:
                 self.process.stderr.close()
             self.process = None

@@ -32,8 +32,9 @@ _READY = re.compile(r"tollgate ready on http://127\.0\.0\.1:(\d+)/v1")
 @dataclass
 class Tollgate:
     proc: subprocess.Popen[bytes]
-    log: Path
+    log: Path  # stderr: the server's own log lines
     port: int
+    stdout: Path | None = None  # the access log, when it was kept
 
     @property
     def base_url(self) -> str:
@@ -52,16 +53,27 @@ class Tollgate:
         return self.proc.wait(timeout)
 
 
-async def start_tollgate(config: Path, log: Path, *, workers: int = 1, timeout: float = 30.0) -> Tollgate:
-    """Start `python -m proxy serve`, wait for its ready line and for /readyz to say ready."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PROMETHEUS_MULTIPROC"))}
+async def start_tollgate(
+    config: Path,
+    log: Path,
+    *,
+    workers: int = 1,
+    stdout: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> Tollgate:
+    """Start `python -m proxy serve`, wait for its ready line and for /readyz to say ready.
+
+    stderr is appended to `log`; stdout (the access log) to `stdout`, or dropped; `env` is
+    added to the test's environment, less its OTEL_* and PROMETHEUS_MULTIPROC* variables."""
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PROMETHEUS_MULTIPROC"))}
     args = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
     if workers > 1:
         args += ["--workers", str(workers)]
     # The log may hold earlier runs' lines: only what this process writes counts.
     offset = log.stat().st_size if log.exists() else 0
-    with open(log, "ab") as err:
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    with open(log, "ab") as err, open(stdout if stdout is not None else os.devnull, "ab") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, env={**base_env, **(env or {})}, stdout=out, stderr=err)
     deadline = time.monotonic() + timeout
     port: int | None = None
     try:
@@ -92,7 +104,7 @@ async def start_tollgate(config: Path, log: Path, *, workers: int = 1, timeout: 
         proc.kill()
         proc.wait(10)
         raise
-    return Tollgate(proc, log, port)
+    return Tollgate(proc, log, port, stdout)
 
 
 class UpstreamThread:

@@ -10,6 +10,7 @@ import pytest
 from proxy.exchange import Exchange
 from proxy.observers.access_log import AccessLogObserver, iso_utc, prompt_text
 from proxy.usage import Usage
+from tests.support.exchanges import chat_exchange
 
 T0 = 3_000_000_000
 MS = 1_000_000
@@ -19,14 +20,6 @@ SECRET_OUTPUT = "SECRET-COMPLETION-19c"
 
 
 def exchange(**kw: Any) -> Exchange:
-    ex = Exchange(
-        request_id="req-42",
-        endpoint="chat.completions",
-        method="POST",
-        path="/v1/chat/completions",
-        t0_ns=T0,
-        wall_start=1_700_000_000.5,
-    )
     defaults: dict[str, Any] = dict(
         requested_model="gpt-4o-mini",
         route_model="gpt-4o-mini",
@@ -64,10 +57,7 @@ def exchange(**kw: Any) -> Exchange:
         output_text_parts=["Hello ", SECRET_OUTPUT],
         finish_reasons=["stop"],
     )
-    defaults.update(kw)
-    for k, v in defaults.items():
-        setattr(ex, k, v)
-    return ex
+    return chat_exchange("req-42", T0, 1_700_000_000.5, {**defaults, **kw})
 
 
 def log_lines(obs: AccessLogObserver, *exs: Exchange) -> list[dict[str, Any]]:

@@ -22,20 +22,14 @@ from proxy.observers.metrics import (
     status_class,
 )
 from proxy.usage import Usage
+from tests.support.exchanges import chat_exchange
 
 T0 = 5_000_000_000
 MS = 1_000_000
 
 
 def exchange(**kw: Any) -> Exchange:
-    ex = Exchange(
-        request_id="req-secret-id-123",
-        endpoint=kw.pop("endpoint", "chat.completions"),
-        method="POST",
-        path="/v1/chat/completions",
-        t0_ns=T0,
-        wall_start=1_700_000_000.0,
-    )
+    endpoint = kw.pop("endpoint", "chat.completions")
     defaults: dict[str, Any] = dict(
         requested_model="gpt-4o-mini-2024-07-18",
         route_model="gpt-4o-mini",
@@ -45,10 +39,7 @@ def exchange(**kw: Any) -> Exchange:
         key_name="team-a",
         user="alice@example.com",
     )
-    defaults.update(kw)
-    for k, v in defaults.items():
-        setattr(ex, k, v)
-    return ex
+    return chat_exchange("req-secret-id-123", T0, 1_700_000_000.0, {**defaults, **kw}, endpoint)
 
 
 def finished_stream(**kw: Any) -> Exchange:

@@ -21,6 +21,7 @@ from proxy.observers.tracing import (
     provider_name,
 )
 from proxy.usage import Usage
+from tests.support.exchanges import chat_exchange
 from tests.support.otlp_receiver import OtlpReceiver
 
 T0 = 7_000_000_000
@@ -32,14 +33,7 @@ TRACEPARENT = f"00-{INCOMING_TRACE}-{INCOMING_PARENT}-01"
 
 
 def exchange(**kw: Any) -> Exchange:
-    ex = Exchange(
-        request_id="req-1",
-        endpoint=kw.pop("endpoint", "chat.completions"),
-        method="POST",
-        path="/v1/chat/completions",
-        t0_ns=T0,
-        wall_start=WALL,
-    )
+    endpoint = kw.pop("endpoint", "chat.completions")
     defaults: dict[str, Any] = dict(
         requested_model="gpt-4o-mini",
         route_model="gpt-4o-mini",
@@ -50,10 +44,7 @@ def exchange(**kw: Any) -> Exchange:
         key_name="team-a",
         body={"model": "gpt-4o-mini", "messages": [], "temperature": 0.2, "max_tokens": 256},
     )
-    defaults.update(kw)
-    for k, v in defaults.items():
-        setattr(ex, k, v)
-    return ex
+    return chat_exchange("req-1", T0, WALL, {**defaults, **kw}, endpoint)
 
 
 def finish_ok(ex: Exchange) -> None:
