@@ -111,7 +111,8 @@ def check_model_allowed(ex: Exchange, rt: Runtime) -> None:
         )
 
 
-def _price_of(ex: Exchange, rt: Runtime) -> Price | None:
+def price_of(ex: Exchange, rt: Runtime) -> Price | None:
+    """The price of what the upstream runs; an alias's own entry if the real id has none."""
     model = ex.upstream_model or ex.requested_model or ""
     price = rt.prices.lookup(model)
     if price is None and ex.requested_model and ex.requested_model != model:
@@ -155,7 +156,7 @@ async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[st
 
     Sets ex.extra["cap_override"] = (field, cap) when the body must carry a (lower) cap.
     """
-    price = _price_of(ex, rt)
+    price = price_of(ex, rt)
     if price is None and rt.settings.pricing.unpriced == "refuse":
         raise ModelNotFound(
             f"The model `{ex.requested_model}` has no price, and this proxy refuses unpriced models.",

@@ -12,7 +12,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from proxy.accept import MODEL_ENDPOINTS
-from proxy.admit import Hold, ledger_down
+from proxy.admit import Hold, price_of, ledger_down
 from proxy.budgets import Charge, Crossing, charges, threshold_crossed, webhook_payload
 from proxy.exchange import Exchange
 from proxy.ledger import Settled, SpendRow
@@ -107,9 +107,7 @@ def account(ex: Exchange, rt: Runtime) -> None:
         )
     if ex.usage is None or model is None:
         return
-    price = rt.prices.lookup(model)
-    if price is None and ex.requested_model and ex.requested_model != model:
-        price = rt.prices.lookup(ex.requested_model)
+    price = price_of(ex, rt)
     if price is None:
         ex.priced = False
         ex.cost = Decimal(0)
