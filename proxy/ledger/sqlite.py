@@ -8,8 +8,14 @@ durable against a killed process (only an OS crash or power loss can drop the la
 commits), at a fraction of the cost of an fsync per request.
 
 sqlite3 calls block (on the disk, and on the lock when another process holds it), so each
-ledger owns one connection on one dedicated thread and the event loop awaits it. One thread
-also serializes this process's transactions without a Python lock.
+ledger owns one connection on one dedicated thread and the event loop can await it. The short
+write transactions of the request path (reserve, settle, release) first try a second
+connection on the event loop itself with a zero busy timeout: when the write lock is free,
+which is nearly always, a transaction is a few dozen microseconds of page-cache writes, far
+less than handing it to a thread and back. When the lock is taken (another worker process,
+or this process's thread), SQLite says SQLITE_BUSY at once and the transaction goes to the
+thread, which waits on `busy_timeout` without blocking the loop. The loop connection never
+checkpoints (that fsyncs): the thread checkpoints the WAL every few hundred loop commits.
 
 Money is integer nano-USD (see proxy.budgets.to_nanos); times are integer epoch
 milliseconds (leases, windows) or ISO-8601 UTC text (the spend log, for people and CSV).
@@ -18,6 +24,7 @@ milliseconds (leases, windows) or ISO-8601 UTC text (the spend log, for people a
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +54,8 @@ from proxy.ledger.base import (
 )
 
 T = TypeVar("T")
+
+log = logging.getLogger("tollgate.ledger")
 
 SCHEMA_VERSION = 1
 # Settled markers make settle idempotent; a week covers any retry of a finished request.
@@ -99,7 +108,10 @@ CREATE TABLE IF NOT EXISTS reservations (
     lease_until_ms INTEGER NOT NULL,
     PRIMARY KEY (request_id, bucket_id)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS reservations_bucket ON reservations(bucket_id, lease_until_ms);
+-- Covering: a bucket's live sum is one range scan of this index, no row lookups.
+CREATE INDEX IF NOT EXISTS reservations_live
+    ON reservations(bucket_id, lease_until_ms, amount_nanos, tokens);
+DROP INDEX IF EXISTS reservations_bucket;
 CREATE INDEX IF NOT EXISTS reservations_lease ON reservations(lease_until_ms);
 CREATE TABLE IF NOT EXISTS settled (
     request_id TEXT PRIMARY KEY,
@@ -126,28 +138,46 @@ def log_time(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# Loop commits between two WAL checkpoints run on the ledger thread (SQLite's own default
+# is 1000 pages; a settle writes a handful).
+CHECKPOINT_EVERY = 200
+# How long the checkpoint that restarts the WAL may hold writers off waiting for readers.
+RESTART_WAIT_MS = 50
+# Bodies per group transaction: bounds how long one commit holds the loop and the lock.
+MAX_GROUP = 64
+_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 class SqliteDb:
-    """One sqlite3 connection, used only from one dedicated thread."""
+    """One sqlite3 connection used only from one dedicated thread, plus one used only on the
+    event loop for write transactions that get the lock without waiting."""
 
     def __init__(self, path: str | Path, busy_timeout_seconds: float = 30.0) -> None:
         self.path = Path(path)
         self.busy_timeout_seconds = busy_timeout_seconds
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tollgate-ledger")
         self._conn: sqlite3.Connection | None = None
+        self._loop_conn: sqlite3.Connection | None = None
+        self._loop_commits = 0
+        self._checkpointing = False
+        self._group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._closed = False
 
-    def _connect(self) -> sqlite3.Connection:
+    def _open(self, busy_timeout_seconds: float) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: no implicit transactions; we say BEGIN IMMEDIATE ourselves.
         conn = sqlite3.connect(
-            self.path, timeout=self.busy_timeout_seconds, isolation_level=None
+            self.path, timeout=busy_timeout_seconds, isolation_level=None, check_same_thread=False
         )
-        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_seconds * 1000)}")
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_seconds * 1000)}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise LedgerError(f"{self.path}: cannot switch to WAL mode (got {mode})")
         conn.execute("PRAGMA synchronous = NORMAL")
         return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        return self._open(self.busy_timeout_seconds)
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._conn is None:
@@ -159,6 +189,85 @@ class SqliteDb:
             raise LedgerError("the ledger is closed")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._call, fn)
+
+    async def transact(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """`body` in a BEGIN IMMEDIATE transaction, committed before this returns.
+
+        Group commit: the bodies submitted during one turn of the event loop run in one
+        transaction at the start of the next turn (a commit costs more than a reserve or a
+        settle itself), on the loop if the write lock is free at once, else on the ledger
+        thread, which waits for it. If any body raises, the group is rolled back and each
+        body runs in a transaction of its own, so one failure never touches another's work.
+        Bodies must be pure functions of the database (re-runnable after a rollback) and
+        short: no I/O but the database's."""
+        if self._closed:
+            raise LedgerError("the ledger is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._group.append((body, fut))
+        if len(self._group) == 1:
+            loop.call_soon(self._flush)
+        return await fut  # type: ignore[no-any-return]
+
+    def _flush(self) -> None:
+        group, self._group = self._group[:MAX_GROUP], self._group[MAX_GROUP:]
+        if self._group:
+            asyncio.get_running_loop().call_soon(self._flush)
+        if not group:
+            return
+        bodies = [body for body, _ in group]
+        try:
+            outcomes = self._run_group_on_loop(bodies)
+        except BaseException as exc:
+            _settle_futures(group, [(False, exc)] * len(group))
+            raise
+        _settle_futures(group[: len(outcomes)], outcomes)
+        rest = group[len(outcomes):]
+        if rest:
+            # The write lock was taken: the ledger thread waits for it.
+            job = self.run(lambda conn: _run_group(conn, [body for body, _ in rest], stop_when_busy=False))
+            task = asyncio.ensure_future(job)
+            task.add_done_callback(lambda t: _settle_futures(rest, _outcomes_of(t, len(rest))))
+            return
+        self._loop_commits += 1
+        if self._loop_commits >= CHECKPOINT_EVERY and not self._checkpointing:
+            self._loop_commits = 0
+            self._checkpointing = True
+            asyncio.get_running_loop().run_in_executor(self._executor, self._call, self._checkpoint)
+
+    def _run_group_on_loop(self, bodies: list[Callable[[sqlite3.Connection], Any]]) -> list[_Outcome]:
+        conn = self._loop_conn
+        if conn is None:
+            try:
+                opened = self._open(0.0)
+            except sqlite3.OperationalError as exc:
+                if _is_busy(exc):
+                    return []
+                raise
+            # Checkpoints fsync: never on the loop (see _checkpoint).
+            opened.execute("PRAGMA wal_autocheckpoint = 0")
+            conn = self._loop_conn = opened
+        return _run_group(conn, bodies, stop_when_busy=True)
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        # PASSIVE copies the WAL back without stopping writers; RESTART then waits for the
+        # writer of the moment, copies the little that came meanwhile and makes the next
+        # writer start the WAL over. Without it the loop's writers, never idle at the
+        # instant a concurrent checkpoint ends, would grow the WAL without bound. RESTART
+        # holds new writers off while it waits (loop writers queue on this thread, behind
+        # it), so it waits briefly: behind a long reader (a report) it gives up, and the
+        # next checkpoint tries again.
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            conn.execute(f"PRAGMA busy_timeout = {RESTART_WAIT_MS}")
+            try:
+                conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_seconds * 1000)}")
+        except sqlite3.Error as exc:  # the next one will catch up; nothing is lost
+            log.warning("WAL checkpoint of %s failed: %s", self.path, exc)
+        finally:
+            self._checkpointing = False
 
     def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run on the ledger thread from synchronous code (CLI reports, measurements)."""
@@ -175,6 +284,14 @@ class SqliteDb:
                 self._conn.close()
                 self._conn = None
 
+        while self._group:
+            # Submitted but not yet run: run them now, before the connections go.
+            waiting = [fut for _, fut in self._group]
+            self._flush()
+            await asyncio.gather(*waiting, return_exceptions=True)
+        if self._loop_conn is not None:
+            self._loop_conn.close()
+            self._loop_conn = None
         if self._conn is not None:
             await self.run(_close)
         self._closed = True
@@ -191,6 +308,63 @@ def transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T
         raise
     conn.execute("COMMIT")
     return result
+
+
+_Outcome = tuple[bool, Any]  # (True, result) or (False, exception)
+
+
+def _is_busy(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and (exc.sqlite_errorcode & 0xFF) in _BUSY_CODES
+
+
+def _rollback_if_open(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+def _run_group(
+    conn: sqlite3.Connection, bodies: list[Callable[[sqlite3.Connection], Any]], *, stop_when_busy: bool
+) -> list[_Outcome]:
+    """The outcome of each body: all in one transaction, or if one raises, each in its own.
+
+    With `stop_when_busy`, returns early at the first SQLITE_BUSY with the outcomes of the
+    bodies before it (committed); the caller runs the rest elsewhere."""
+    if len(bodies) > 1:
+        try:
+            return [(True, r) for r in transaction(conn, lambda c: [body(c) for body in bodies])]
+        except Exception as exc:  # noqa: BLE001 - whatever it was, each body alone says
+            _rollback_if_open(conn)
+            if stop_when_busy and _is_busy(exc):
+                return []
+    out: list[_Outcome] = []
+    for body in bodies:
+        try:
+            out.append((True, transaction(conn, body)))
+        except Exception as exc:  # noqa: BLE001 - handed to that body's caller
+            _rollback_if_open(conn)
+            if stop_when_busy and _is_busy(exc):
+                return out
+            out.append((False, exc))
+    return out
+
+
+def _settle_futures(group: Sequence[tuple[Any, asyncio.Future[Any]]], outcomes: Sequence[_Outcome]) -> None:
+    for (_, fut), (ok, value) in zip(group, outcomes, strict=True):
+        if fut.done():
+            continue  # its caller was cancelled; the transaction stands regardless
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+def _outcomes_of(task: asyncio.Future[list[_Outcome]], n: int) -> list[_Outcome]:
+    if task.cancelled():
+        return [(False, LedgerError("the ledger transaction was cancelled"))] * n
+    exc = task.exception()
+    if exc is not None:
+        return [(False, exc)] * n
+    return task.result()
 
 
 def _init_schema(conn: sqlite3.Connection, script: str) -> None:
@@ -321,20 +495,47 @@ def _upsert_bucket(conn: sqlite3.Connection, b: Bucket) -> None:
     )
 
 
+_BucketConfig = tuple[str, "int | None", "int | None", "int | None"]
+
+
+def _config_of(b: Bucket) -> _BucketConfig:
+    """What `_upsert_bucket` writes over an existing row."""
+    return (
+        b.rule.action,
+        to_nanos(b.limit_usd) if b.limit_usd is not None else None,
+        b.limit_tokens,
+        b.limit_requests,
+    )
+
+
 def _bucket_state(conn: sqlite3.Connection, bucket_id: str, now_ms: int) -> BucketState:
+    return _bucket_state_and_config(conn, bucket_id, now_ms)[0]
+
+
+def _bucket_state_and_config(
+    conn: sqlite3.Connection, bucket_id: str, now_ms: int
+) -> tuple[BucketState, _BucketConfig | None]:
+    """The bucket's state, and its stored limits (None: no row yet)."""
     row = conn.execute(
-        "SELECT spent_nanos, tokens, requests FROM buckets WHERE id = ?", (bucket_id,)
+        "SELECT spent_nanos, tokens, requests, action, limit_nanos, limit_tokens, limit_requests "
+        "FROM buckets WHERE id = ?",
+        (bucket_id,),
     ).fetchone()
     live = conn.execute(
         "SELECT COALESCE(SUM(amount_nanos), 0), COALESCE(SUM(tokens), 0), COUNT(*) "
         "FROM reservations WHERE bucket_id = ? AND lease_until_ms > ?",
         (bucket_id, now_ms),
     ).fetchone()
-    spent, tokens, requests = row if row is not None else (0, 0, 0)
-    return BucketState(
+    if row is None:
+        spent, tokens, requests, config = 0, 0, 0, None
+    else:
+        spent, tokens, requests = row[0], row[1], row[2]
+        config = (row[3], row[4], row[5], row[6])
+    state = BucketState(
         spent=from_nanos(spent), reserved=from_nanos(live[0]), tokens=tokens,
         requests=requests, reserved_tokens=live[1], reserved_requests=live[2],
     )
+    return state, config
 
 
 def _plus(st: BucketState, amount: Decimal, tokens: int) -> BucketState:
@@ -376,9 +577,10 @@ class SqliteLedger:
             if dup is not None:
                 raise DuplicateReservation(f"request id {request_id!r} was already reserved")
             states: dict[str, BucketState] = {}
+            stored: dict[str, _BucketConfig | None] = {}
             refused: tuple[Bucket, BucketState, LimitKind] | None = None
             for c, nanos in quantized:
-                st = _bucket_state(conn, c.bucket.id, now_ms)
+                st, stored[c.bucket.id] = _bucket_state_and_config(conn, c.bucket.id, now_ms)
                 states[c.bucket.id] = st
                 if refused is None and c.bucket.blocking:
                     reason = exceeds(c.bucket, st, from_nanos(nanos), c.tokens)
@@ -387,7 +589,8 @@ class SqliteLedger:
             if refused is not None:
                 return ReserveResult(False, states, refused[0], refused[1], refused[2])
             for c, nanos in quantized:
-                _upsert_bucket(conn, c.bucket)
+                if stored[c.bucket.id] != _config_of(c.bucket):
+                    _upsert_bucket(conn, c.bucket)  # new bucket, or the config changed
                 conn.execute(
                     "INSERT INTO reservations (request_id, bucket_id, amount_nanos, tokens, "
                     "lease_until_ms) VALUES (?, ?, ?, ?, ?)",
@@ -396,7 +599,7 @@ class SqliteLedger:
                 states[c.bucket.id] = _plus(states[c.bucket.id], from_nanos(nanos), c.tokens)
             return ReserveResult(True, states)
 
-        return await self.db.run(lambda conn: transaction(conn, body))
+        return await self.db.transact(body)
 
     # -- settle / release / expire ---------------------------------------------------
 
@@ -414,27 +617,37 @@ class SqliteLedger:
                 return []  # settled before: exactly once
             out = []
             for c in actual:
-                _upsert_bucket(conn, c.bucket)
-                before, after = conn.execute(
+                nanos = spend_nanos(c.amount)
+                # The limits follow the config, as _upsert_bucket would set them; the row
+                # exists unless the reservation was lost (lease expired, ledger replaced).
+                counted = conn.execute(
                     "UPDATE buckets SET spent_nanos = spent_nanos + ?, tokens = tokens + ?, "
-                    "requests = requests + 1 WHERE id = ? "
-                    "RETURNING spent_nanos - ?, spent_nanos",
-                    (spend_nanos(c.amount), c.tokens, c.bucket.id, spend_nanos(c.amount)),
+                    "requests = requests + 1, action = ?, limit_nanos = ?, limit_tokens = ?, "
+                    "limit_requests = ? WHERE id = ? RETURNING spent_nanos - ?, spent_nanos",
+                    (nanos, c.tokens, *_config_of(c.bucket), c.bucket.id, nanos),
                 ).fetchone()
+                if counted is None:
+                    _upsert_bucket(conn, c.bucket)
+                    counted = conn.execute(
+                        "UPDATE buckets SET spent_nanos = spent_nanos + ?, tokens = tokens + ?, "
+                        "requests = requests + 1 WHERE id = ? RETURNING spent_nanos - ?, spent_nanos",
+                        (nanos, c.tokens, c.bucket.id, nanos),
+                    ).fetchone()
+                before, after = counted
                 out.append(Settled(c.bucket.id, from_nanos(before), from_nanos(after)))
             conn.execute("DELETE FROM reservations WHERE request_id = ?", (request_id,))
             if spend_row is not None:
                 insert_spend_row(conn, spend_row)
             return out
 
-        return await self.db.run(lambda conn: transaction(conn, body))
+        return await self.db.transact(body)
 
     async def release(self, request_id: str, now: datetime) -> bool:
         def body(conn: sqlite3.Connection) -> bool:
             cur = conn.execute("DELETE FROM reservations WHERE request_id = ?", (request_id,))
             return cur.rowcount > 0
 
-        return await self.db.run(lambda conn: transaction(conn, body))
+        return await self.db.transact(body)
 
     async def expire(self, now: datetime) -> int:
         """Drop reservations whose lease ended; returns how many requests they belonged to.
