@@ -10,6 +10,7 @@ Everything here is synchronous and pure over (bytes, timestamps); forward.py cal
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -84,6 +85,28 @@ def output_of_payload(endpoint: str, event_name: str | None, payload: dict[str, 
     return carries
 
 
+# OpenAI's chat content chunk, byte for byte as api.openai.com writes it (key order, no
+# spaces). A chunk of exactly this shape carries nothing to measure but its content, id and
+# model, so it is read with one regex match instead of a JSON decode and a dict walk; any
+# other chunk (role, finish, usage, tool calls, other upstreams) takes the general path.
+# Unchecked strings are printable ASCII without quote or backslash, so a match is valid
+# JSON whenever the content literal is (orjson checks that one).
+_ASCII_STR = rb'"[\x20\x21\x23-\x5b\x5d-\x7e]*"'
+_CONTENT_AND_REST = (
+    rb'("(?:[^"\\\x00-\x1f]|\\.)*")\},"logprobs":null,"finish_reason":null\}\]'
+    rb'(?:,"usage":null)?(?:,"obfuscation":' + _ASCII_STR + rb')?\}'
+)
+_CHAT_CONTENT_CHUNK = re.compile(
+    rb'\{"id":(' + _ASCII_STR + rb'),"object":"chat\.completion\.chunk","created":(?:0|[1-9][0-9]{0,15}),'
+    rb'"model":(' + _ASCII_STR + rb'),(?:"service_tier":' + _ASCII_STR + rb',)?'
+    rb'"system_fingerprint":(?:' + _ASCII_STR + rb'|null),'
+    rb'"choices":\[\{"index":0,"delta":\{"content":' + _CONTENT_AND_REST
+).fullmatch
+# Within a stream every chunk repeats the part before the content byte for byte (id,
+# created, model...): once one chunk matched whole, the next only need the rest checked.
+_CONTENT_TAIL = re.compile(_CONTENT_AND_REST).fullmatch
+
+
 class StreamTap:
     """Measures an SSE response as its chunks pass by.
 
@@ -92,7 +115,7 @@ class StreamTap:
     output-carrying events (the gap histogram is per chunk).
     """
 
-    __slots__ = ("ex", "parser", "parts", "healthy", "_first_token_cb")
+    __slots__ = ("_first_token_cb", "_prefix", "_prefix_id", "_prefix_model", "ex", "healthy", "parser", "parts")
 
     def __init__(self, ex: Exchange, on_first_token: Callable[[Exchange], None]) -> None:
         self.ex = ex
@@ -100,6 +123,10 @@ class StreamTap:
         self.parts: list[str] = ex.output_text_parts
         self.healthy = True
         self._first_token_cb = on_first_token
+        # The bytes before the content of the last chunk of OpenAI's shape, and its id/model.
+        self._prefix: bytes | None = None
+        self._prefix_id = ""
+        self._prefix_model = ""
 
     def feed(self, chunk: bytes, t_ns: int) -> list[SSEEvent]:
         events = self.parser.feed(chunk)
@@ -126,10 +153,36 @@ class StreamTap:
     def on_events(self, events: list[SSEEvent], t_ns: int) -> None:
         ex = self.ex
         carried = False
+        chat = ex.endpoint != "responses"
         for ev in events:
             data = ev.data
             if not data or data == b"[DONE]":
                 continue
+            if chat:
+                literal = None
+                prefix = self._prefix
+                if prefix is not None and data.startswith(prefix):
+                    tail = _CONTENT_TAIL(data, len(prefix))
+                    if tail is not None:
+                        literal = tail.group(1)
+                else:
+                    m = _CHAT_CONTENT_CHUNK(data)
+                    if m is not None:
+                        literal = m.group(3)
+                        self._prefix = data[: m.start(3)]
+                        self._prefix_id = m.group(1)[1:-1].decode("ascii")
+                        self._prefix_model = m.group(2)[1:-1].decode("ascii")
+                if literal is not None:
+                    try:
+                        content = orjson.loads(literal)
+                    except orjson.JSONDecodeError:
+                        continue  # then the whole chunk is not JSON either
+                    if content:
+                        self.parts.append(content)
+                        carried = True
+                    ex.response_id = self._prefix_id
+                    ex.response_model = self._prefix_model
+                    continue
             try:
                 payload = orjson.loads(data)
             except orjson.JSONDecodeError:
@@ -200,10 +253,13 @@ class UsageStripper:
         if self._is_usage_only(data):
             return b""
         raw = ev.raw
-        if b',"usage":null' in raw:
-            return raw.replace(b',"usage":null', b"", 1)
-        if b'"usage":null,' in raw:
-            return raw.replace(b'"usage":null,', b"", 1)
+        # Cut the first occurrence (as bytes.replace(..., 1) would) with one search, not two.
+        at = raw.find(b',"usage":null')
+        if at >= 0:
+            return raw[:at] + raw[at + 13 :]
+        at = raw.find(b'"usage":null,')
+        if at >= 0:
+            return raw[:at] + raw[at + 13 :]
         return raw
 
     @staticmethod

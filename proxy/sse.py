@@ -21,8 +21,6 @@ so in that one case the LF that completes the CRLF is carried at the start of th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 __all__ = ["SSEEvent", "SSEParser"]
 
 _BOM = b"\xef\xbb\xbf"
@@ -30,17 +28,42 @@ _LF = 0x0A
 _DONE = b"[DONE]"
 
 
-@dataclass(slots=True, frozen=True)
 class SSEEvent:
-    raw: bytes
-    data: bytes | None
-    event: str | None
-    id: str | None
-    retry: int | None
+    """One block of the stream. Immutable by convention; a plain slots class because the
+    relay makes one per upstream event and a frozen dataclass's __init__ costs several times
+    as much."""
+
+    __slots__ = ("data", "event", "id", "raw", "retry")
+
+    def __init__(
+        self, raw: bytes, data: bytes | None, event: str | None, id: str | None, retry: int | None
+    ) -> None:
+        self.raw = raw
+        self.data = data
+        self.event = event
+        self.id = id
+        self.retry = retry
 
     @property
     def is_done(self) -> bool:
         return self.data == _DONE
+
+    def _key(self) -> tuple[bytes, bytes | None, str | None, str | None, int | None]:
+        return (self.raw, self.data, self.event, self.id, self.retry)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not SSEEvent:
+            return NotImplemented
+        return self._key() == other._key()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (
+            f"SSEEvent(raw={self.raw!r}, data={self.data!r}, event={self.event!r}, "
+            f"id={self.id!r}, retry={self.retry!r})"
+        )
 
 
 class SSEParser:
@@ -82,6 +105,8 @@ class SSEParser:
         if not chunk:
             return []
         buf = self._buf
+        if self._bom_checked and not self._skip_lf and b"\r" not in chunk:
+            return self._feed_lf(chunk)
         buf += chunk
         if not self._bom_checked:
             if len(buf) < len(_BOM) and _BOM.startswith(buf):
@@ -90,6 +115,61 @@ class SSEParser:
             if buf.startswith(_BOM):
                 self._scan = self._searched = len(_BOM)
         return self._process()
+
+    def _feed_lf(self, chunk: bytes) -> list[SSEEvent]:
+        """`feed` for a chunk with no CR, where OpenAI-style upstreams spend nearly all their
+        chunks: whole `data: ...` LF LF blocks are cut straight out of the chunk; only a
+        block begun in an earlier chunk, a block of another shape and an unfinished last
+        block go through `_process`. Gives exactly what `_process` alone would."""
+        buf = self._buf
+        n = len(chunk)
+        pos = 0
+        events: list[SSEEvent] = []
+        if buf:
+            # Finish the pending block first: with no CR, it ends at the first blank line.
+            if buf[-1] == _LF and chunk[0] == _LF:
+                end = 1
+            else:
+                blank = chunk.find(b"\n\n")
+                if blank == -1 or b"\r" in buf:
+                    buf += chunk
+                    return self._process()
+                end = blank + 2
+            if (
+                self._scan == 0
+                and self._data is None
+                and self._event is None
+                and self._id is None
+                and self._retry is None
+                and buf.startswith(b"data: ")
+                and chunk.find(b"\n") == end - 2
+            ):
+                # The pending bytes are the start of one `data: ` line (no line of the
+                # block is complete yet) that this chunk's first LF ends, and a blank line
+                # follows at once: one data event, as `_process` would make it.
+                raw = bytes(buf) + chunk[:end]
+                events = [SSEEvent(raw, raw[6:-2], None, None, None)]
+                buf.clear()
+                self._searched = 0
+            else:
+                buf += chunk[:end]
+                events = self._process()
+            pos = end
+        elif chunk.startswith(b"data: ") and chunk.find(b"\n") == n - 2 and chunk[-1] == _LF:
+            return [SSEEvent(chunk, chunk[6:-2], None, None, None)]  # the usual: one event
+        while pos < n:
+            if not chunk.startswith(b"data: ", pos):
+                break
+            eol = chunk.find(b"\n", pos)
+            if eol == -1 or eol + 1 >= n or chunk[eol + 1] != _LF:
+                break
+            events.append(SSEEvent(chunk[pos : eol + 2], chunk[pos + 6 : eol], None, None, None))
+            pos = eol + 2
+        if pos < n:
+            # At a block boundary: the general parser takes the rest from a clean state.
+            self._buf += chunk[pos:]
+            events += self._process()
+        return events
 
     def flush(self) -> list[SSEEvent]:
         """End of stream: return what is left (an unterminated block) as one event, and reset."""
