@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import time
@@ -38,12 +39,28 @@ MAX_OUTPUT_CAP = 2**31 - 1
 MODEL_ENDPOINTS: frozenset[str] = frozenset({"chat.completions", "completions", "embeddings", "responses"})
 
 
+# Made ids: a random per-process prefix and a counter (48 bits each, 24 hex digits as
+# before), unique without a getrandom call per request. A forked worker draws its own prefix.
+_id_prefix = ""
+_id_counter = itertools.count()
+
+
+def _new_id_prefix() -> None:
+    global _id_prefix, _id_counter
+    _id_prefix = "tg-" + os.urandom(6).hex()
+    _id_counter = itertools.count()
+
+
+_new_id_prefix()
+os.register_at_fork(after_in_child=_new_id_prefix)
+
+
 def request_id_of(request: web.Request, header: str) -> str:
     """Honour a sane incoming id (so callers can correlate); otherwise make one."""
     incoming = request.headers.get(header)
     if incoming is not None and _REQUEST_ID_OK.fullmatch(incoming):
         return incoming
-    return "tg-" + os.urandom(12).hex()
+    return f"{_id_prefix}{next(_id_counter):012x}"
 
 
 def new_exchange(request: web.Request, endpoint: Endpoint, request_id_header: str) -> Exchange:
