@@ -23,9 +23,16 @@ def cmd_run(argv: list[str]) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny run that only checks the machinery")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--duration", type=float, default=3.0, help="seconds per measure")
+    p.add_argument("--targets", default=None, help="comma-separated subset, e.g. passthrough,tollgate (direct always runs)")
+    p.add_argument("--workloads", default=None, help="comma-separated subset of ns-c1,ns-c64,s64-c1,s64-c256")
     p.add_argument("--out", type=Path, default=None, help=f"default: {RESULTS} (smoke: stdout only)")
     a = p.parse_args(argv)
-    plan = runner.smoke_plan() if a.smoke else runner.full_plan(reps=a.reps, duration_s=a.duration)
+    plan = runner.smoke_plan() if a.smoke else runner.full_plan(
+        reps=a.reps,
+        duration_s=a.duration,
+        targets=tuple(a.targets.split(",")) if a.targets else None,
+        workloads=tuple(a.workloads.split(",")) if a.workloads else None,
+    )
     result = runner.run(plan, log=lambda s: print(s, file=sys.stderr, flush=True))
     command = "python -m bench run" + (" --smoke" if a.smoke else "")
     text = report.render(result, command)

@@ -68,7 +68,16 @@ def parse_raw(text: str) -> list[tuple[list[tuple[str, str]], int]]:
     return stacks
 
 
+def _idle(frames: list[tuple[str, str]]) -> bool:
+    # A pool thread (the ledger's) waiting for work: blocked in queue.get's C code, which
+    # py-spy does not always recognise as idle. Its run time per request is ~0 (schedstat).
+    func, file = frames[-1]
+    return func == "_worker" and file.endswith("concurrent/futures/thread.py")
+
+
 def summarize(stacks: list[tuple[list[tuple[str, str]], int]], top: int = 25) -> list[str]:
+    idle = sum(n for frames, n in stacks if _idle(frames))
+    stacks = [(frames, n) for frames, n in stacks if not _idle(frames)]
     total = sum(n for _, n in stacks) or 1
     by_area: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
@@ -93,7 +102,7 @@ def summarize(stacks: list[tuple[list[tuple[str, str]], int]], top: int = 25) ->
         return [*lines, ""]
 
     return [
-        f"{total} samples.",
+        f"{total} samples ({idle} more of an idle worker thread waiting for work left out).",
         "",
         *table("By area (innermost Python frame)", by_area),
         *table("Tollgate functions, inclusive", inclusive),

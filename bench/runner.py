@@ -64,16 +64,30 @@ class Plan:
     reps: int
     warmup_s: float
     smoke: bool
+    # Quick A/B runs: measure only these targets / workloads (None: all). Servers not
+    # selected are not started.
+    only_targets: tuple[str, ...] | None = None
 
 
-def full_plan(reps: int = 3, duration_s: float = 3.0) -> Plan:
+FULL_WORKLOADS = (
+    Workload("ns-c1", "non-stream, c=1", False, 1),
+    Workload("ns-c64", "non-stream, c=64", False, 64),
+    Workload("s64-c1", "64-chunk stream, c=1", True, 1),
+    Workload("s64-c256", "64-chunk stream, c=256", True, 256),
+)
+
+
+def full_plan(
+    reps: int = 3,
+    duration_s: float = 3.0,
+    targets: tuple[str, ...] | None = None,
+    workloads: tuple[str, ...] | None = None,
+) -> Plan:
+    unknown = set(workloads or ()) - {w.name for w in FULL_WORKLOADS}
+    if unknown:
+        raise ValueError(f"unknown workloads {sorted(unknown)}; choose from {[w.name for w in FULL_WORKLOADS]}")
     return Plan(
-        workloads=(
-            Workload("ns-c1", "non-stream, c=1", False, 1),
-            Workload("ns-c64", "non-stream, c=64", False, 64),
-            Workload("s64-c1", "64-chunk stream, c=1", True, 1),
-            Workload("s64-c256", "64-chunk stream, c=256", True, 256),
-        ),
+        workloads=tuple(w for w in FULL_WORKLOADS if workloads is None or w.name in workloads),
         chunks=64,
         ttft_ms=0.0,
         gap_ms=1.0,
@@ -83,6 +97,7 @@ def full_plan(reps: int = 3, duration_s: float = 3.0) -> Plan:
         reps=reps,
         warmup_s=0.5,
         smoke=False,
+        only_targets=targets,
     )
 
 
@@ -193,6 +208,9 @@ def start_servers(
         children.append(child)
         return child
 
+    def wanted(name: str) -> bool:
+        return plan.only_targets is None or name in plan.only_targets
+
     try:
         upstream = keep(
             procs.start(
@@ -219,7 +237,7 @@ def start_servers(
         log(f"upstream on {up_url}")
         targets.append(Target("direct", "direct (no proxy)", up_url, None))
 
-        binary = nginx.find_nginx()
+        binary = nginx.find_nginx() if wanted("nginx") else None
         if binary is not None:
             result.nginx_version = nginx.version(binary)
             ngx = keep(nginx.start(binary, workdir, upstream.port))
@@ -228,10 +246,10 @@ def start_servers(
                     "nginx", f"nginx {result.nginx_version} proxy_pass", f"http://127.0.0.1:{ngx.port}", ngx
                 )
             )
-        else:
+        elif wanted("nginx"):
             result.notes.append("nginx not installed: its column is missing.")
 
-        bare = keep(
+        bare = None if not wanted("passthrough") else keep(
             procs.start(
                 "passthrough",
                 [PY, "-m", "bench", "passthrough", "--upstream", up_url],
@@ -239,9 +257,10 @@ def start_servers(
                 ready=r"READY (\d+)",
             )
         )
-        targets.append(
-            Target("passthrough", "bare aiohttp passthrough", f"http://127.0.0.1:{bare.port}", bare)
-        )
+        if bare is not None:
+            targets.append(
+                Target("passthrough", "bare aiohttp passthrough", f"http://127.0.0.1:{bare.port}", bare)
+            )
 
         sink = keep(procs.start("otlp-sink", [PY, "-m", "bench", "sink"], workdir, ready=r"READY (\d+)"))
 
@@ -276,6 +295,8 @@ def start_servers(
                 1, ("tollgate-nobudget", "Tollgate (all on but no budget)", [], env, False, False)
             )
         for name, label, extra, child_env, budget, only_concurrent in variants:
+            if not wanted(name):
+                continue
             cfg = workdir / f"{name}.yaml"
             cfg.write_text(tollgate_yaml(upstream.port, workdir / f"{name}-ledger.db", budget))
             child = keep(
