@@ -568,32 +568,27 @@ def _consistent(
     )
 
 
+# (input, output, input details, output details) field names: the Responses API's, then
+# chat/completions/embeddings'.
+_RESPONSES_USAGE = ("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
+_CHAT_USAGE = ("prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details")
+
+
 def _usage_from_object(usage: object) -> Usage | None:
     if not isinstance(usage, dict):
         return None
-    if "input_tokens" in usage or "output_tokens" in usage:
-        # Responses API shape.
-        input_tokens = _count(usage.get("input_tokens"))
-        output_tokens = _count(usage.get("output_tokens"))
-        if input_tokens is None and output_tokens is None:
-            return None
-        return _consistent(
-            input_tokens or 0,
-            output_tokens or 0,
-            cached=_detail(usage, "input_tokens_details", "cached_tokens"),
-            reasoning=_detail(usage, "output_tokens_details", "reasoning_tokens"),
-            cache_write=_detail(usage, "input_tokens_details", "cache_write_tokens"),
-        )
-    prompt = _count(usage.get("prompt_tokens"))
-    completion = _count(usage.get("completion_tokens"))
-    if prompt is None and completion is None:
+    responses = "input_tokens" in usage or "output_tokens" in usage
+    inp, out, inp_details, out_details = _RESPONSES_USAGE if responses else _CHAT_USAGE
+    input_tokens = _count(usage.get(inp))
+    output_tokens = _count(usage.get(out))
+    if input_tokens is None and output_tokens is None:
         return None
     return _consistent(
-        prompt or 0,
-        completion or 0,
-        cached=_detail(usage, "prompt_tokens_details", "cached_tokens"),
-        reasoning=_detail(usage, "completion_tokens_details", "reasoning_tokens"),
-        cache_write=_detail(usage, "prompt_tokens_details", "cache_write_tokens"),
+        input_tokens or 0,
+        output_tokens or 0,
+        cached=_detail(usage, inp_details, "cached_tokens"),
+        reasoning=_detail(usage, out_details, "reasoning_tokens"),
+        cache_write=_detail(usage, inp_details, "cache_write_tokens"),
     )
 
 
