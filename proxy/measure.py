@@ -107,6 +107,22 @@ _CHAT_CONTENT_CHUNK = re.compile(
 _CONTENT_TAIL = re.compile(_CONTENT_AND_REST).fullmatch
 
 
+def note_response_identity(ex: Exchange, response: dict[str, Any]) -> None:
+    """The model that answered and the response id, from a body, a chunk or a Responses event."""
+    model = response.get("model")
+    if isinstance(model, str):
+        ex.response_model = model
+    rid = response.get("id")
+    if isinstance(rid, str):
+        ex.response_id = rid
+
+
+def note_finish_reason(ex: Exchange, choice: dict[str, Any]) -> None:
+    reason = choice.get("finish_reason")
+    if isinstance(reason, str):
+        ex.finish_reasons.append(reason)
+
+
 class StreamTap:
     """Measures an SSE response as its chunks pass by.
 
@@ -214,19 +230,12 @@ class StreamTap:
             ex.llamacpp_timings = timings
         response = payload.get("response") if ex.endpoint == "responses" else payload
         if isinstance(response, dict):
-            model = response.get("model")
-            if isinstance(model, str):
-                ex.response_model = model
-            rid = response.get("id")
-            if isinstance(rid, str):
-                ex.response_id = rid
+            note_response_identity(ex, response)
         choices = payload.get("choices")
         if isinstance(choices, list):
             for choice in choices:
                 if isinstance(choice, dict):
-                    reason = choice.get("finish_reason")
-                    if isinstance(reason, str):
-                        ex.finish_reasons.append(reason)
+                    note_finish_reason(ex, choice)
         if ex.endpoint == "responses" and payload.get("type") == "response.completed":
             resp = payload.get("response")
             if isinstance(resp, dict) and isinstance(resp.get("status"), str):
@@ -300,20 +309,13 @@ def measure_body(ex: Exchange, body: bytes) -> None:
             usage = usage_from_llamacpp_timings(timings)
     if usage is not None:
         ex.usage = usage
-    model = payload.get("model")
-    if isinstance(model, str):
-        ex.response_model = model
-    rid = payload.get("id")
-    if isinstance(rid, str):
-        ex.response_id = rid
+    note_response_identity(ex, payload)
     choices = payload.get("choices")
     if isinstance(choices, list):
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
-            reason = choice.get("finish_reason")
-            if isinstance(reason, str):
-                ex.finish_reasons.append(reason)
+            note_finish_reason(ex, choice)
             msg = choice.get("message")
             if isinstance(msg, dict):
                 _text_of_chat_delta(msg, ex.output_text_parts)
