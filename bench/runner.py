@@ -25,23 +25,21 @@ from bench import loadgen, nginx, procs
 PY = sys.executable
 _TOLLGATE_READY = r"tollgate ready on http://127\.0\.0\.1:(\d+)/v1"
 
-# ---------------------------------------------------------------------------------------------
-# Budget (SQLite ledger) for the Tollgate targets. Applied only when proxy/settings.py has a
-# `budgets` section; the limit is far above what a run spends, so every request is admitted,
-# reserved and settled (the work users pay for) and none is refused.
-# LEAD: confirm the keys below match the final settings schema (BudgetRule/LedgerSettings in
-# proxy/budgets.py) and the bench picks it up on its own.
-BUDGET_YAML = """
+# Every Tollgate target keeps its ledger (and spend log) in the run's work directory; the
+# budgeted ones add a daily USD budget far above what a run spends, so every request is
+# admitted, reserved and settled (the work users pay for) and none is refused.
+LEDGER_YAML = """
 ledger:
   backend: sqlite
   path: {ledger_path}
+"""
+BUDGET_YAML = """
 budgets:
   - name: bench-global
     period: daily
     limit_usd: 1000000
     action: block
 """
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -178,8 +176,9 @@ logging:
   level: info
   access_log: true
 """
+    base += LEDGER_YAML.format(ledger_path=ledger_path)
     if with_budget:
-        base += BUDGET_YAML.format(ledger_path=ledger_path)
+        base += BUDGET_YAML
     return base
 
 
