@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import socket
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -217,7 +218,10 @@ async def test_ledger_unusable_at_start_is_a_clear_error(tmp_path: Path) -> None
 
 
 async def test_unreachable_otlp_collector_changes_nothing_for_requests(
-    start_proxy: StartProxy, fake_openai: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+    start_proxy: StartProxy,
+    fake_openai: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     # The SDK's batch processor reads its own settings from the process environment.
     monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4")
@@ -233,9 +237,16 @@ async def test_unreachable_otlp_collector_changes_nothing_for_requests(
         if proxies:
             proxies[0].app[METRICS].count_dropped_span()
 
+    # A collector that takes the connection and never answers: every export waits out its
+    # timeout, so the queue surely fills (a refused port fails so fast that whether spans
+    # drop depended on timing).
+    black_hole = socket.socket()
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(64)
+    request.addfinalizer(black_hole.close)
     provider = make_tracer_provider(
         env={
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # nobody listens
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{black_hole.getsockname()[1]}",
             "OTEL_EXPORTER_OTLP_TIMEOUT": "200",
         },
         max_queue_size=8,
