@@ -62,6 +62,8 @@ async def start_workers(tmp_path: Path, extra_yaml: str = "") -> AsyncIterator[t
     async with FakeUpstream() as fake:
         fake.replay(openai_capture("chat-basic"))
         config = tmp_path / "tollgate.yaml"
+        if "ledger:" not in extra_yaml:  # never ./data of the checkout
+            extra_yaml += f"\nledger:\n  path: {tmp_path / 'ledger.db'}\n"
         config.write_text(proxy_yaml(fake.api_base, extra=extra_yaml))
         tollgate = await start_tollgate(config, tmp_path / "serve.log", workers=2)
         try:
