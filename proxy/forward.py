@@ -132,7 +132,7 @@ def upstream_headers(
     return out
 
 
-def relayed_headers(upstream_headers_: CIMultiDictProxy[str], *, decoded: bool) -> CIMultiDict[str]:
+def relayed_headers(upstream_headers_: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream_headers_.items():
         lname = name.lower()
@@ -216,7 +216,7 @@ async def relay(
     content_type = resp.headers.get("Content-Type", "")
     is_sse = content_type.startswith("text/event-stream")
     out = web.StreamResponse(status=resp.status, reason=resp.reason)
-    out.headers.update(relayed_headers(resp.headers, decoded=True))
+    out.headers.update(relayed_headers(resp.headers))
     out.headers["X-Request-Id"] = ex.request_id
     extra = ex.extra.get("response_headers")
     if extra:
