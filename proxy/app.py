@@ -9,10 +9,9 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from aiohttp import web
-from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from proxy import handlers
@@ -25,15 +24,17 @@ from proxy.observers import (
     AccessLogObserver,
     MetricsObserver,
     SummaryObserver,
-    TracingObserver,
     start_metrics_server,
 )
 from proxy.observers.budget_metrics import BudgetMetrics
 from proxy.pricing import Price, PriceTable
 from proxy.settings import Settings
 from proxy.state import RUNTIME, FaultMetrics, Runtime, utc_now
-from proxy.tokens import warm
+from proxy.tokens import load_in_background, warm
 from proxy.webhook import WebhookSender
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger("tollgate")
 
@@ -59,6 +60,8 @@ def make_app(
     summary = SummaryObserver()
     observers = Observers([metrics, summary])
     if tracer_provider is not None:
+        from proxy.observers.tracing import TracingObserver  # the SDK only when tracing is on
+
         observers.add(TracingObserver(tracer_provider))
     if settings.logging.access_log:
         observers.add(
@@ -171,16 +174,12 @@ async def upstream_sessions(app: web.Application) -> AsyncIterator[None]:
 
 
 async def tokenizers(app: web.Application) -> AsyncIterator[None]:
-    # Building a BPE table holds the GIL for ~0.5 s: do it off the request path at start,
-    # and report ready only once the default encoding is loaded, so no stream stalls on it.
-    rt = app[RUNTIME]
-
-    async def load() -> None:
-        # o200k_base (also the unknown-model default) and cl100k_base.
-        await asyncio.to_thread(warm, ("gpt-4o", "gpt-4"))
-        rt.tokenizers_ready.set()
-
-    rt.spawn(load(), "warming tokenizers")
+    # Building a BPE table holds the GIL for ~0.3 s, which would stall every stream if a
+    # request triggered it: the fallback encoding (o200k_base, also every unknown model's)
+    # is built before the server listens. Any other is built in the background when a
+    # request first needs it.
+    await asyncio.to_thread(warm, ())
+    load_in_background()
     yield
 
 

@@ -225,9 +225,7 @@ async def readyz(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     if rt.ready:
         return web.json_response({"status": "ready", "upstreams": sorted(rt.upstreams)})
-    return web.json_response(
-        {"status": "not ready", "tokenizers_loaded": rt.tokenizers_ready.is_set()}, status=503
-    )
+    return web.json_response({"status": "not ready"}, status=503)
 
 
 def require_admin(request: web.Request, rt: Runtime) -> None:

@@ -34,6 +34,7 @@ Signals, in every process that serves:
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -111,9 +112,10 @@ async def serve(
     (without it, SIGHUP is logged and ignored)."""
     from proxy.app import METRICS, METRICS_RUNNER, make_app
     from proxy.ledger import LedgerError
-    from proxy.observers import make_tracer_provider
     from proxy.observers.metrics import metrics_handler
+    from proxy.observers.otel_env import tracing_requested
     from proxy.state import RUNTIME
+    from proxy.tokens import EncodingDataError
 
     built: list[web.Application] = []
 
@@ -122,7 +124,11 @@ async def serve(
         if built:
             built[0][METRICS].count_dropped_span()
 
-    tracer_provider = make_tracer_provider(on_drop=dropped_span)
+    tracer_provider = None
+    if tracing_requested(os.environ):
+        from proxy.observers.tracing import make_tracer_provider
+
+        tracer_provider = make_tracer_provider(on_drop=dropped_span)
     # app.py binds the metrics port without SO_REUSEPORT, which a second worker could not
     # share; in that case the app is told metrics are off and the port is bound here.
     own_metrics = reuse_port and settings.metrics.enabled
@@ -143,20 +149,22 @@ async def serve(
     )
     try:
         await runner.setup()
-    except LedgerError as exc:
-        # The ledger is where spend is kept: serving without it would lose money silently.
-        log.error("%s", exc)
+        site = web.TCPSite(
+            runner,
+            settings.server.host,
+            settings.server.port,
+            reuse_address=True,
+            reuse_port=True if reuse_port else None,
+            backlog=1024,
+        )
+        await site.start()
+    except (LedgerError, EncodingDataError, OSError) as exc:
+        # One line that says what is wrong, not a traceback: a ledger that cannot open (serving
+        # without it would lose spend silently), tokenizer data that fails its hash, a port
+        # that is taken (uvloop's message names the address).
+        log.error("cannot start: %s", exc)
         await runner.cleanup()
         raise SystemExit(1) from None
-    site = web.TCPSite(
-        runner,
-        settings.server.host,
-        settings.server.port,
-        reuse_address=True,
-        reuse_port=True if reuse_port else None,
-        backlog=1024,
-    )
-    await site.start()
 
     metrics_runner: web.AppRunner | None = None
     if own_metrics:
@@ -169,6 +177,10 @@ async def serve(
     elif settings.metrics.enabled:
         metrics_runner = app[METRICS_RUNNER]
 
+    # What start-up built lives as long as the process: frozen, the cyclic GC stops walking
+    # it on every full collection (the CLI turned the GC off for the start, see __main__).
+    gc.freeze()
+    gc.enable()
     metrics_url = (
         f"http://{settings.metrics.host}:{_bound_port(metrics_runner)}{settings.metrics.path}"
         if metrics_runner is not None
@@ -339,6 +351,7 @@ def serve_workers(
     SIGHUP is forwarded to the workers, each of which reloads with `reload`."""
     from prometheus_client.multiprocess import mark_process_dead
 
+    gc.enable()  # each worker freezes its own start-up state in `serve`
     if workers < 1:
         raise ValueError(f"workers must be >= 1, not {workers}")
     inherited = os.environ.get("PROMETHEUS_MULTIPROC_DIR")

@@ -81,7 +81,6 @@ class Runtime:
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     unpriced_warned: set[str] = field(default_factory=set)
     measure_failures: int = 0
-    tokenizers_ready: asyncio.Event = field(default_factory=asyncio.Event)
     # Settlements the ledger could not take (storage down): retried until it can, so a
     # request that was served is charged once the ledger is back (see finish.settle).
     unsettled: deque[Any] = field(default_factory=deque)
@@ -106,8 +105,7 @@ class Runtime:
     @property
     def ready(self) -> bool:
         return (
-            self.tokenizers_ready.is_set()
-            and self._ledger is not None
+            self._ledger is not None
             and bool(self.upstreams)
             and not any(u.closed for u in self.upstreams.values())
         )

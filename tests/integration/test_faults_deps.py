@@ -217,6 +217,28 @@ async def test_ledger_unusable_at_start_is_a_clear_error(tmp_path: Path) -> None
     assert "Traceback" not in text
 
 
+@pytest.mark.parametrize("taken", ["server", "metrics"])
+async def test_a_port_in_use_at_start_is_a_clear_error(tmp_path: Path, taken: str) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        text = server_yaml(f"http://127.0.0.1:{free_port()}/v1", tmp_path / "ledger.db")
+        section = text.index(f"{taken}:")
+        text = text[:section] + text[section:].replace("port: 0", f"port: {port}", 1)
+        config = tmp_path / "tollgate.yaml"
+        config.write_text(text)
+        try:
+            await start_server_process(config, tmp_path, timeout=20)
+        except AssertionError as exc:
+            out = str(exc)
+        else:
+            raise AssertionError(f"started with its {taken} port taken")
+    assert "exited with 1" in out
+    assert "cannot start" in out and f"127.0.0.1', {port})" in out and "address already in use" in out
+    assert "Traceback" not in out and "Unclosed client session" not in out
+
+
 async def test_unreachable_otlp_collector_changes_nothing_for_requests(
     start_proxy: StartProxy,
     fake_openai: FakeUpstream,

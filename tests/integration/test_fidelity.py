@@ -316,8 +316,7 @@ ATTEMPTS = 5
 
 
 async def wait_ready(proxy: Proxy, timeout: float = 10.0) -> None:
-    """Wait for /readyz, as a load balancer would: the proxy warms its tokenizers in a
-    thread at start, and that thread holding the GIL would stall a stream measured now."""
+    """Wait for /readyz, as a load balancer would, before measuring anything."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     async with aiohttp.ClientSession() as session:

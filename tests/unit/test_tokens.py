@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +73,20 @@ def upstream(**kw: int) -> Usage:
 # Offline loading
 
 
+@pytest.fixture(autouse=True)
+def loading_in_the_foreground(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy started earlier in this process (integration tests) switched loading to the
+    background; these tests want the plain blocking behaviour unless they ask otherwise."""
+    monkeypatch.setattr(tokens, "_in_background", False)
+
+
 @pytest.fixture
 def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty tiktoken cache, a fresh encoding cache, and every road to the network shut."""
     cache = tmp_path / "tiktoken-cache"
     cache.mkdir()
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    monkeypatch.setenv("TOLLGATE_CACHE_DIR", str(tmp_path / "tollgate-cache"))
     monkeypatch.setattr(tokens, "_ENCODINGS", {})
 
     def no_network(*args: object, **kwargs: object) -> None:
@@ -160,6 +169,88 @@ def test_bundled_data_with_wrong_hash_is_refused(
         tokens.encoding_for("gpt-4o")
     with pytest.raises(tokens.EncodingDataError):
         tokens.warm(["gpt-5-nano"])
+
+
+def test_parsed_ranks_are_cached_and_a_bad_cache_entry_is_parsed_again(
+    offline: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    spec = tokens._spec_of("cl100k_base")
+    assert spec is not None
+    cache_file = tokens._ranks_cache_file(spec)
+    assert cache_file is not None and cache_file.is_relative_to(tmp_path / "tollgate-cache")
+    parsed = tokens._load_ranks(spec)
+    assert parsed is not None and len(parsed) == 100256
+    assert cache_file.is_file()
+
+    # With the cache in place, the shipped data is not read at all.
+    empty = tmp_path / "no-bundled-data"
+    empty.mkdir()
+    monkeypatch.setattr(tokens, "_bundled_data_dir", lambda: empty)
+    assert tokens._load_ranks(spec) == parsed
+    assert tokens.count_text_tokens("hello world", "gpt-4") == 2
+
+    # One flipped byte in the payload: the entry is refused, the data parsed and cached again.
+    monkeypatch.undo()
+    monkeypatch.setenv("TOLLGATE_CACHE_DIR", str(tmp_path / "tollgate-cache"))
+    raw = bytearray(cache_file.read_bytes())
+    raw[-10] ^= 0xFF
+    cache_file.write_bytes(bytes(raw))
+    assert tokens._read_cached_ranks(cache_file) is None
+    assert tokens._load_ranks(spec) == parsed
+    assert tokens._read_cached_ranks(cache_file) == parsed
+    # Truncated, or not ours at all: refused too.
+    cache_file.write_bytes(cache_file.read_bytes()[:1000])
+    assert tokens._read_cached_ranks(cache_file) is None
+    cache_file.write_bytes(b"garbage")
+    assert tokens._read_cached_ranks(cache_file) is None
+
+
+def test_an_unwritable_cache_only_costs_the_parse(offline: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("TOLLGATE_CACHE_DIR", str(blocker))
+    assert tokens.count_text_tokens("hello world", "gpt-4") == 2
+    monkeypatch.setenv("TOLLGATE_CACHE_DIR", "")  # empty: caching is off
+    spec = tokens._spec_of("cl100k_base")
+    assert spec is not None and tokens._ranks_cache_file(spec) is None
+
+
+def test_in_background_a_missing_encoding_is_estimated_with_the_fallback_until_built(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("TOLLGATE_CACHE_DIR", str(tmp_path / "tollgate-cache"))
+    tokens.warm()
+    monkeypatch.setattr(tokens, "_ENCODINGS", {"o200k_base": tokens._ENCODINGS["o200k_base"]})
+    monkeypatch.setattr(tokens, "_in_background", False)
+    tokens.load_in_background()
+    assert tokens.encoding_for("gpt-4").name == "o200k_base"  # returns at once
+    deadline = time.monotonic() + 30
+    while tokens._ENCODINGS.get("cl100k_base") is None:
+        assert time.monotonic() < deadline, "cl100k_base was never built"
+        time.sleep(0.01)
+    assert tokens.encoding_for("gpt-4").name == "cl100k_base"
+
+
+def test_in_background_an_encoding_that_cannot_load_leaves_the_fallback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tokens.warm()
+    monkeypatch.setattr(tokens, "_ENCODINGS", {"o200k_base": tokens._ENCODINGS["o200k_base"]})
+    monkeypatch.setattr(tokens, "_in_background", True)
+    monkeypatch.setenv("TOLLGATE_CACHE_DIR", "")
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    (tampered / "cl100k_base.tiktoken.gz").write_bytes(gzip.compress(b"IQ== 0\n"))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "no-tiktoken-cache"))
+    monkeypatch.setattr(tokens, "_bundled_data_dir", lambda: tampered)
+    assert tokens.encoding_for("gpt-4").name == "o200k_base"
+    deadline = time.monotonic() + 30
+    while "cl100k_base" not in tokens._ENCODINGS:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert tokens._ENCODINGS["cl100k_base"] is None
+    assert tokens.encoding_for("gpt-4").name == "o200k_base"
+    assert "cannot load the cl100k_base tokenizer" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,49 @@
+"""Tokenizers at start and on first use: the proxy builds only the fallback encoding
+(o200k_base) before it serves, and any other encoding in the background when a request first
+needs it, estimating with the fallback meanwhile instead of making that request wait."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import openai
+import pytest
+
+from proxy import tokens
+from tests.integration.conftest import StartProxy, proxy_yaml
+from tests.support.cassettes import openai_capture
+from tests.support.fake_upstream import FakeUpstream
+
+
+async def test_only_the_fallback_is_built_before_serving_and_others_on_first_use(
+    start_proxy: StartProxy, fake_openai: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokens.warm()  # already built by earlier tests in this process, or now: kept out of the timing
+    monkeypatch.setattr(tokens, "_ENCODINGS", {})
+    monkeypatch.setattr(tokens, "_in_background", False)
+    monkeypatch.setattr(tokens, "_BUILDING", set())
+
+    # A budget, so admission estimates the prompt: that is what needs a tokenizer.
+    budget = "budgets:\n  - name: daily\n    period: daily\n    limit_usd: 100\n"
+    proxy = await start_proxy(proxy_yaml(fake_openai.api_base, extra=budget))
+    assert set(tokens._ENCODINGS) == {"o200k_base"}
+    assert tokens._in_background
+
+    # text-embedding-3-small is a cl100k_base model: served at once, estimated with o200k_base.
+    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-client", max_retries=0, timeout=10)
+    capture = openai_capture("embeddings-basic")
+    fake_openai.replay(capture)
+    body = capture.request_json
+    assert tokens.encoding_name_for(body["model"]) == "cl100k_base"
+    started = time.monotonic()
+    result = await client.embeddings.create(**body)
+    assert result.data and result.usage.prompt_tokens > 0
+
+    deadline = started + 30
+    while tokens._ENCODINGS.get("cl100k_base") is None:
+        assert time.monotonic() < deadline, "cl100k_base was never built"
+        await asyncio.sleep(0.02)
+    assert tokens.encoding_for(body["model"]).name == "cl100k_base"
+    # And the next request for it uses it.
+    await client.embeddings.create(**body)
