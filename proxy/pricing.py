@@ -201,7 +201,7 @@ class PriceTable:
     def from_yaml_text(cls, text: str, source: str = "pricing") -> PriceTable:
         """Parse a pricing file; every bad entry is reported at once as a ConfigError."""
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
         except yaml.YAMLError as exc:
             raise ConfigError([f"not valid YAML: {exc}"], source) from None
         if data is None:
