@@ -543,7 +543,7 @@ def kind_rows(results: list[RequestResult]) -> list[dict[str, Any]]:
         rs = [r for r in results if r.kind == name]
         # "upstream" when input and output agree on their source, else "input/output".
         sources = sorted(
-            {r.input_source if r.input_source == r.output_source else f"{r.input_source}/{r.output_source}" for r in rs}
+            {(r.input_source or "none") if r.input_source == r.output_source else f"{r.input_source}/{r.output_source}" for r in rs}
         )
         rows.append(
             {

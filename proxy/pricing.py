@@ -239,7 +239,7 @@ class PriceTable:
         specific first. A user's glob therefore beats a shipped exact entry: whoever wrote
         `gpt-4o*` in their own file meant it for every gpt-4o model.
         """
-        names = (model,)
+        names: tuple[str, ...] = (model,)
         undated = _SNAPSHOT_SUFFIX.sub("", model)
         if undated != model:
             names = (model, undated)

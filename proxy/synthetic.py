@@ -316,7 +316,7 @@ class SyntheticUpstream:
         rid_hash = hashlib.sha256(truth.request_id.encode()).hexdigest()[:24]
         created = int(time.time())
         if truth.endpoint == "chat.completions":
-            message = {"role": "assistant", "content": truth.text, "refusal": None, "annotations": []}
+            message: dict[str, Any] = {"role": "assistant", "content": truth.text, "refusal": None, "annotations": []}
             payload: dict[str, Any] = {
                 "id": "chatcmpl-" + rid_hash,
                 "object": "chat.completion",

@@ -37,7 +37,7 @@ from typing import Any
 
 import tiktoken
 import tiktoken.model
-import tiktoken_ext.openai_public as openai_public
+import tiktoken_ext.openai_public as openai_public  # type: ignore[import-untyped]
 
 from proxy.usage import Usage
 
@@ -548,7 +548,8 @@ class _Counter:
         if not isinstance(tool, dict):
             return self.json(tool)
         # chat: {"type":"function","function":{...}}; legacy functions and Responses: flat.
-        fn = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+        inner = tool.get("function")
+        fn: dict[str, Any] = inner if isinstance(inner, dict) else tool
         name = fn.get("name")
         if not isinstance(name, str):
             # Built-in tools (web_search, file_search ...) have no schema to render.
