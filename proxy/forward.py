@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
+from aiohttp.connector import Connection
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import UpstreamError, translate_upstream_exception
@@ -65,21 +67,49 @@ class Upstream:
 STALE_CONNECTION_RETRIES = 3
 
 
-async def _on_reused(
-    session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceConnectionReuseconnParams
-) -> None:
-    if isinstance(ctx.trace_request_ctx, dict):
-        ctx.trace_request_ctx["reused"] = True
+class _Attempt:
+    """One send of a request: whether it went out on a pooled keep-alive connection."""
+
+    __slots__ = ("reused",)
+
+    def __init__(self) -> None:
+        self.reused = False
 
 
-_REUSE_TRACE = aiohttp.TraceConfig()
-_REUSE_TRACE.on_connection_reuseconn.append(_on_reused)
-_REUSE_TRACE.freeze()
+# The attempt in flight on this task: connect() runs inside session.request(), on the task
+# that awaits it, so the connector can tell send() about the connection it handed out.
+_ATTEMPT: ContextVar[_Attempt | None] = ContextVar("tollgate_upstream_attempt", default=None)
+
+
+class ReuseAwareConnector(aiohttp.TCPConnector):
+    """A TCPConnector that tells the request in flight whether its connection was pooled.
+
+    A connection handed out before is a reused keep-alive one. (A TraceConfig's
+    on_connection_reuseconn says the same, but any TraceConfig makes aiohttp run its trace
+    machinery on every request.)"""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._handed_out: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    async def connect(
+        self, req: aiohttp.ClientRequest, traces: list[Any], timeout: aiohttp.ClientTimeout
+    ) -> Connection:
+        conn = await super().connect(req, traces, timeout)
+        proto = conn.protocol
+        if proto is not None:
+            if proto in self._handed_out:
+                attempt = _ATTEMPT.get()
+                if attempt is not None:
+                    attempt.reused = True
+            else:
+                self._handed_out.add(proto)
+        return conn
 
 
 def open_upstream(name: str, settings: UpstreamSettings, global_settings: Settings) -> Upstream:
     timeouts = settings.effective_timeouts(global_settings.timeouts)
-    connector = aiohttp.TCPConnector(
+    connector = ReuseAwareConnector(
         limit=settings.max_connections,
         limit_per_host=settings.max_connections,
         keepalive_timeout=30,
@@ -93,7 +123,6 @@ def open_upstream(name: str, settings: UpstreamSettings, global_settings: Settin
         ),
         auto_decompress=True,
         skip_auto_headers=("User-Agent", "Content-Type"),
-        trace_configs=[_REUSE_TRACE],
     )
     return Upstream(
         name=name,
@@ -157,25 +186,28 @@ async def send(
     """Send the request and wait for response headers; errors come back translated."""
     url = upstream.api_base + path_qs
     ex.t_upstream_sent_ns = time.perf_counter_ns()
-    attempt: dict[str, bool] = {}
-    for retry in range(STALE_CONNECTION_RETRIES + 1):
-        attempt["reused"] = False
-        try:
-            resp = await upstream.session.request(
-                method, url, headers=headers, data=body, allow_redirects=False,
-                trace_request_ctx=attempt,
-            )
-            break
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            # A pooled keep-alive connection the upstream closed as we reused it: nothing
-            # was answered, so the request goes again on another connection. aiohttp does
-            # this only for idempotent methods; a POST met the same race. A fresh
-            # connection that fails is never retried: the upstream may have acted on it.
-            if not attempt["reused"] or retry == STALE_CONNECTION_RETRIES:
+    attempt = _Attempt()
+    token = _ATTEMPT.set(attempt)
+    try:
+        for retry in range(STALE_CONNECTION_RETRIES + 1):
+            attempt.reused = False
+            try:
+                resp = await upstream.session.request(
+                    method, url, headers=headers, data=body, allow_redirects=False
+                )
+                break
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # A pooled keep-alive connection the upstream closed as we reused it: nothing
+                # was answered, so the request goes again on another connection. aiohttp does
+                # this only for idempotent methods; a POST met the same race. A fresh
+                # connection that fails is never retried: the upstream may have acted on it.
+                if not attempt.reused or retry == STALE_CONNECTION_RETRIES:
+                    raise translate_upstream_exception(exc, upstream.name, _phase_of(exc)) from exc
+                log.debug("upstream %s dropped a reused connection (%s); sending again", upstream.name, exc)
+            except Exception as exc:  # noqa: BLE001 - translated in exactly one place
                 raise translate_upstream_exception(exc, upstream.name, _phase_of(exc)) from exc
-            log.debug("upstream %s dropped a reused connection (%s); sending again", upstream.name, exc)
-        except Exception as exc:  # noqa: BLE001 - translated in exactly one place
-            raise translate_upstream_exception(exc, upstream.name, _phase_of(exc)) from exc
+    finally:
+        _ATTEMPT.reset(token)
     ex.t_headers_ns = time.perf_counter_ns()
     return resp
 
@@ -257,8 +289,7 @@ async def relay(
                 ex.t_first_byte_ns = t_read
             if stripper is not None:
                 assert tap is not None
-                events = tap.feed(chunk, t_read)
-                chunk = b"".join([stripper.rewrite(ev) for ev in events])
+                chunk = tap.strip(chunk, t_read, stripper)
                 if not chunk:
                     continue
             if not started:
@@ -278,7 +309,7 @@ async def relay(
             ex.overhead_ns += t_written - t_read
             ex.bytes_out += len(chunk)
             if tap is not None and stripper is None:
-                tap.feed(chunk, t_read)
+                tap.tap(chunk, t_read)
         if tap is not None:
             tail = tap.finish(perf())
             if stripper is not None and tail:
