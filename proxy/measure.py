@@ -92,9 +92,11 @@ def output_of_payload(endpoint: str, event_name: str | None, payload: dict[str, 
 # Unchecked strings are printable ASCII without quote or backslash, so a match is valid
 # JSON whenever the content literal is (orjson checks that one).
 _ASCII_STR = rb'"[\x20\x21\x23-\x5b\x5d-\x7e]*"'
+# (The content literal is the unrolled `"(?:[^"\\]|\\.)*"`: fewer regex steps per byte. The
+# `,"usage":null` group is what UsageStripper would cut.)
 _CONTENT_AND_REST = (
-    rb'("(?:[^"\\\x00-\x1f]|\\.)*")\},"logprobs":null,"finish_reason":null\}\]'
-    rb'(?:,"usage":null)?(?:,"obfuscation":' + _ASCII_STR + rb')?\}'
+    rb'("[^"\\\x00-\x1f]*(?:\\.[^"\\\x00-\x1f]*)*")\},"logprobs":null,"finish_reason":null\}\]'
+    rb'(,"usage":null)?(?:,"obfuscation":' + _ASCII_STR + rb')?\}'
 )
 _CHAT_CONTENT_CHUNK = re.compile(
     rb'\{"id":(' + _ASCII_STR + rb'),"object":"chat\.completion\.chunk","created":(?:0|[1-9][0-9]{0,15}),'
@@ -126,12 +128,17 @@ def note_finish_reason(ex: Exchange, choice: dict[str, Any]) -> None:
 class StreamTap:
     """Measures an SSE response as its chunks pass by.
 
-    `on_chunk(events, t_ns)` is given the events a chunk completed and the monotonic time the
-    chunk was read from upstream; a chunk counts once for timing even if it holds several
-    output-carrying events (the gap histogram is per chunk).
+    Each chunk comes with the monotonic time it was read from upstream: `feed` (the events
+    it completed), `tap` (the relay wrote it already) or `strip` (what to relay instead,
+    through a UsageStripper). A chunk counts once for timing even if it holds several
+    output-carrying events (the gap histogram is per chunk). `tap` and `strip` take the
+    common OpenAI content chunk without the SSE parser or a JSON decode of the whole
+    chunk; what they measure and relay is exactly what `feed` and `rewrite` would give.
     """
 
-    __slots__ = ("_first_token_cb", "_prefix", "_prefix_id", "_prefix_model", "ex", "healthy", "parser", "parts")
+    __slots__ = (
+        "_first_token_cb", "_prefix", "_prefix_id", "_prefix_line", "_prefix_model", "ex", "healthy", "parser", "parts",
+    )
 
     def __init__(self, ex: Exchange, on_first_token: Callable[[Exchange], None]) -> None:
         self.ex = ex
@@ -141,6 +148,7 @@ class StreamTap:
         self._first_token_cb = on_first_token
         # The bytes before the content of the last chunk of OpenAI's shape, and its id/model.
         self._prefix: bytes | None = None
+        self._prefix_line: bytes | None = None  # b"data: " + _prefix: where the fast path starts
         self._prefix_id = ""
         self._prefix_model = ""
 
@@ -150,23 +158,132 @@ class StreamTap:
             self._measure(events, t_ns)
         return events
 
+    def tap(self, chunk: bytes, t_ns: int) -> None:
+        """`feed` for a relay that has written the chunk already and needs no events back."""
+        self._take(chunk, t_ns, None)
+
+    def strip(self, chunk: bytes, t_ns: int, stripper: UsageStripper) -> bytes:
+        """`feed`, then the bytes `stripper.rewrite` makes of the events: what to relay."""
+        out = self._take(chunk, t_ns, stripper)
+        assert out is not None
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _take(self, chunk: bytes, t_ns: int, stripper: UsageStripper | None) -> list[bytes] | None:
+        """`feed` (and, with `stripper`, the rewritten bytes to relay), with the usual events
+        taken without the parser: whole chat content chunks of OpenAI's shape that repeat
+        the stream's last prefix, measured and rewritten as on_events and rewrite would."""
+        parser = self.parser
+        line = self._prefix_line
+        if line is None or not self.healthy:
+            return self._general(chunk, t_ns, stripper)
+        # 1. Cut the chunk, in order, into the parser's events and fast events (matches).
+        items: list[list[SSEEvent] | re.Match[bytes]] = []
+        n = len(chunk)
+        pos = 0
+        if not parser.at_block_start():
+            # A read ended inside an event: the parser completes that one, the rest of
+            # the chunk can still take the fast path.
+            pos = parser.pending_block_end(chunk)
+            if pos == 0:
+                return self._general(chunk, t_ns, stripper)
+            items.append(parser.feed(chunk[:pos]))
+            if not parser.at_block_start():
+                items.append(parser.feed(chunk[pos:]))
+                pos = n
+        skip = len(line)
+        while chunk.startswith(line, pos):
+            # Prefix and tail hold no CR or LF (the regexes admit neither): the first LF
+            # after the prefix must end the data line, and a second one the event.
+            eol = chunk.find(b"\n", pos + skip)
+            if eol < 0 or eol + 1 >= n or chunk[eol + 1] != 0x0A:
+                break
+            m = _CONTENT_TAIL(chunk, pos + skip, eol)
+            if m is None:
+                break
+            items.append(m)
+            pos = eol + 2
+        if pos < n:
+            items.append(parser.feed(chunk[pos:]))
+        # 2. Measure them in order; a fast event's id and model are those of the prefix
+        # it matched (measuring the parser's events may move the prefix on).
+        self._measure_items(items, t_ns, self._prefix_id, self._prefix_model)
+        if stripper is None:
+            return None
+        # 3. What to relay.
+        out: list[bytes] = []
+        for item in items:
+            if isinstance(item, list):
+                out.extend([stripper.rewrite(ev) for ev in item])
+                continue
+            start, end = item.pos - skip, item.endpos + 2
+            at = item.start(2)
+            # The event's only `,"usage":null` is the one in its tail (id, model and
+            # content hold no unescaped quote): the first, the one rewrite cuts.
+            out.append(chunk[start:end] if at < 0 else chunk[start:at] + chunk[item.end(2) : end])
+        return out
+
+    def _general(self, chunk: bytes, t_ns: int, stripper: UsageStripper | None) -> list[bytes] | None:
+        events = self.feed(chunk, t_ns)
+        return None if stripper is None else [stripper.rewrite(ev) for ev in events]
+
+    def _measure_items(
+        self, items: list[list[SSEEvent] | re.Match[bytes]], t_ns: int, prefix_id: str, prefix_model: str
+    ) -> None:
+        ex = self.ex
+        carried = False
+        try:
+            for item in items:
+                if isinstance(item, list):
+                    if item and self.on_events(item):
+                        carried = True
+                    continue
+                try:
+                    content = orjson.loads(item.group(1))
+                except orjson.JSONDecodeError:
+                    continue  # then the whole chunk is not JSON either: relayed, not measured
+                if content:
+                    self.parts.append(content)
+                    carried = True
+                ex.response_id = prefix_id
+                ex.response_model = prefix_model
+            if carried:
+                self._carried(t_ns)
+        except Exception:  # noqa: BLE001 - as _measure: never reach the relay
+            self._failed()
+
+    def _carried(self, t_ns: int) -> None:
+        ex = self.ex
+        ex.output_events += 1
+        if ex.t_first_token_ns is None:
+            ex.t_first_token_ns = t_ns
+            self._first_token_cb(ex)
+        else:
+            ex.gaps_ns.append(t_ns - ex.t_last_token_ns)  # type: ignore[operator]
+        ex.t_last_token_ns = t_ns
+
     def finish(self, t_ns: int) -> list[SSEEvent]:
         events = self.parser.flush()
         if events and self.healthy:
             self._measure(events, t_ns)
         return events
 
-    def _measure(self, events: list[SSEEvent], t_ns: int) -> None:
+    def _measure(self, events: list[SSEEvent], t_ns: int, carried: bool = False) -> None:
+        """Measure the events one chunk completed (`carried`: output already seen in it)."""
         # A bug or a surprise in measuring must never reach the relay: stop measuring this
         # stream, say so once, and let the bytes flow on.
         try:
-            self.on_events(events, t_ns)
+            if self.on_events(events) or carried:
+                self._carried(t_ns)
         except Exception:  # noqa: BLE001
-            self.healthy = False
-            self.ex.extra["measure_failed"] = True
-            log.exception("measuring stream %s failed; relaying on unmeasured", self.ex.request_id)
+            self._failed()
 
-    def on_events(self, events: list[SSEEvent], t_ns: int) -> None:
+    def _failed(self) -> None:
+        self.healthy = False
+        self.ex.extra["measure_failed"] = True
+        log.exception("measuring stream %s failed; relaying on unmeasured", self.ex.request_id)
+
+    def on_events(self, events: list[SSEEvent]) -> bool:
+        """Measure the events; True if any carries output (timing is the caller's)."""
         ex = self.ex
         carried = False
         chat = ex.endpoint != "responses"
@@ -186,6 +303,7 @@ class StreamTap:
                     if m is not None:
                         literal = m.group(3)
                         self._prefix = data[: m.start(3)]
+                        self._prefix_line = b"data: " + self._prefix
                         self._prefix_id = m.group(1)[1:-1].decode("ascii")
                         self._prefix_model = m.group(2)[1:-1].decode("ascii")
                 if literal is not None:
@@ -208,14 +326,7 @@ class StreamTap:
             if output_of_payload(ex.endpoint, ev.event, payload, self.parts):
                 carried = True
             self._note_metadata(payload)
-        if carried:
-            ex.output_events += 1
-            if ex.t_first_token_ns is None:
-                ex.t_first_token_ns = t_ns
-                self._first_token_cb(ex)
-            else:
-                ex.gaps_ns.append(t_ns - ex.t_last_token_ns)  # type: ignore[operator]
-            ex.t_last_token_ns = t_ns
+        return carried
 
     def _note_metadata(self, payload: dict[str, Any]) -> None:
         ex = self.ex

@@ -101,6 +101,25 @@ class SSEParser:
     def pending(self) -> bytes:
         return bytes(self._buf)
 
+    def pending_block_end(self, chunk: bytes) -> int:
+        """With part of a block pending and no CR in sight: how many leading bytes of `chunk`
+        complete it (feeding those gives exactly that block and leaves the parser at a
+        block start). 0 when it does not end in `chunk` or the case is not that simple."""
+        buf = self._buf
+        if not buf or self._skip_lf or not self._bom_checked or b"\r" in buf or b"\r" in chunk:
+            return 0
+        # The pending bytes hold no blank line (it would have ended the block): the first
+        # one across the boundary ends it.
+        if buf[-1] == _LF and chunk[:1] == b"\n":
+            return 1
+        blank = chunk.find(b"\n\n")
+        return 0 if blank < 0 else blank + 2
+
+    def at_block_start(self) -> bool:
+        """Nothing pending: a chunk holding one whole LF-only block would come back from
+        `feed` as exactly that block, leaving the parser as it is now."""
+        return not self._buf and self._bom_checked and not self._skip_lf
+
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         if not chunk:
             return []

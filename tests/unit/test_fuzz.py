@@ -157,10 +157,10 @@ def relay(chunks: list[bytes], endpoint: str, strip: bool) -> tuple[bytes, Excha
     for chunk in chunks:
         t += 1_000
         if stripper is not None:
-            out.extend(stripper.rewrite(ev) for ev in tap.feed(chunk, t))
+            out.append(tap.strip(chunk, t, stripper))
         else:
             out.append(chunk)
-            tap.feed(chunk, t)
+            tap.tap(chunk, t)
     tail = tap.finish(t + 1_000)
     if stripper is not None:
         out.extend(stripper.rewrite(ev) for ev in tail)
@@ -236,6 +236,67 @@ def test_stripper_undoes_exactly_the_injected_usage(
     assert ex.usage is not None and ex.usage.input_source == "upstream"
     assert ex.usage.input_tokens == usage["prompt_tokens"]
     assert ex.usage.output_tokens == usage["completion_tokens"]
+
+
+def openai_chunk(content: str, usage_null: bool, obfuscation: str | None, model: str = "gpt-4o") -> bytes:
+    """A content chunk exactly as api.openai.com writes it (the shape the tap's fast path takes)."""
+    obj: dict[str, Any] = {
+        "id": "chatcmpl-x1", "object": "chat.completion.chunk", "created": 1755137921, "model": model,
+        "service_tier": "default", "system_fingerprint": "fp_1",
+        "choices": [{"index": 0, "delta": {"content": content}, "logprobs": None, "finish_reason": None}],
+    }
+    if usage_null:
+        obj["usage"] = None
+    if obfuscation is not None:
+        obj["obfuscation"] = obfuscation
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def relay_general(chunks: list[bytes], strip: bool) -> tuple[bytes, Exchange]:
+    """`relay` through the parser and `UsageStripper.rewrite` only (no fast path)."""
+    ex = exchange("chat.completions")
+    tap = StreamTap(ex, lambda _: None)
+    stripper = UsageStripper()
+    out: list[bytes] = []
+    t = 0
+    for chunk in chunks:
+        t += 1_000
+        events = tap.feed(chunk, t)
+        out.extend(stripper.rewrite(ev) for ev in events) if strip else out.append(chunk)
+    tail = tap.finish(t + 1_000)
+    if strip:
+        out.extend(stripper.rewrite(ev) for ev in tail)
+    return b"".join(out), ex
+
+
+_openai_events = st.one_of(
+    st.builds(
+        openai_chunk,
+        st.text(max_size=6) | st.sampled_from(['"', "\\", '"},"logprobs":null', ',"usage":null', "\r\n", "é"]),
+        st.booleans(),
+        st.none() | st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=6),
+        st.sampled_from(["gpt-4o", "gpt-4o", "other"]),
+    ),
+    st.sampled_from([b": ping\n\n", b"data: [DONE]\n\n", b"event: x\n", b"data: {\"choices\":[]}\n\n", b"\r\n"]),
+)
+
+
+@settings(FUZZ, max_examples=examples(400))
+@given(events=st.lists(_openai_events, max_size=12), cuts=st.lists(st.integers(0, 3000), max_size=20),
+       whole=st.booleans(), strip=st.booleans())
+def test_tap_fast_path_matches_the_general_path(
+    events: list[bytes], cuts: list[int], whole: bool, strip: bool
+) -> None:
+    """The relay's calls (`tap` / `strip`) take a fast path for OpenAI content chunks that
+    continue the stream's shape; what they relay and measure is what the parser plus
+    `UsageStripper.rewrite` give, chunk for chunk."""
+    chunks = events if whole else rechunk(b"".join(events), cuts)
+    fast_out, fast = relay(chunks, "chat.completions", strip=strip)
+    slow_out, slow = relay_general(chunks, strip=strip)
+    assert fast_out == slow_out
+    for name in ("output_text_parts", "output_events", "gaps_ns", "t_first_token_ns", "t_last_token_ns",
+                 "response_id", "response_model", "usage", "finish_reasons", "error_type", "extra"):
+        assert getattr(fast, name) == getattr(slow, name), name
 
 
 @settings(FUZZ, max_examples=examples(100))
