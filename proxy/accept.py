@@ -80,6 +80,10 @@ async def read_body(request: web.Request, limit: int, timeout: float | None = No
         raise BodyTooLarge(f"Request body of {length} bytes is over the limit of {limit} bytes.")
     deadline = BODY_READ_TIMEOUT_S if timeout is None else timeout
     try:
+        if request.content.is_eof():
+            # The whole body is in already (the usual small body): nothing to wait for,
+            # so no timer to arm and cancel.
+            return await request.read()
         async with asyncio.timeout(deadline):
             return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:

@@ -8,6 +8,7 @@ and when it resets.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -67,6 +68,27 @@ class Hold:
     # Admitted without a reservation because the ledger was down (fail_open): settlement
     # charges the actual cost to `buckets` all the same, when the ledger is back if need be.
     charge_on_settle: bool = False
+
+
+# Ledger ids: the request id (a client's can repeat) plus this process's random tag and a
+# counter, so unique per admission across requests, workers and restarts without a
+# getrandom() call per request. A forked worker draws its own tag.
+_ledger_tag = ""
+_ledger_counter = itertools.count()
+
+
+def _new_ledger_tag() -> None:
+    global _ledger_tag, _ledger_counter
+    _ledger_tag = os.urandom(6).hex()
+    _ledger_counter = itertools.count()
+
+
+_new_ledger_tag()
+os.register_at_fork(after_in_child=_new_ledger_tag)
+
+
+def new_ledger_id(request_id: str) -> str:
+    return f"{request_id}:{_ledger_tag}{next(_ledger_counter):x}"
 
 
 # Failures that mean the ledger's storage is unreachable or unwritable, not a bug.
@@ -178,7 +200,7 @@ async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[st
     clamp = None
     if ex.endpoint != "embeddings":
         clamp = ClampInput(input_cost, input_tokens, cap, price.output / Decimal(1_000_000))
-    ledger_id = f"{ex.request_id}:{os.urandom(4).hex()}"
+    ledger_id = new_ledger_id(ex.request_id)
     try:
         admission = await admit_and_reserve(
             rt.ledger,

@@ -355,14 +355,32 @@ def bucket_for(
         return None
     if rule.scope.model is not None and (model is None or not fnmatch.fnmatchcase(model, rule.scope.model)):
         return None
-    start, end = window(rule.period, now, rule.timezone)
+    start, end, start_text = _window_of(rule.period, rule.timezone, now)
     parts = [rule.name]
     if key is not None:
         parts.append(f"key={_escape(key)}")
     if usr is not None:
         parts.append(f"user={_escape(usr)}")
-    parts.append(start.isoformat())
+    parts.append(start_text)
     return Bucket(id="|".join(parts), rule=rule, start=start, end=end, key=key, user=usr)
+
+
+# The last window computed per (period, timezone), with its start as text: every request
+# asks for the same few, and a day, week or month window holds for every `now` inside it
+# (it depends on `now` only through the local date). Hourly windows are computed each time
+# (a DST shift of half an hour moves the hour boundary). One entry per pair in the config.
+_WINDOWS: dict[tuple[str, str], tuple[datetime, datetime | None, str]] = {}
+
+
+def _window_of(period: Period, tz: str, now: datetime) -> tuple[datetime, datetime | None, str]:
+    hit = _WINDOWS.get((period, tz))
+    if hit is not None and now.tzinfo is not None and hit[0] <= now and (hit[1] is None or now < hit[1]):
+        return hit
+    start, end = window(period, now, tz)
+    fresh = (start, end, start.isoformat())
+    if period != "hourly":
+        _WINDOWS[(period, tz)] = fresh
+    return fresh
 
 
 def buckets_for(

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
 from proxy.accept import MODEL_ENDPOINTS
-from proxy.admit import Hold, price_of, ledger_down
+from proxy.admit import Hold, ledger_down, new_ledger_id, price_of
 from proxy.budgets import Charge, Crossing, charges, threshold_crossed, webhook_payload
 from proxy.exchange import Exchange
 from proxy.ledger import Settled, SpendRow
@@ -159,7 +158,7 @@ async def settle(ex: Exchange, rt: Runtime) -> None:
     if hold is not None and (hold.reserved or hold.charge_on_settle):
         ledger_id, actual = hold.ledger_id, charges(hold.buckets, spent, tokens)
     else:
-        ledger_id, actual = f"{ex.request_id}:{os.urandom(4).hex()}", []
+        ledger_id, actual = new_ledger_id(ex.request_id), []
     await _settle_once(rt, Unsettled(ledger_id, actual, row, hold), now)
 
 

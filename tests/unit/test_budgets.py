@@ -455,3 +455,23 @@ def test_webhook_payload() -> None:
     assert body["budget"] == "soft" and body["user"] == "bob" and body["threshold"] == 0.8
     assert body["spent_usd"] == "8.000000000" and body["limit_usd"] == "10"
     assert body["window_end"] == "2026-11-24T00:00:00Z"
+
+
+@settings(deadline=None, max_examples=300)
+@given(
+    period=st.sampled_from(["hourly", "daily", "weekly", "monthly", "total"]),
+    tz=st.sampled_from(["UTC", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "Asia/Kolkata"]),
+    offsets=st.lists(st.integers(-40 * 86400, 40 * 86400), min_size=1, max_size=8),
+)
+def test_bucket_windows_are_windows_of_now_whatever_came_before(period: str, tz: str, offsets: list[int]) -> None:
+    # bucket_for keeps the last window per (period, timezone); each bucket must still be
+    # the window of its own `now`, across DST changes and in any order of requests.
+    r = rule(period=period, timezone=tz)
+    base = at(2026, 3, 15)
+    for off in offsets:
+        now = base + timedelta(seconds=off, microseconds=off % 997)
+        b = bucket_for(r, None, None, "m", now)
+        assert b is not None
+        start, end = window(period, now, tz)  # type: ignore[arg-type]
+        assert (b.start, b.end) == (start, end)
+        assert b.id == f"r|{start.isoformat()}"
