@@ -26,12 +26,17 @@ def cmd_run(argv: list[str]) -> int:
     p.add_argument("--targets", default=None, help="comma-separated subset, e.g. passthrough,tollgate (direct always runs)")
     p.add_argument("--workloads", default=None, help="comma-separated subset of ns-c1,ns-c64,s64-c1,s64-c256")
     p.add_argument("--out", type=Path, default=None, help=f"default: {RESULTS} (smoke: stdout only)")
+    p.add_argument(
+        "--ref-tree", type=Path, default=None,
+        help="A/B: also run the Tollgate of this source tree (target tollgate-ref), interleaved",
+    )
     a = p.parse_args(argv)
     plan = runner.smoke_plan() if a.smoke else runner.full_plan(
         reps=a.reps,
         duration_s=a.duration,
         targets=tuple(a.targets.split(",")) if a.targets else None,
         workloads=tuple(a.workloads.split(",")) if a.workloads else None,
+        ref_tree=a.ref_tree,
     )
     result = runner.run(plan, log=lambda s: print(s, file=sys.stderr, flush=True))
     command = "python -m bench run" + (" --smoke" if a.smoke else "")

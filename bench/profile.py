@@ -123,6 +123,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seconds", type=float, default=8.0, help="sampling time per workload")
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--raw-dir", type=Path, default=None, help="also keep py-spy's raw stacks here")
     a = p.parse_args(argv)
     spy = _py_spy()
     plan = runner.full_plan()
@@ -194,6 +195,9 @@ def main(argv: list[str]) -> int:
                     "",
                     *summarize(parse_raw(raw.read_text())),
                 ]
+                if a.raw_dir is not None:
+                    a.raw_dir.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(raw, a.raw_dir / raw.name)
                 print(f"profiled {wl.name}", file=sys.stderr)
         finally:
             tg.stop()

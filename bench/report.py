@@ -212,6 +212,7 @@ TARGET_ORDER = (
     "nginx",
     "passthrough",
     "tollgate",
+    "tollgate-ref",
     "tollgate-nobudget",
     "tollgate-otel",
     "tollgate-2w",

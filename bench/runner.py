@@ -65,6 +65,9 @@ class Plan:
     # Quick A/B runs: measure only these targets / workloads (None: all). Servers not
     # selected are not started.
     only_targets: tuple[str, ...] | None = None
+    # A/B while tuning: also run the Tollgate of another source tree (its `proxy` package
+    # first on PYTHONPATH), as target "tollgate-ref", interleaved with the rest.
+    ref_tree: Path | None = None
 
 
 FULL_WORKLOADS = (
@@ -80,6 +83,7 @@ def full_plan(
     duration_s: float = 3.0,
     targets: tuple[str, ...] | None = None,
     workloads: tuple[str, ...] | None = None,
+    ref_tree: Path | None = None,
 ) -> Plan:
     unknown = set(workloads or ()) - {w.name for w in FULL_WORKLOADS}
     if unknown:
@@ -96,6 +100,7 @@ def full_plan(
         warmup_s=0.5,
         smoke=False,
         only_targets=targets,
+        ref_tree=ref_tree,
     )
 
 
@@ -293,8 +298,12 @@ def start_servers(
             variants.insert(
                 1, ("tollgate-nobudget", "Tollgate (all on but no budget)", [], env, False, False)
             )
+        if plan.ref_tree is not None:
+            ref = str(plan.ref_tree.resolve())
+            ref_env = {**env, "PYTHONPATH": os.pathsep.join([ref, *filter(None, [env.get("PYTHONPATH")])])}
+            variants.append(("tollgate-ref", f"Tollgate (all on), tree {ref}", [], ref_env, result.budget_on, False))
         for name, label, extra, child_env, budget, only_concurrent in variants:
-            if not wanted(name):
+            if not wanted(name) and name != "tollgate-ref":
                 continue
             cfg = workdir / f"{name}.yaml"
             cfg.write_text(tollgate_yaml(upstream.port, workdir / f"{name}-ledger.db", budget))
