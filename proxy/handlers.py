@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal
 from urllib.parse import unquote
@@ -119,7 +120,7 @@ async def _run(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         finish(ex, rt)
 
 
-def model_endpoint(endpoint: Endpoint) -> web.Handler:
+def model_endpoint(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
         return await _run(request, endpoint)
 

@@ -85,7 +85,7 @@ class _Children(Generic[M]):
     __slots__ = ("family", "_cache")
 
     def __init__(self, family: M) -> None:
-        self.family = family
+        self.family: M = family
         self._cache: dict[tuple[str, ...], Any] = {}
 
     def get(self, *values: str) -> Any:
