@@ -267,12 +267,12 @@ class StreamTap:
             self._measure(events, t_ns)
         return events
 
-    def _measure(self, events: list[SSEEvent], t_ns: int, carried: bool = False) -> None:
-        """Measure the events one chunk completed (`carried`: output already seen in it)."""
+    def _measure(self, events: list[SSEEvent], t_ns: int) -> None:
+        """Measure the events one chunk completed."""
         # A bug or a surprise in measuring must never reach the relay: stop measuring this
         # stream, say so once, and let the bytes flow on.
         try:
-            if self.on_events(events) or carried:
+            if self.on_events(events):
                 self._carried(t_ns)
         except Exception:  # noqa: BLE001
             self._failed()
