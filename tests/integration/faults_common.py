@@ -21,7 +21,7 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.state import Runtime
-from tests.integration.conftest import Proxy
+from tests.integration.conftest import Proxy, proxy_yaml
 from tests.support.tollgate_process import Tollgate, start_tollgate
 
 # Tasks that live as long as the app does, by the name of their coroutine.
@@ -174,26 +174,5 @@ async def start_server_process(
 
 
 def server_yaml(upstream_base: str, ledger: Path, extra: str = "", *, idle: float = 5.0) -> str:
-    return f"""
-server:
-  host: 127.0.0.1
-  port: 0
-timeouts:
-  connect: 2
-  first_byte: 5
-  idle: {idle}
-upstreams:
-  openai:
-    kind: openai
-    base_url: {upstream_base}
-    api_key: sk-upstream-secret
-routes:
-  - models: ["gpt-*"]
-    upstream: openai
-metrics:
-  host: 127.0.0.1
-  port: 0
-ledger:
-  path: {ledger}
-{extra}
-"""
+    """The in-process tests' config (`proxy_yaml`) with the ledger in `ledger`."""
+    return proxy_yaml(upstream_base, idle=idle, extra=f"ledger:\n  path: {ledger}\n{extra}")

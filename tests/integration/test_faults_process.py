@@ -153,8 +153,9 @@ async def test_sighup_reloads_a_valid_config_and_rejects_an_invalid_one(tmp_path
                 in_flight = await open_stream(session, server)
                 config.write_text(
                     original.replace(
-                        '  - models: ["gpt-*"]\n    upstream: openai\n',
-                        '  - models: ["gpt-*"]\n    upstream: openai\n  - models: ["local-*"]\n    upstream: openai\n    model: gpt-4o-mini\n',
+                        "routes:\n",
+                        'routes:\n  - models: ["local-*"]\n    upstream: openai\n    model: gpt-4o-mini\n',
+                        1,
                     ).replace("  port: 0\n", "  port: 1\n", 1)  # server.port: restart-only
                 )
                 server.proc.send_signal(signal.SIGHUP)
