@@ -50,7 +50,9 @@ class Timing:
     latency: float = 0.0
 
 
-def _chunk(delta: dict[str, object], finish: str | None, with_usage: bool, obfuscation: str) -> bytes:
+def _event(choices: list[dict[str, object]], usage: object, obfuscation: str) -> bytes:
+    """One chunk event as OpenAI writes it: these keys in this order, no spaces; `usage` is
+    left out when it is `...` (the client did not ask for usage)."""
     obj: dict[str, object] = {
         "id": _ID,
         "object": "chat.completion.chunk",
@@ -58,13 +60,17 @@ def _chunk(delta: dict[str, object], finish: str | None, with_usage: bool, obfus
         "model": _MODEL,
         "service_tier": "default",
         "system_fingerprint": _FINGERPRINT,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": choices,
     }
-    if with_usage:
-        obj["usage"] = None
+    if usage is not ...:
+        obj["usage"] = usage
     obj["obfuscation"] = obfuscation
-    # OpenAI's separators: no spaces, the order above.
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _chunk(delta: dict[str, object], finish: str | None, with_usage: bool, obfuscation: str) -> bytes:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return _event([choice], None if with_usage else ..., obfuscation)
 
 
 def _usage(completion_tokens: int) -> dict[str, object]:
@@ -89,18 +95,7 @@ def stream_chunks(n: int, with_usage: bool) -> list[bytes]:
         out.append(_chunk({"content": _WORDS[i % len(_WORDS)]}, None, with_usage, "x" * (1 + i % 9)))
     out.append(_chunk({}, "stop", with_usage, "IPio8PDeczEmdPr"))
     if with_usage:
-        usage_obj = {
-            "id": _ID,
-            "object": "chat.completion.chunk",
-            "created": _CREATED,
-            "model": _MODEL,
-            "service_tier": "default",
-            "system_fingerprint": _FINGERPRINT,
-            "choices": [],
-            "usage": _usage(n),
-            "obfuscation": "t9",
-        }
-        out.append(b"data: " + json.dumps(usage_obj, separators=(",", ":")).encode() + b"\n\n")
+        out.append(_event([], _usage(n), "t9"))
     out.append(b"data: [DONE]\n\n")
     return out
 
