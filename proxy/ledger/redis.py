@@ -17,7 +17,18 @@ derive per-request and per-bucket keys from ids, which Redis only allows with on
 
 Expired leases are dropped inside every script that reads a bucket, so the live sum never
 counts a dead reservation even if nobody ran `expire`. Bucket keys of a period expire a
-day after their window ends. Money is integer nano-USD; Lua numbers are doubles, exact to
+day after their window ends.
+
+Two clocks meet here, and they are never compared with each other. Tollgate's clock (the
+`now` every method takes) decides windows, lease ends and the `idx` scores, which only
+Tollgate's own scripts compare against Tollgate's `now`. Redis's clock only runs key TTLs,
+and those are always sent as durations (PEXPIRE, SET PX) worked out on Tollgate's clock,
+never as instants (PEXPIREAT, PXAT): an instant would be judged by Redis's clock, so a
+Tollgate host minutes off Redis's clock, or a test with a fixed clock, would have keys
+expire early or live on. A TTL only bounds how long an idle key is kept; correctness never
+rests on it, and its margin (a day past the window) dwarfs any network delay. Leases are
+compared across instances on their own clocks: instances whose clocks differ by more than
+a lease would drop each other's reservations, hence NTP and leases of minutes. Money is integer nano-USD; Lua numbers are doubles, exact to
 2^53 nano-USD (about $9M per bucket). Increments go to Redis as decimal strings, never
 as Lua-formatted numbers (which would turn large values into "1e+15").
 
@@ -49,6 +60,7 @@ from proxy.ledger.sqlite import SpendLog, budget_row, epoch_ms
 
 BUCKET_EXPIRY_MARGIN_MS = 24 * 3600 * 1000
 SETTLED_RETENTION_MS = 7 * 24 * 3600 * 1000
+MIN_TTL_MS = 60 * 1000
 EXPIRE_BATCH = 500
 # Every script runs in well under a millisecond; these only bound a dead or hung server.
 SOCKET_CONNECT_TIMEOUT_S = 2.0
@@ -86,13 +98,15 @@ local function read(bid)
   return v
 end
 
-local function keep_until(bid, expire_at, meta)
+-- expire_at: when the bucket may go, on Tollgate's clock (for idx, compared with its `now`);
+-- ttl: the same moment as milliseconds from now, for Redis's own expiry.
+local function keep_until(bid, expire_at, ttl, meta)
   local B = bkey(bid)
   redis.call('HSET', B, 'meta', meta)
   if expire_at ~= '' then
-    redis.call('PEXPIREAT', B, expire_at)
-    redis.call('PEXPIREAT', lkey(bid), expire_at)
-    redis.call('PEXPIREAT', rkey(bid), expire_at)
+    redis.call('PEXPIRE', B, ttl)
+    redis.call('PEXPIRE', lkey(bid), ttl)
+    redis.call('PEXPIRE', rkey(bid), ttl)
     redis.call('ZADD', P .. ':idx', expire_at, bid)
   else
     redis.call('ZADD', P .. ':idx', '+inf', bid)
@@ -109,16 +123,16 @@ local function drop_request(rid)
 end
 """
 
-# ARGV: P, rid, now, lease_until, request_key_expire_at, n, then n x 9:
-#   bid, amount, tokens, block, limit_nanos, limit_tokens, limit_requests, expire_at, meta
+# ARGV: P, rid, now, lease_until, request_key_ttl_ms, n, then n x 10:
+#   bid, amount, tokens, block, limit_nanos, limit_tokens, limit_requests, expire_at, ttl_ms, meta
 # (limits and expire_at are '' when absent). Returns {ok (1, 0, -1 = duplicate id),
 # index of the refusing bucket, reason, 6 counters per bucket}.
 _RESERVE = _COMMON + r"""
-local rid, now, lease, qexp, n = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
+local rid, now, lease, qttl, n = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
 if redis.call('EXISTS', P .. ':q:' .. rid) == 1 or redis.call('EXISTS', P .. ':d:' .. rid) == 1 then
   return {-1, 0, '', {}}
 end
-local W = 9
+local W = 10
 local states = {}
 local refused, reason = 0, ''
 for i = 1, n do
@@ -150,11 +164,11 @@ if refused == 0 then
     redis.call('HSET', rkey(bid), rid, amt .. ':' .. tok)
     redis.call('ZADD', lkey(bid), lease, rid)
     redis.call('HSET', Q, bid, '1')
-    keep_until(bid, ARGV[b + 8], ARGV[b + 9])
+    keep_until(bid, ARGV[b + 8], ARGV[b + 9], ARGV[b + 10])
     states[i] = read(bid)
   end
   if n > 0 then
-    redis.call('PEXPIREAT', Q, qexp)
+    redis.call('PEXPIRE', Q, qttl)
     redis.call('ZADD', P .. ':leases', lease, rid)
   end
 end
@@ -165,22 +179,22 @@ if refused ~= 0 then ok = 0 end
 return {ok, refused, reason, flat}
 """
 
-# ARGV: P, rid, now, settled_marker_expire_at, n, then n x 5: bid, amount, tokens, expire_at, meta
+# ARGV: P, rid, now, settled_marker_ttl_ms, n, then n x 6: bid, amount, tokens, expire_at, ttl_ms, meta
 _SETTLE = _COMMON + r"""
-local rid, now, dexp, n = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-if not redis.call('SET', P .. ':d:' .. rid, now, 'NX', 'PXAT', dexp) then
+local rid, now, dttl, n = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+if not redis.call('SET', P .. ':d:' .. rid, now, 'NX', 'PX', dttl) then
   return {0, {}}
 end
 drop_request(rid)
 local after = {}
 for i = 1, n do
-  local b = 5 + (i - 1) * 5
+  local b = 5 + (i - 1) * 6
   local bid = ARGV[b + 1]
   local B = bkey(bid)
   after[i] = redis.call('HINCRBY', B, 'spent', ARGV[b + 2])
   redis.call('HINCRBY', B, 'tokens', ARGV[b + 3])
   redis.call('HINCRBY', B, 'requests', 1)
-  keep_until(bid, ARGV[b + 4], ARGV[b + 5])
+  keep_until(bid, ARGV[b + 4], ARGV[b + 5], ARGV[b + 6])
 end
 return {1, after}
 """
@@ -234,8 +248,14 @@ def _meta(b: Bucket) -> str:
     )
 
 
-def _expire_at(b: Bucket) -> str:
-    return "" if b.end is None else str(epoch_ms(b.end) + BUCKET_EXPIRY_MARGIN_MS)
+def _expiry(b: Bucket, now_ms: int) -> list[str]:
+    """A bucket key's end as [instant on Tollgate's clock, TTL from now]; ['', ''] for total."""
+    if b.end is None:
+        return ["", ""]
+    expire_at = epoch_ms(b.end) + BUCKET_EXPIRY_MARGIN_MS
+    # A request admitted just before its window ended may settle after the margin has
+    # passed; the bucket then still lives MIN_TTL_MS rather than vanishing mid-script.
+    return [str(expire_at), str(max(expire_at - now_ms, MIN_TTL_MS))]
 
 
 def _opt(value: int | None) -> str:
@@ -292,7 +312,8 @@ class RedisLedger:
             raise ValueError("charges must name each bucket at most once")
         now_ms = epoch_ms(now)
         lease_until = now_ms + int(lease_seconds * 1000)
-        args: list[Any] = [request_id, now_ms, lease_until, lease_until + BUCKET_EXPIRY_MARGIN_MS, len(charges)]
+        request_key_ttl = int(lease_seconds * 1000) + BUCKET_EXPIRY_MARGIN_MS
+        args: list[Any] = [request_id, now_ms, lease_until, request_key_ttl, len(charges)]
         for c in charges:
             if c.amount < 0 or c.tokens < 0:
                 raise ValueError("charges must not be negative")
@@ -300,7 +321,7 @@ class RedisLedger:
             args += [
                 b.id, str(to_nanos(c.amount)), str(c.tokens), "1" if b.blocking else "0",
                 _opt(to_nanos(b.limit_usd) if b.limit_usd is not None else None),
-                _opt(b.limit_tokens), _opt(b.limit_requests), _expire_at(b), _meta(b),
+                _opt(b.limit_tokens), _opt(b.limit_requests), *_expiry(b, now_ms), _meta(b),
             ]
         ok, refused, reason, flat = await self._call(self._reserve, args)
         if int(ok) == -1:
@@ -329,12 +350,12 @@ class RedisLedger:
         if len(set(ids)) != len(ids):
             raise ValueError("charges must name each bucket at most once")
         now_ms = epoch_ms(now)
-        args: list[Any] = [request_id, now_ms, now_ms + SETTLED_RETENTION_MS, len(actual)]
+        args: list[Any] = [request_id, now_ms, SETTLED_RETENTION_MS, len(actual)]
         nanos = []
         for c in actual:
             n = spend_nanos(c.amount)
             nanos.append(n)
-            args += [c.bucket.id, str(n), str(c.tokens), _expire_at(c.bucket), _meta(c.bucket)]
+            args += [c.bucket.id, str(n), str(c.tokens), *_expiry(c.bucket, now_ms), _meta(c.bucket)]
         done, after = await self._call(self._settle, args)
         if int(done) == 0:
             return []

@@ -11,7 +11,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from proxy.budgets import BucketState, Charge, LedgerSettings, charges
 from proxy.ledger import Ledger, LedgerError, open_ledger
-from proxy.ledger.redis import RedisLedger
+from proxy.ledger.redis import SETTLED_RETENTION_MS, RedisLedger
 from tests.integration.test_ledger_sqlite import (  # noqa: F401 - collected here with redis fixtures
     LEASE,
     NOW,
@@ -96,22 +96,63 @@ async def test_period_keys_expire_after_their_window(
     daily = one(rule(name="daily", limit_usd="1"))
     total = one(rule(name="total", period="total", limit_usd="1"))
     await ledger.reserve("a", charges([daily, total], D("0.1")), LEASE, NOW)
+    sent = time.monotonic()
     await ledger.settle("a", charges([daily, total], D("0.1")), None, NOW)
     ttls = await _keys(redis_server, "{" + prefix + "}:b:*")
     assert set(ttls) == {"{" + prefix + "}:b:" + daily.id, "{" + prefix + "}:b:" + total.id}
     assert ttls["{" + prefix + "}:b:" + total.id] == -1  # total: never expires
-    # The test clock is fixed in 2026; the TTL is window end + 1 day from that clock, so
-    # compare the absolute expiry rather than the TTL against the wall clock.
+    # NOW is a fixed instant, days away from Redis's own clock. The key must still live a
+    # day past its window as measured on the ledger's clock: the TTL is a duration from
+    # NOW, so its length does not depend on the date the suite runs on.
+    assert daily.end is not None
+    expected_ms = int((daily.end + timedelta(days=1) - NOW).total_seconds() * 1000)
+    slack_ms = int((time.monotonic() - sent) * 1000) + 1000
+    assert expected_ms - slack_ms <= ttls["{" + prefix + "}:b:" + daily.id] <= expected_ms
     client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
-        expire_ms = await client.pexpiretime("{" + prefix + "}:b:" + daily.id)
-        assert daily.end is not None
-        assert expire_ms == int((daily.end + timedelta(days=1)).timestamp() * 1000)
         # The per-request key lives only until its lease ended (+ margin); settled, it is gone.
         assert await client.exists("{" + prefix + "}:q:a") == 0
-        assert await client.pexpiretime("{" + prefix + "}:d:a") > 0
+        marker_ttl = await client.pttl("{" + prefix + "}:d:a")
+        assert SETTLED_RETENTION_MS - slack_ms <= marker_ttl <= SETTLED_RETENTION_MS
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "skew",
+    [timedelta(minutes=-10), timedelta(minutes=10), timedelta(days=-3), timedelta(days=400)],
+    ids=["10min-behind", "10min-ahead", "3days-behind", "400days-ahead"],
+)
+async def test_a_host_clock_off_redis_keeps_its_keys_and_leases(
+    redis_server: RedisServer, make_ledger: MakeLedger, prefix: str, skew: timedelta
+) -> None:
+    """A Tollgate host whose clock is off Redis's loses no key and keeps none too long.
+
+    Redis only ever gets durations, so the margin that protects a bucket is its whole
+    remaining window plus a day, on the host's own clock, whatever Redis's clock says.
+    """
+    host_now = datetime.now(timezone.utc) + skew
+    one_instance, other_instance = await make_ledger(), await make_ledger()
+    b = one(rule(limit_usd="1"), now=host_now)
+    assert (await one_instance.reserve("held", [Charge(b, D("0.4"))], LEASE, host_now)).ok
+    assert (await one_instance.reserve("done", [Charge(b, D("0.4"))], LEASE, host_now)).ok
+    await one_instance.settle("done", [Charge(b, D("0.3"))], None, host_now)
+    later = host_now + timedelta(seconds=LEASE / 2)
+    assert (await other_instance.state([b], later))[b.id] == BucketState(
+        spent=D("0.3"), reserved=D("0.4"), requests=1, reserved_requests=1
+    )
+    # The live reservation still blocks what would not fit; a duplicate settle is refused.
+    assert not (await other_instance.reserve("over", [Charge(b, D("0.31"))], LEASE, later)).ok
+    assert await other_instance.settle("done", [Charge(b, D("0.3"))], None, later) == []
+    assert b.end is not None
+    expected_ms = int((b.end + timedelta(days=1) - host_now).total_seconds() * 1000)
+    ttls = await _keys(redis_server, "{" + prefix + "}:*")
+    bucket_ttl = ttls["{" + prefix + "}:b:" + b.id]
+    assert expected_ms - 10_000 <= bucket_ttl <= expected_ms
+    assert all(ttl == -1 or ttl > 0 for ttl in ttls.values())
+    # The lease still ends on the host's clock: at its end the reservation is gone.
+    assert await other_instance.expire(host_now + timedelta(seconds=LEASE)) == 1
+    assert (await one_instance.state([b], later))[b.id].reserved == 0
 
 
 async def test_instances_share_budgets_but_keep_local_spend_logs(make_ledger: MakeLedger) -> None:

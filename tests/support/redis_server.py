@@ -10,6 +10,7 @@ redis-server`), so a test that silently skipped would hide a broken pipeline.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
@@ -20,6 +21,26 @@ from types import TracebackType
 from tests.support.procs import free_port, stop_process, wait_started
 
 STARTUP_TIMEOUT_S = 10.0
+
+
+def _real_clock_env() -> dict[str, str]:
+    """The environment without libfaketime, which redis-server cannot start under.
+
+    scripts/test reruns the suite under `faketime` to catch tests that mix a fixed instant
+    with a real clock. Debian's redis-server (static jemalloc) recurses into
+    clock_gettime while libfaketime initialises and never answers, so Redis keeps the
+    real clock: the two clocks then disagree by the whole shift, a harsher check of the
+    ledger's rule that Redis is only ever sent durations.
+    """
+    env = dict(os.environ)
+    preload = [p for p in env.get("LD_PRELOAD", "").split() if "faketime" not in p]
+    if preload:
+        env["LD_PRELOAD"] = " ".join(preload)
+    else:
+        env.pop("LD_PRELOAD", None)
+    for name in ("FAKETIME", "FAKETIME_DONT_FAKE_MONOTONIC", "FAKETIME_NO_CACHE"):
+        env.pop(name, None)
+    return env
 
 
 class RedisServerError(RuntimeError):
@@ -65,6 +86,7 @@ class RedisServer:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            env=_real_clock_env(),
         )
         started = wait_started(self.process, lambda: _ping(self.port), STARTUP_TIMEOUT_S, interval=0.02)
         if started == "ready":
