@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.errors import BodyTooLarge, InvalidRequest, RequestTimeout
+from proxy.errors import BodyTooLarge, InvalidRequest, RequestTimeout, UnreadableBody, UnsupportedEncoding
 from proxy.exchange import Endpoint, Exchange
 
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
@@ -74,10 +74,22 @@ def new_exchange(request: web.Request, endpoint: Endpoint, request_id_header: st
     )
 
 
+# What aiohttp decodes as it reads a request body (br with brotli, zstd with backports.zstd,
+# both dependencies). A body in any other encoding would be read, and forwarded, still
+# encoded while its Content-Encoding header is not: refused instead.
+DECODED_ENCODINGS = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
+
+
 async def read_body(request: web.Request, limit: int, timeout: float | None = None) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise BodyTooLarge(f"Request body of {length} bytes is over the limit of {limit} bytes.")
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in DECODED_ENCODINGS:
+        raise UnsupportedEncoding(
+            f"Content-Encoding '{encoding[:64]}' is not supported: send the body uncompressed, "
+            "or compressed with gzip, deflate, br or zstd."
+        )
     deadline = BODY_READ_TIMEOUT_S if timeout is None else timeout
     try:
         if request.content.is_eof():
@@ -88,6 +100,11 @@ async def read_body(request: web.Request, limit: int, timeout: float | None = No
             return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise BodyTooLarge(f"Request body is over the limit of {limit} bytes.") from exc
+    except web.RequestPayloadError:
+        # A body that is not what its Content-Encoding says (or a broken chunked framing).
+        raise UnreadableBody(
+            f"The request body could not be read as sent (Content-Encoding: {encoding or 'none'})."
+        ) from None
     except TimeoutError:
         raise RequestTimeout(
             f"The request body was not received within {deadline:g} seconds."

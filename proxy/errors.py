@@ -4,6 +4,7 @@
     ├── ConfigError                 bad YAML or values; names the key path and the bad value
     ├── ClientError                 the request is at fault: 4xx, nothing sent upstream
     │   ├── InvalidRequest          400 invalid_request_error
+    │   │   └── UnreadableBody      400 (the body is not what its Content-Encoding says)
     │   ├── InvalidApiKey           401 invalid_api_key
     │   ├── PermissionDenied        403 (a key used outside what it allows)
     │   ├── NotFound                404 (unknown path)
@@ -11,6 +12,7 @@
     │   ├── MethodNotAllowed        405
     │   ├── RequestTimeout          408 (the client did not send its whole body in time)
     │   ├── BodyTooLarge            413
+    │   ├── UnsupportedEncoding     415 (a Content-Encoding the proxy cannot decode)
     │   └── BudgetExceeded          429 budget_exceeded (+ retry-after)
     └── UpstreamError               the upstream is at fault: 5xx made by the proxy
         ├── UpstreamUnreachable     502 (connect refused, DNS, reset before headers)
@@ -108,6 +110,11 @@ class InvalidRequest(ClientError):
     type = "invalid_request_error"
 
 
+class UnreadableBody(InvalidRequest):
+    code = "invalid_body"
+    close_connection = True
+
+
 class InvalidApiKey(ClientError):
     status = 401
     type = "invalid_request_error"
@@ -149,6 +156,13 @@ class BodyTooLarge(ClientError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+    close_connection = True
+
+
+class UnsupportedEncoding(ClientError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_content_encoding"
     close_connection = True
 
 

@@ -43,7 +43,10 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-_NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "expect"}
+# content-encoding: aiohttp decodes a compressed request body as it reads it, and the
+# decoded bytes are what goes upstream (measured, and possibly rewritten), so the header
+# that described the client's encoding would now lie to the upstream.
+_NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "expect", "content-encoding"}
 _NOT_RELAYED_DOWN = HOP_BY_HOP | {"content-length", "content-encoding", "server", "date"}
 
 

@@ -11,6 +11,7 @@ import zlib
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import pytest
 import openai
 import orjson
 
@@ -270,3 +271,64 @@ async def test_keep_alive_closed_under_the_pools_feet_does_not_fail_the_client(s
         assert answered == 4 and dropped >= 3
     finally:
         server.close()
+
+
+def _compressors() -> dict[str, Callable[[bytes], bytes]]:
+    import brotli
+    from backports import zstd  # Python < 3.14; compression.zstd after
+
+    return {
+        "gzip": gzip.compress,
+        "deflate": zlib.compress,
+        "br": brotli.compress,
+        "zstd": zstd.compress,
+    }
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+async def test_compressed_request_bodies_reach_the_upstream_consistently(
+    start_proxy: StartProxy, fake_openai: FakeUpstream, encoding: str
+) -> None:
+    """A client that compresses its request body: Tollgate reads (and measures) the decoded
+    body, so what it forwards is the decoded body without the client's Content-Encoding."""
+    completion = {
+        "id": "c1", "object": "chat.completion", "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": USAGE,
+    }
+    fake_openai.route("POST", "/v1/chat/completions", Reply.json(completion))
+    proxy = await start_proxy(proxy_yaml(fake_openai.api_base, inject=False))
+    plain = orjson.dumps(CHAT)
+    packed = _compressors()[encoding](plain)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            proxy.base_url + "/chat/completions", data=packed,
+            headers={"Content-Type": "application/json", "Content-Encoding": encoding},
+        ) as r:
+            assert r.status == 200, await r.text()
+            rid = r.headers["X-Request-Id"]
+    sent = fake_openai.requests[-1]
+    assert "Content-Encoding" not in sent.headers
+    assert sent.json == CHAT
+    line, row = await recorded(proxy, rid)
+    assert line["outcome"] == "ok" and row["input_tokens"] == 8
+
+
+@pytest.mark.parametrize(
+    ("encoding", "data", "status", "code"),
+    [
+        ("gzip", b"this is not gzip", 400, "invalid_body"),
+        ("compress", orjson.dumps(CHAT), 415, "unsupported_content_encoding"),
+    ],
+    ids=["corrupt-gzip", "unknown-encoding"],
+)
+async def test_undecodable_request_bodies_are_refused_before_the_upstream(
+    start_proxy: StartProxy, fake_openai: FakeUpstream, encoding: str, data: bytes, status: int, code: str
+) -> None:
+    proxy = await start_proxy(proxy_yaml(fake_openai.api_base, inject=False))
+    got, body, _ = await post(
+        proxy.base_url + "/chat/completions", data, {"Content-Type": "application/json", "Content-Encoding": encoding}
+    )
+    assert got == status
+    assert_openai_error(body, "invalid_request_error", code)
+    assert fake_openai.requests == []
