@@ -36,6 +36,14 @@ MAX_JSON_DEPTH = 128
 # is reserved against budgets as a token count; an int64-sized one would overflow the
 # ledger's integer columns once the prompt estimate is added to it.
 MAX_OUTPUT_CAP = 2**31 - 1
+# How many choices the OpenAI API reference allows these endpoints to generate. Out of that
+# range OpenAI itself answers 400, and every upstream here speaks that API: refused before a
+# reservation or an upstream call is spent on it. Within it, each upstream applies its own
+# rules (llama-server, for one, allows only n = 1).
+_CHOICE_BOUNDS: dict[str, dict[str, tuple[int, int]]] = {
+    "chat.completions": {"n": (1, 128)},
+    "completions": {"n": (1, 128), "best_of": (0, 20)},
+}
 MODEL_ENDPOINTS: frozenset[str] = frozenset({"chat.completions", "completions", "embeddings", "responses"})
 
 
@@ -159,7 +167,7 @@ def json_depth(value: object) -> int:
     return deepest
 
 
-def _int_field(payload: dict[str, Any], name: str) -> int | None:
+def _int_field(payload: dict[str, Any], name: str, low: int = 0, high: int = MAX_OUTPUT_CAP) -> int | None:
     value = payload.get(name)
     if value is None:
         return None
@@ -169,19 +177,30 @@ def _int_field(payload: dict[str, Any], name: str) -> int | None:
             param=name,
             code="invalid_type",
         )
-    if value < 0:
+    if value < low:
         raise InvalidRequest(
-            f"Invalid '{name}': integer below minimum value. Expected a value >= 0, but got {value}.",
+            f"Invalid '{name}': integer below minimum value. Expected a value >= {low}, but got {value}.",
             param=name,
             code="integer_below_min_value",
         )
-    if value > MAX_OUTPUT_CAP:
+    if value > high:
         raise InvalidRequest(
-            f"Invalid '{name}': integer above maximum value. Expected a value <= {MAX_OUTPUT_CAP}, but got {value}.",
+            f"Invalid '{name}': integer above maximum value. Expected a value <= {high}, but got {value}.",
             param=name,
             code="integer_above_max_value",
         )
     return value
+
+
+def _check_choices(endpoint: str, payload: dict[str, Any]) -> None:
+    values = {name: _int_field(payload, name, low, high) for name, (low, high) in _CHOICE_BOUNDS[endpoint].items()}
+    n, best_of = values.get("n"), values.get("best_of")
+    if n is not None and best_of is not None and best_of < n:
+        raise InvalidRequest(
+            f"Invalid 'best_of': must be at least 'n' ({n}), but got {best_of}.",
+            param="best_of",
+            code="invalid_value",
+        )
 
 
 def accept_body(ex: Exchange, payload: dict[str, Any]) -> None:
@@ -215,6 +234,8 @@ def accept_body(ex: Exchange, payload: dict[str, Any]) -> None:
         cap = _int_field(payload, name)
         if cap is not None and ex.output_cap is None:
             ex.output_cap = cap
+    if ex.endpoint in _CHOICE_BOUNDS:
+        _check_choices(ex.endpoint, payload)
     user = payload.get("user")
     if isinstance(user, str) and user:
         ex.user = user[:256]

@@ -83,7 +83,11 @@ UPSTREAM_400 = openai_error_body("upstream says no", "invalid_request_error", "u
 
 def upstream_reply(req: RecordedRequest) -> Reply:
     payload = req.json if isinstance(req.json, dict) else {}
-    ok = isinstance(payload.get("messages"), list) and isinstance(payload.get("n", 1), int) and payload.get("n", 1) <= 128
+    ok = (
+        isinstance(payload.get("messages"), list)
+        and isinstance(payload.get("n", 1), int) and payload.get("n", 1) <= 128
+        and isinstance(payload.get("temperature", 1), (int, float))
+    )
     if not ok:
         return Reply(status=400, headers=JSON, chunks=[UPSTREAM_400])
     return Reply.json(
@@ -125,7 +129,7 @@ CASES: list[Case] = [
     Case("nested just under the parser limit", nested(1000), code="invalid_value"),
     Case("nested 200 levels in a stream (body re-serialised)", chat(stream=True)[:-1] + b',"x":' + b"[" * 200 + b"]" * 200 + b"}",
          code="invalid_value"),
-    Case("nested 100 levels in a stream (under the limit)", chat(stream=True, n="x")[:-1] + b',"x":' + b"[" * 100 + b"]" * 100 + b"}",
+    Case("nested 100 levels in a stream (under the limit)", chat(stream=True, temperature="x")[:-1] + b',"x":' + b"[" * 100 + b"]" * 100 + b"}",
          decides="upstream"),
     # --- model ---------------------------------------------------------------------------------
     Case("missing model", body({"messages": []}), code="missing_required_parameter", param="model"),
@@ -159,20 +163,30 @@ CASES: list[Case] = [
          path="/v1/responses", code="integer_above_max_value", param="max_output_tokens"),
     Case("unpriced model, max_tokens at int64 max", chat(model="o-unpriced", max_tokens=2**63 - 1),
          code="integer_above_max_value", param="max_tokens"),
-    Case("max_tokens at int32 max, unpriced model", chat(model="o-unpriced", max_tokens=2**31 - 1, n="x"), decides="upstream"),
+    Case("max_tokens at int32 max, unpriced model", chat(model="o-unpriced", max_tokens=2**31 - 1, temperature="x"), decides="upstream"),
     # Priced, the same cap's worst case is more than the budget: refused at admission.
     Case("max_tokens at int32 max, priced model", chat(max_tokens=2**31 - 1), status=429, code="budget_exceeded"),
     # --- wrong types only the upstream judges (the proxy does not re-implement OpenAI's schema) --
     Case("messages as string", chat(messages="x"), decides="upstream"),
     Case("messages as object", chat(messages={"role": "user"}), decides="upstream"),
-    Case("huge n", chat(n=10**9), decides="upstream"),
-    Case("n as string", chat(n="2"), decides="upstream"),
+    # --- out of what OpenAI documents for choices: refused before a reservation is spent ---------
+    Case("huge n", chat(n=10**9), code="integer_above_max_value", param="n"),
+    Case("n 1000", chat(n=1000), code="integer_above_max_value", param="n"),
+    Case("n 0", chat(n=0), code="integer_below_min_value", param="n"),
+    Case("negative n", chat(n=-3), code="integer_below_min_value", param="n"),
+    Case("n as string", chat(n="2"), code="invalid_type", param="n"),
+    Case("n as float", chat(n=0.5), code="invalid_type", param="n"),
+    Case("completions best_of 21", body({"model": "gpt-3.5-turbo-instruct", "prompt": "x", "best_of": 21}),
+         path="/v1/completions", code="integer_above_max_value", param="best_of"),
+    Case("completions best_of below n", body({"model": "gpt-3.5-turbo-instruct", "prompt": "x", "n": 3, "best_of": 2}),
+         path="/v1/completions", code="invalid_value", param="best_of"),
+    Case("negative max_tokens", chat(max_tokens=-1), code="integer_below_min_value", param="max_tokens"),
     Case("temperature as string", chat(temperature="hot", messages="x"), decides="upstream"),
     Case("user as object", chat(user={"id": 1}, messages="x"), decides="upstream"),
     Case("user 1 MB long", chat(user="u" * (1 << 20), messages="x"), decides="upstream"),
     Case("stream_options not an object", chat(stream=True, stream_options="yes", messages="x"), decides="upstream"),
-    Case("NUL in message content", chat(messages=[{"role": "user", "content": "a\u0000b"}], n=0.5), decides="upstream"),
-    Case("unicode edge cases in content", chat(messages=[{"role": "user", "content": "\u202e\ufeff\U0010ffff\u0301"}], n=999),
+    Case("NUL in message content", chat(messages=[{"role": "user", "content": "a\u0000b"}], temperature="x"), decides="upstream"),
+    Case("unicode edge cases in content", chat(messages=[{"role": "user", "content": "\u202e\ufeff\U0010ffff\u0301"}], temperature="x"),
          decides="upstream"),
     Case("numbers as strings everywhere", b'{"model": "gpt-4o-mini", "messages": "1", "top_p": "0.5", "seed": "7"}',
          decides="upstream"),
