@@ -24,6 +24,11 @@ Lower-layer exceptions (aiohttp, asyncio, OSError) are translated into this tree
 `translate_upstream_exception`, which forward.py calls; nothing else catches them.
 Errors the upstream itself returns (an HTTP 4xx/5xx with a body) are not exceptions: they
 are relayed unchanged.
+
+What a client reads is stable wording that names no host, port or library: the lower
+layer's own text (which can name an internal upstream's address) is the error's `detail`,
+kept for the operator's log and trace. A 5xx the proxy makes carries the request id in
+its message, also in-stream, where the response headers are long gone.
 """
 
 from __future__ import annotations
@@ -69,30 +74,37 @@ class HttpError(TollgateError):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        self.detail = detail
         self.param = param
         if code is not None:
             self.code = code
         self.headers: dict[str, str] = headers or {}
 
-    def body(self) -> dict[str, Any]:
+    def client_message(self, request_id: str | None = None) -> str:
+        if request_id is not None and self.status >= 500:
+            return f"{self.message} (request id: {request_id})"
+        return self.message
+
+    def body(self, request_id: str | None = None) -> dict[str, Any]:
         return {
             "error": {
-                "message": self.message,
+                "message": self.client_message(request_id),
                 "type": self.type,
                 "param": self.param,
                 "code": self.code,
             }
         }
 
-    def to_json(self) -> bytes:
-        return orjson.dumps(self.body())
+    def to_json(self, request_id: str | None = None) -> bytes:
+        return orjson.dumps(self.body(request_id))
 
-    def to_sse(self) -> bytes:
+    def to_sse(self, request_id: str | None = None) -> bytes:
         """The in-stream form: what the OpenAI SDK raises on once a stream has started."""
-        return b"data: " + self.to_json() + b"\n\n"
+        return b"data: " + self.to_json(request_id) + b"\n\n"
 
     @property
     def kind(self) -> str:
@@ -220,7 +232,7 @@ def translate_upstream_exception(exc: BaseException, upstream: str, phase: str) 
             "body": "waiting for the next chunk from",
         }.get(phase, "talking to")
         return UpstreamTimeout(f"Timed out {what} upstream '{upstream}'.")
-    detail = str(exc) or type(exc).__name__
+    detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if phase == "body" or isinstance(exc, aiohttp.ClientPayloadError):
-        return UpstreamBroken(f"Upstream '{upstream}' broke off the response: {detail}")
-    return UpstreamUnreachable(f"Upstream '{upstream}' is unreachable: {detail}")
+        return UpstreamBroken(f"Upstream '{upstream}' broke off the response.", detail=detail)
+    return UpstreamUnreachable(f"Upstream '{upstream}' could not be reached.", detail=detail)

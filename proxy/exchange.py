@@ -81,6 +81,7 @@ class Exchange:
     outcome: Outcome | None = None
     error_type: str | None = None
     error_message: str | None = None
+    error_detail: str | None = None  # the lower layer's own words: logs and traces only
     response_model: str | None = None
     response_id: str | None = None
     finish_reasons: list[str] = field(default_factory=list)

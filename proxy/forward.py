@@ -331,12 +331,13 @@ async def relay(
     except UpstreamError as err:
         ex.error_type = err.kind
         ex.error_message = err.message
+        ex.error_detail = err.detail
         if not started:
             raise
         ex.outcome = "proxy_error"
         if is_sse:
             try:
-                await out.write(err.to_sse())
+                await out.write(err.to_sse(ex.request_id))
                 await out.write_eof()
             except (ConnectionError, RuntimeError):
                 ex.outcome = "client_gone"

@@ -46,10 +46,11 @@ MODEL_PATHS: dict[str, Endpoint] = {
 
 def error_response(err: HttpError, ex: Exchange | None = None) -> web.Response:
     headers = dict(err.headers)
-    if ex is not None:
-        headers["X-Request-Id"] = ex.request_id
+    request_id = None if ex is None else ex.request_id
+    if request_id is not None:
+        headers["X-Request-Id"] = request_id
     resp = web.Response(
-        status=err.status, body=err.to_json(), content_type="application/json", headers=headers
+        status=err.status, body=err.to_json(request_id), content_type="application/json", headers=headers
     )
     if err.close_connection:
         resp.force_close()
@@ -61,6 +62,7 @@ def _refused(ex: Exchange, err: HttpError) -> web.Response:
     ex.outcome = "rejected" if isinstance(err, ClientError) else "proxy_error"
     ex.error_type = err.kind
     ex.error_message = err.message
+    ex.error_detail = err.detail
     return error_response(err, ex)
 
 
@@ -227,6 +229,10 @@ async def readyz(request: web.Request) -> web.Response:
     if rt.ready:
         return web.json_response({"status": "ready", "upstreams": sorted(rt.upstreams)})
     return web.json_response({"status": "not ready"}, status=503)
+
+
+def is_virtual_key(request: web.Request, rt: Runtime) -> bool:
+    return rt.keyring.authenticate(parse_bearer(request.headers.get("Authorization"))) is not None
 
 
 def require_admin(request: web.Request, rt: Runtime) -> None:

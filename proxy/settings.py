@@ -344,6 +344,9 @@ class LoggingSettings(_Section):
 
 class AdminSettings(_Section):
     api_key: Secret = None
+    # Who may read /v1/tollgate/summary once virtual keys exist: any valid key or the admin
+    # key ("keys"), or the admin key alone ("admin"). Without keys it is open, like the API.
+    summary_access: Literal["keys", "admin"] = "keys"
 
 
 @dataclass(frozen=True, slots=True)

@@ -172,6 +172,8 @@ class AccessLogObserver:
             "finish_reasons": ex.finish_reasons or None,
             "error_type": ex.error_type,
         }
+        if ex.error_detail is not None:
+            rec["error_detail"] = ex.error_detail
         budget = ex.extra.get("budget_verdict")
         if budget is not None:
             rec["budget"] = budget

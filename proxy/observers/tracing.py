@@ -147,7 +147,10 @@ class TracingObserver:
             span.set_attributes(self._attributes(ex))
             if ex.outcome != "ok":
                 span.set_attribute("error.type", _error_type(ex))
-                span.set_status(Status(StatusCode.ERROR, ex.error_message or ex.outcome))
+                description = ex.error_message or ex.outcome
+                if ex.error_detail:
+                    description = f"{description} ({ex.error_detail})"
+                span.set_status(Status(StatusCode.ERROR, description))
         span.end(end_time=_wall_ns(ex, ex.t_end_ns))
 
     def _attributes(self, ex: Exchange) -> dict[str, Any]:

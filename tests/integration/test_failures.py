@@ -51,13 +51,20 @@ def assert_openai_error(body: dict, type_: str | None = None, code: str | None =
 
 async def test_upstream_unreachable_is_502(start_proxy: StartProxy) -> None:
     rec = Recorder()
-    proxy = await start_proxy(proxy_yaml(f"http://127.0.0.1:{free_port()}/v1"), observers=[rec])
+    port = free_port()
+    proxy = await start_proxy(proxy_yaml(f"http://127.0.0.1:{port}/v1"), observers=[rec])
     status, body, headers = await post(proxy.base_url + "/chat/completions", CHAT)
     assert status == 502
-    assert_openai_error(body, code="upstream_unreachable")
+    err = assert_openai_error(body, code="upstream_unreachable")
     ex = await rec.wait()
     assert (ex.outcome, ex.status, ex.error_type) == ("proxy_error", 502, "upstream_unreachable")
     assert headers["X-Request-Id"] == ex.request_id
+    # The client learns which configured upstream failed and the id to quote, never the
+    # upstream's address or the HTTP library's words; those go to the operator's log.
+    assert err["message"] == f"Upstream 'openai' could not be reached. (request id: {ex.request_id})"
+    assert str(port) not in err["message"] and "127.0.0.1" not in err["message"]
+    line = orjson.loads(proxy.log_lines()[-1])
+    assert f"127.0.0.1:{port}" in line["error_detail"]
     client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-x", max_retries=0)
     with pytest.raises(openai.APIStatusError) as info:
         await client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
@@ -120,9 +127,11 @@ async def test_reset_mid_stream_is_reported_in_stream(start_proxy: StartProxy, f
         status, body, _ = await post(proxy.base_url + "/chat/completions", {**CHAT, "stream": True})
         assert status == 200
         last = body["raw"].rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
-        assert_openai_error(orjson.loads(last[6:]), code="upstream_broken")
+        err = assert_openai_error(orjson.loads(last[6:]), code="upstream_broken")
         ex = await rec.wait()
         assert ex.outcome == "proxy_error" and ex.t_first_token_ns is not None
+        assert err["message"] == f"Upstream 'openai' broke off the response. (request id: {ex.request_id})"
+        assert ex.error_detail is not None and "Error" in ex.error_detail  # the library's words, kept
     finally:
         server.close()
 

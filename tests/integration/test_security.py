@@ -39,6 +39,7 @@ from proxy.keys import KeyRing, VirtualKey, hash_key
 from proxy.settings import parse_settings
 from tests.integration.conftest import StartProxy, proxy_yaml
 from tests.integration.test_bad_input import body_of, http, raw_exchange, status_of
+from tests.integration.test_failures import assert_openai_error
 from tests.support.cassettes import openai_capture
 from tests.support.fake_upstream import (
     FakeUpstream,
@@ -150,6 +151,9 @@ async def test_no_secret_in_any_output_channel(
         "passthrough": await call("GET", "/v1/files"),
         "models": await call("GET", "/v1/models"),
         "summary": await call("GET", "/v1/tollgate/summary"),
+        "summary, admin key": await call("GET", "/v1/tollgate/summary", key=ADMIN_KEY),
+        "summary, no key": await call("GET", "/v1/tollgate/summary", key=None),
+        "summary, wrong key": await call("GET", "/v1/tollgate/summary", key=WRONG_KEY),
         "budgets, admin key": await call("GET", "/v1/tollgate/budgets", key=ADMIN_KEY),
         "budgets, virtual key": await call("GET", "/v1/tollgate/budgets"),
         "budgets, wrong key": await call("GET", "/v1/tollgate/budgets", key=WRONG_KEY),
@@ -157,7 +161,8 @@ async def test_no_secret_in_any_output_channel(
     assert statuses == {
         "stream": 200, "wrong key": 401, "no key": 401, "admin key as virtual key": 401, "basic auth": 401,
         "key in x-api-key": 401, "bad json": 400, "budget": 429, "upstream 401": 401,
-        "passthrough": 200, "models": 200, "summary": 200, "budgets, admin key": 200,
+        "passthrough": 200, "models": 200, "summary": 200, "summary, admin key": 200,
+        "summary, no key": 401, "summary, wrong key": 401, "budgets, admin key": 200,
         "budgets, virtual key": 401, "budgets, wrong key": 401,
     }
     async with aiohttp.ClientSession() as s, s.get(proxy.metrics_url) as r:
@@ -400,3 +405,36 @@ async def test_slowloris_with_a_bare_runner_outlasts_the_test_bound(
     closed_after = await trickle_headers(proxy.server.host, proxy.server.port, limit_s=6)
     print(f"slowloris with AppRunner defaults: {'still open after 6 s' if closed_after is None else closed_after}")
     assert closed_after is None
+
+
+@pytest.mark.parametrize(
+    ("access", "expected"),
+    [("keys", {"virtual": 200, "admin": 200, "none": 401}), ("admin", {"virtual": 401, "admin": 200, "none": 401})],
+)
+async def test_summary_needs_a_key_once_keys_exist(
+    start_proxy: StartProxy, fake_openai: FakeUpstream, access: str, expected: dict[str, int]
+) -> None:
+    config = proxy_yaml(fake_openai.api_base, extra=f"""
+keys:
+  - name: app
+    key_sha256: {hash_key(VIRTUAL_KEY)}
+admin:
+  api_key: {ADMIN_KEY}
+  summary_access: {access}
+""")
+    proxy = await start_proxy(config)
+    got = {}
+    async with aiohttp.ClientSession() as s:
+        for who, key in (("virtual", VIRTUAL_KEY), ("admin", ADMIN_KEY), ("none", None)):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            async with s.get(proxy.base_url + "/tollgate/summary", headers=headers) as r:
+                got[who] = r.status
+                if r.status == 401:
+                    assert_openai_error(await r.json(), code="invalid_api_key")
+    assert got == expected
+
+
+async def test_summary_is_open_without_keys(start_proxy: StartProxy, fake_openai: FakeUpstream) -> None:
+    proxy = await start_proxy(proxy_yaml(fake_openai.api_base))
+    async with aiohttp.ClientSession() as s, s.get(proxy.base_url + "/tollgate/summary") as r:
+        assert r.status == 200
