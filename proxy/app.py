@@ -169,7 +169,7 @@ async def upstream_sessions(app: web.Application) -> AsyncIterator[None]:
         rt.upstreams[name] = open_upstream(name, upstream, rt.settings)
         if upstream.kind == "llamacpp":
             # In the background: a llama-server still loading must not delay readiness.
-            rt.spawn(read_llamacpp_context(rt.upstreams[name], app[METRICS]), f"{name} /props")
+            rt.probe(read_llamacpp_context(rt.upstreams[name], app[METRICS]))
     yield
     await asyncio.gather(*(u.session.close() for u in rt.upstreams.values()))
 
@@ -195,6 +195,7 @@ async def metrics_port(app: web.Application) -> AsyncIterator[None]:
 async def background_work(app: web.Application) -> AsyncIterator[None]:
     yield
     rt = app[RUNTIME]
+    await rt.cancel_probes()
     if rt.background:
         await asyncio.wait(rt.background, timeout=10)
     if rt.unsettled:
@@ -253,7 +254,7 @@ async def reconfigure(app: web.Application, new: Settings) -> list[str]:
         if name not in upstreams:
             upstreams[name] = open_upstream(name, upstream_settings, new)
             if upstream_settings.kind == "llamacpp":
-                rt.spawn(read_llamacpp_context(upstreams[name], app[METRICS]), f"{name} /props")
+                rt.probe(read_llamacpp_context(upstreams[name], app[METRICS]))
     if new.webhook != old.webhook:
         rt.retired.append((time.monotonic() + RETIRE_AFTER_S, rt.webhook.close))
         rt.webhook = WebhookSender(new.webhook)

@@ -79,6 +79,9 @@ class Runtime:
     upstreams: dict[str, Upstream] = field(default_factory=dict)
     _ledger: Ledger | None = None
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Start-up look-ups (llama-server's /props) that nothing waits on: cancelled at
+    # shutdown, where `background` is drained.
+    probes: set[asyncio.Task[Any]] = field(default_factory=set)
     unpriced_warned: set[str] = field(default_factory=set)
     measure_failures: int = 0
     # Settlements the ledger could not take (storage down): retried until it can, so a
@@ -123,6 +126,20 @@ class Runtime:
 
         task.add_done_callback(done)
         return task
+
+
+    def probe(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a look-up that only informs (metrics) and may be cut short at shutdown: an
+        idle proxy must stop at once, not wait out a retry loop against a server that is
+        not there."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.probes.add(task)
+        task.add_done_callback(self.probes.discard)
+
+    async def cancel_probes(self) -> None:
+        for task in self.probes:
+            task.cancel()
+        await asyncio.gather(*self.probes, return_exceptions=True)
 
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)

@@ -25,6 +25,7 @@ from tests.integration.faults_common import (
 from tests.integration.test_failures import CHAT, SSE, chunk
 from tests.support.fake_upstream import Reply
 from tests.support.otlp_receiver import OtlpReceiver
+from tests.support.procs import free_port
 from tests.support.tollgate_process import UpstreamThread
 
 USAGE_CHUNK = b'data: {"id":"c1","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":8,"completion_tokens":10,"total_tokens":18}}\n\n'
@@ -193,3 +194,21 @@ async def test_reload_config_rejects_each_invalid_file_without_touching_the_app(
     faults = app[RUNTIME].faults
     assert faults is not None
     assert faults.reloads.labels("rejected")._value.get() == 1
+
+
+async def test_sigterm_when_idle_stops_at_once_even_with_a_llama_server_that_is_not_there(tmp_path: Path) -> None:
+    """An idle proxy whose llama-server upstream is down (its /props look-up still
+    retrying) stops promptly: nothing waits on that look-up. The bound is a loaded 2-core
+    machine's: idle, the stop itself takes well under a second."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = tmp_path / "tollgate.yaml"
+    cfg.write_text(server_yaml(dead + "/v1", tmp_path / "ledger.db").replace(
+        "routes:", f"  llamacpp:\n    kind: llamacpp\n    base_url: {dead}\nroutes:", 1
+    ))
+    server = await start_server_process(cfg, tmp_path)
+    await asyncio.sleep(1.0)  # the /props loop is in its retries by now
+    t = time.monotonic()
+    assert server.stop(timeout=15) == 0
+    took = time.monotonic() - t
+    print(f"\nidle SIGTERM with an absent llama-server: exited in {took:.2f} s")
+    assert took < 3.0, server.log_text()
