@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy import handlers
-from proxy.errors import HttpError, InvalidApiKey
+from proxy.errors import HttpError
 from proxy.exchange import Observer, Observers
 from proxy.finish import retry_unsettled
 from proxy.forward import open_upstream, read_llamacpp_context
@@ -269,14 +269,8 @@ async def reconfigure(app: web.Application, new: Settings) -> list[str]:
 async def summary_endpoint(request: web.Request) -> web.Response:
     """Per-model figures since start. They name models and traffic, so once keys exist
     they are for key holders (or the admin alone, by config), not for anyone on the port."""
-    rt = request.app[RUNTIME]
-    if rt.keyring.enabled:
-        admin_only = rt.settings.admin.summary_access == "admin"
-        try:
-            if admin_only or not handlers.is_virtual_key(request, rt):
-                if not admin_only and rt.settings.admin.api_key is None:
-                    raise InvalidApiKey("This endpoint needs a Tollgate virtual key as 'Authorization: Bearer <key>'.")
-                handlers.require_admin(request, rt)
-        except HttpError as err:
-            return handlers.error_response(err)
+    try:
+        handlers.require_summary_reader(request, request.app[RUNTIME])
+    except HttpError as err:
+        return handlers.error_response(err)
     return web.json_response(request.app[SUMMARY].snapshot())

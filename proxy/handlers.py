@@ -231,10 +231,6 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "not ready"}, status=503)
 
 
-def is_virtual_key(request: web.Request, rt: Runtime) -> bool:
-    return rt.keyring.authenticate(parse_bearer(request.headers.get("Authorization"))) is not None
-
-
 def require_admin(request: web.Request, rt: Runtime) -> None:
     expected = rt.settings.admin.api_key
     if expected is None:
@@ -242,6 +238,21 @@ def require_admin(request: web.Request, rt: Runtime) -> None:
     presented = parse_bearer(request.headers.get("Authorization")) or ""
     if not hmac.compare_digest(presented.encode(), expected.get_secret_value().encode()):
         raise InvalidApiKey("This endpoint needs the admin key as 'Authorization: Bearer <key>'.")
+
+
+def require_summary_reader(request: web.Request, rt: Runtime) -> None:
+    """Once keys exist: any valid virtual key or the admin key (`admin.summary_access:
+    keys`), or the admin key alone (`admin`). Without keys, open like the API itself."""
+    if not rt.keyring.enabled:
+        return
+    if rt.settings.admin.summary_access == "admin":
+        require_admin(request, rt)
+        return
+    if rt.keyring.authenticate(parse_bearer(request.headers.get("Authorization"))) is not None:
+        return
+    if rt.settings.admin.api_key is None:
+        raise InvalidApiKey("This endpoint needs a Tollgate virtual key as 'Authorization: Bearer <key>'.")
+    require_admin(request, rt)
 
 
 def _jsonable(value: object) -> object:

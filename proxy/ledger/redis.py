@@ -25,10 +25,12 @@ Tollgate's own scripts compare against Tollgate's `now`. Redis's clock only runs
 and those are always sent as durations (PEXPIRE, SET PX) worked out on Tollgate's clock,
 never as instants (PEXPIREAT, PXAT): an instant would be judged by Redis's clock, so a
 Tollgate host minutes off Redis's clock, or a test with a fixed clock, would have keys
-expire early or live on. A TTL only bounds how long an idle key is kept; correctness never
-rests on it, and its margin (a day past the window) dwarfs any network delay. Leases are
-compared across instances on their own clocks: instances whose clocks differ by more than
-a lease would drop each other's reservations, hence NTP and leases of minutes. Money is integer nano-USD; Lua numbers are doubles, exact to
+expire early or live on. A TTL only bounds how long a key outlives its window (a day);
+budget arithmetic never reads Redis's clock. Leases are compared across instances on their
+own clocks: instances whose clocks differ by more than a lease would drop each other's
+reservations, hence NTP and leases of minutes.
+
+Money is integer nano-USD; Lua numbers are doubles, exact to
 2^53 nano-USD (about $9M per bucket). Increments go to Redis as decimal strings, never
 as Lua-formatted numbers (which would turn large values into "1e+15").
 
