@@ -98,16 +98,28 @@ class ReuseAwareConnector(aiohttp.TCPConnector):
     async def connect(
         self, req: aiohttp.ClientRequest, traces: list[Any], timeout: aiohttp.ClientTimeout
     ) -> Connection:
-        conn = await super().connect(req, traces, timeout)
-        proto = conn.protocol
-        if proto is not None:
-            if proto in self._handed_out:
-                attempt = _ATTEMPT.get()
-                if attempt is not None:
-                    attempt.reused = True
-            else:
+        while True:
+            conn = await super().connect(req, traces, timeout)
+            proto = conn.protocol
+            if proto is None:
+                return conn
+            if proto not in self._handed_out:
                 self._handed_out.add(proto)
-        return conn
+                return conn
+            # A pooled keep-alive connection. aiohttp re-arms a connection's read timer on
+            # any bytes it receives, pooled or not, so stray bytes after a response (a
+            # trailing CRLF some servers send) leave a timer running that belongs to no
+            # request: if it fired while pooled, the connection holds a timeout error and
+            # the next request on it would fail at once with a 504 for time it never spent.
+            if proto.exception() is not None or proto.should_close:
+                conn.close()  # went bad while pooled: try the next one, or a fresh one
+                continue
+            proto.read_timeout = None
+            proto.start_timeout()  # with no read timeout: cancels the stray timer
+            attempt = _ATTEMPT.get()
+            if attempt is not None:
+                attempt.reused = True
+            return conn
 
 
 def open_upstream(name: str, settings: UpstreamSettings, global_settings: Settings) -> Upstream:

@@ -332,3 +332,55 @@ async def test_undecodable_request_bodies_are_refused_before_the_upstream(
     assert got == status
     assert_openai_error(body, "invalid_request_error", code)
     assert fake_openai.requests == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_pooled_connection_never_times_out_for_time_no_request_spent(
+    start_proxy: StartProxy, stream: bool
+) -> None:
+    """An upstream that sends a stray CRLF after each response (some servers do) wakes
+    aiohttp's read timer on the idle pooled connection. Without care that timer fires
+    while the connection sits in the pool, and the next request on it fails in
+    milliseconds with a 504, never reaching the upstream."""
+    ok = orjson.dumps({"id": "c", "object": "chat.completion", "choices": [], "usage": USAGE})
+    event = chunk(0, "hi") + b"data: [DONE]\n\n"
+    answered = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        try:
+            while True:
+                await read_request(reader)
+                answered += 1
+                if stream:
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        + f"{len(event):x}\r\n".encode() + event + b"\r\n0\r\n\r\n"
+                    )
+                else:
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                        + str(len(ok)).encode() + b"\r\n\r\n" + ok
+                    )
+                await writer.drain()
+                await asyncio.sleep(0.02)
+                writer.write(b"\r\n")  # the stray bytes, after the response is complete
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server, base = await raw_server(handle)
+    try:
+        # Both timers short, and a pause between requests longer than either (and far
+        # shorter than the pool's 30 s keep-alive, so the connection is reused).
+        proxy = await start_proxy(proxy_yaml(base, idle=0.3, first_byte=0.3, inject=False))
+        outcomes = []
+        for _ in range(4):
+            status, body, _ = await post(proxy.base_url + "/chat/completions", {**CHAT, "stream": stream})
+            outcomes.append((status, body.get("error", {}).get("code") if "error" in body else None))
+            await asyncio.sleep(0.6)
+        assert outcomes == [(200, None)] * 4
+        assert answered == 4
+    finally:
+        server.close()
