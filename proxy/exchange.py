@@ -8,7 +8,9 @@ once, on every path: success, upstream error, client gone, refused. All timestam
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal, Protocol
@@ -19,6 +21,66 @@ log = logging.getLogger("tollgate.exchange")
 
 # The endpoints the proxy understands; everything else under /v1 is "other" and passes through.
 Endpoint = Literal["chat.completions", "completions", "embeddings", "responses", "models", "other"]
+
+# The relayed output text kept per request. The local output estimate (used only when the
+# upstream reports no usage) counts at most this many characters exactly and scales that
+# count to the whole; payload logging shows at most this many. Keeping more would only cost
+# memory: a 100 MB stream would otherwise be held whole until the request ends.
+KEPT_OUTPUT_CHARS = 1 << 16
+
+
+class OutputText:
+    """The output a response carried: its first KEPT_OUTPUT_CHARS characters, and how many
+    characters there were in all. Bounded, whatever the size of the response."""
+
+    __slots__ = ("_parts", "kept", "chars")
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self.kept = 0
+        self.chars = 0
+
+    def append(self, text: str) -> None:
+        self.chars += len(text)
+        room = KEPT_OUTPUT_CHARS - self.kept
+        if room > 0:
+            piece = text if len(text) <= room else text[:room]
+            self._parts.append(piece)
+            self.kept += len(piece)
+
+    def __bool__(self) -> bool:
+        return self.chars > 0
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, OutputText) and (self.chars, self.text()) == (other.chars, other.text())
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        return f"OutputText(chars={self.chars}, kept={self.text()[:40]!r})"
+
+    @property
+    def complete(self) -> bool:
+        """Whether `text()` is all of it."""
+        return self.kept == self.chars
+
+    def text(self) -> str:
+        """The kept text: all of it while `complete`, else its beginning."""
+        if len(self._parts) > 1:
+            self._parts = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+    def estimate_tokens(self, count: Callable[[str], int]) -> int:
+        """Tokens in the whole text: `count` of the kept text, scaled to all characters when
+        only the beginning was kept (counting 100 MB exactly would also hold the event loop
+        for seconds)."""
+        if not self.chars:
+            return 0
+        kept_tokens = count(self.text())
+        if self.complete:
+            return kept_tokens
+        return math.ceil(kept_tokens * self.chars / self.kept)
+
 
 # OpenTelemetry GenAI `gen_ai.operation.name` values for each endpoint.
 OPERATION_NAMES: dict[str, str] = {
@@ -86,7 +148,10 @@ class Exchange:
     response_id: str | None = None
     finish_reasons: list[str] = field(default_factory=list)
     usage: Usage | None = None
-    output_text_parts: list[str] = field(default_factory=list)
+    output_text: OutputText = field(default_factory=OutputText)
+    # How much of a non-stream body was measured: "whole", or only its "tail" (a body over
+    # the parse limit: usage read from its end, output text not read).
+    body_measured: Literal["whole", "tail"] = "whole"
     llamacpp_timings: dict[str, float] | None = None
     cost: Decimal | None = None
     priced: bool = True

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -69,19 +68,6 @@ async def complete(ex: Exchange, rt: Runtime) -> None:
         await asyncio.shield(settling)
 
 
-# Counting a huge relayed text exactly would hold the event loop for seconds (tiktoken on
-# 10 MB without whitespace: ~5 s and ~450 MB): past this many characters, a prefix is
-# counted and scaled to the whole.
-EXACT_ESTIMATE_CHARS = 1 << 16
-
-
-def output_estimate(text: str, model: str) -> int:
-    if len(text) <= EXACT_ESTIMATE_CHARS:
-        return estimate_output_tokens(text, model)
-    head = estimate_output_tokens(text[:EXACT_ESTIMATE_CHARS], model)
-    return math.ceil(head * len(text) / EXACT_ESTIMATE_CHARS)
-
-
 def account(ex: Exchange, rt: Runtime) -> None:
     """Tokens (upstream's, else llama.cpp timings, else estimated) and their cost."""
     forwarded = ex.t_upstream_sent_ns is not None
@@ -99,10 +85,9 @@ def account(ex: Exchange, rt: Runtime) -> None:
     ):
         # Nothing from upstream (no usage, or the client left first): bill what was consumed,
         # the prompt and the output actually relayed.
-        text = "".join(ex.output_text_parts)
         ex.usage = Usage(
             input_tokens=estimate_prompt_tokens(ex.endpoint, ex.body, model),
-            output_tokens=output_estimate(text, model) if text else 0,
+            output_tokens=ex.output_text.estimate_tokens(lambda text: estimate_output_tokens(text, model)),
         )
     if ex.usage is None or model is None:
         return

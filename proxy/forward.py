@@ -23,7 +23,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import UpstreamError, translate_upstream_exception
 from proxy.exchange import Exchange
-from proxy.measure import StreamTap, UsageStripper, measure_body
+from proxy.measure import BodyKeeper, StreamTap, UsageStripper
 from proxy.settings import Settings
 from proxy.settings import Upstream as UpstreamSettings
 
@@ -279,15 +279,13 @@ async def relay(
     content = resp.content
     tap = StreamTap(ex, on_first_token) if is_sse else None
     stripper = UsageStripper() if (is_sse and ex.usage_injected) else None
-    body_parts: list[bytes] | None = None if is_sse else []
-    body_size = 0
+    body = None if is_sse else BodyKeeper()
     started = False
     perf = time.perf_counter_ns
 
     async def completing() -> None:
-        if body_parts is not None:
-            measure_body(ex, b"".join(body_parts))
-            body_parts.clear()
+        if body is not None:
+            body.measure(ex)
         ex.outcome = "ok" if resp.status < 400 else "upstream_error"
         await complete()
 
@@ -310,11 +308,9 @@ async def relay(
             if not started:
                 await out.prepare(request)
                 started = True
-            if body_parts is not None:
-                body_size += len(chunk)
-                if body_size <= (32 << 20):
-                    body_parts.append(chunk)
-                if expected_length is not None and body_size >= expected_length:
+            if body is not None:
+                body.add(chunk)
+                if expected_length is not None and body.size >= expected_length:
                     # The client will take this piece as the end of the body.
                     ex.overhead_ns += perf() - t_read
                     await completing()
@@ -371,8 +367,8 @@ async def relay(
             resp.close()
         else:
             resp.release()
-        if body_parts:
-            measure_body(ex, b"".join(body_parts))
+        if body is not None:
+            body.measure(ex)
     return out
 
 

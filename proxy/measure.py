@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -26,7 +26,13 @@ log = logging.getLogger("tollgate.measure")
 MAX_PARSED_BODY = 32 * 1024 * 1024
 
 
-def _text_of_chat_delta(delta: dict[str, Any], parts: list[str]) -> bool:
+class TextSink(Protocol):
+    """Where output text goes: the Exchange's bounded OutputText, or a plain list."""
+
+    def append(self, text: str, /) -> None: ...
+
+
+def _text_of_chat_delta(delta: dict[str, Any], parts: TextSink) -> bool:
     """Collect the output a chat delta carries; True if it carries any."""
     carries = False
     for field in ("content", "refusal", "reasoning_content", "reasoning"):
@@ -52,7 +58,7 @@ def _text_of_chat_delta(delta: dict[str, Any], parts: list[str]) -> bool:
     return carries
 
 
-def output_of_payload(endpoint: str, event_name: str | None, payload: dict[str, Any], parts: list[str]) -> bool:
+def output_of_payload(endpoint: str, event_name: str | None, payload: dict[str, Any], parts: TextSink) -> bool:
     """Append the output text of one stream event to `parts`; True if the event carries output.
 
     The role-only first chat chunk (`{"role": "assistant", "content": ""}`) carries none.
@@ -143,7 +149,7 @@ class StreamTap:
     def __init__(self, ex: Exchange, on_first_token: Callable[[Exchange], None]) -> None:
         self.ex = ex
         self.parser = SSEParser()
-        self.parts: list[str] = ex.output_text_parts
+        self.parts = ex.output_text
         self.healthy = True
         self._first_token_cb = on_first_token
         # The bytes before the content of the last chunk of OpenAI's shape, and its id/model.
@@ -397,6 +403,89 @@ class UsageStripper:
         )
 
 
+# Of a body over MAX_PARSED_BODY, only this much of its end is kept: an OpenAI-shaped body
+# ends with its `usage` object (embeddings of thousands of inputs run to tens of MB).
+BODY_TAIL_BYTES = 64 * 1024
+
+
+class BodyKeeper:
+    """A non-stream response body as measuring needs it: whole up to MAX_PARSED_BODY,
+    beyond that only its last BODY_TAIL_BYTES, so memory stays bounded per request."""
+
+    __slots__ = ("parts", "size", "tail")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] | None = []
+        self.size = 0
+        self.tail = b""
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.parts is not None:
+            if self.size <= MAX_PARSED_BODY:
+                self.parts.append(chunk)
+                return
+            self.parts.append(chunk)
+            self.tail = b"".join(self.parts)[-BODY_TAIL_BYTES:]
+            self.parts = None
+        elif len(chunk) >= BODY_TAIL_BYTES:
+            self.tail = chunk[-BODY_TAIL_BYTES:]
+        else:
+            self.tail = self.tail[len(chunk) - BODY_TAIL_BYTES :] + chunk
+
+    def measure(self, ex: Exchange) -> None:
+        """Measure what was kept, once; later calls find nothing left."""
+        if self.parts is not None:
+            if self.parts:
+                measure_body(ex, b"".join(self.parts))
+                self.parts.clear()
+        elif self.tail:
+            measure_body_tail(ex, self.tail)
+            self.tail = b""
+
+
+def measure_body_tail(ex: Exchange, tail: bytes) -> None:
+    """Usage from the end of a body too large to parse whole: the last `"usage": {...}`."""
+    ex.body_measured = "tail"
+    if ex.status is not None and ex.status >= 400:
+        return
+    at = tail.rfind(b'"usage"')
+    start = tail.find(b"{", at) if at >= 0 else -1
+    end = _object_end(tail, start) if start >= 0 else -1
+    if end < 0:
+        return
+    try:
+        usage = usage_from_body(ex.endpoint, {"usage": orjson.loads(tail[start:end])})
+    except orjson.JSONDecodeError:
+        return
+    if usage is not None:
+        ex.usage = usage
+
+
+def _object_end(data: bytes, start: int) -> int:
+    """The index after the JSON object that opens at `start`, or -1 if it does not close."""
+    depth = 0
+    in_string = escaped = False
+    for i in range(start, len(data)):
+        c = data[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:  # backslash
+                escaped = True
+            elif c == 0x22:
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c == 0x7B:
+            depth += 1
+        elif c == 0x7D:
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return -1
+
+
 def measure_body(ex: Exchange, body: bytes) -> None:
     """Read usage, model and timings out of a complete non-stream JSON response."""
     if not body or len(body) > MAX_PARSED_BODY:
@@ -429,9 +518,9 @@ def measure_body(ex: Exchange, body: bytes) -> None:
             note_finish_reason(ex, choice)
             msg = choice.get("message")
             if isinstance(msg, dict):
-                _text_of_chat_delta(msg, ex.output_text_parts)
+                _text_of_chat_delta(msg, ex.output_text)
             text = choice.get("text")
             if isinstance(text, str):
-                ex.output_text_parts.append(text)
+                ex.output_text.append(text)
     if ex.endpoint == "responses" and isinstance(payload.get("status"), str):
         ex.finish_reasons.append(payload["status"])

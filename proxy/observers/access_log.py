@@ -174,6 +174,8 @@ class AccessLogObserver:
         }
         if ex.error_detail is not None:
             rec["error_detail"] = ex.error_detail
+        if ex.body_measured != "whole":
+            rec["body_measured"] = ex.body_measured
         budget = ex.extra.get("budget_verdict")
         if budget is not None:
             rec["budget"] = budget
@@ -182,5 +184,5 @@ class AccessLogObserver:
         if self.payloads == "truncated":
             prompt = prompt_text(ex.body)
             rec["prompt"] = None if prompt is None else _truncate(prompt, self.payload_max_chars)
-            rec["completion"] = _truncate("".join(ex.output_text_parts), self.payload_max_chars)
+            rec["completion"] = _truncate(ex.output_text.text(), self.payload_max_chars)
         return rec

@@ -90,7 +90,7 @@ async def test_client_gone_mid_stream_is_charged_what_was_relayed(start_proxy: S
     after = await budget_state(proxy.runtime)
     assert row["outcome"] == "client_gone" and row["output_source"] == "estimated"
     # Billed for what reached the proxy (at least what the client read), not the whole 40.
-    relayed = "".join(ex.output_text_parts)
+    relayed = ex.output_text.text()
     assert relayed.count("word") >= 5 and gone.chunks_sent < 40
     assert 5 * 2 <= row["output_tokens"] <= gone.chunks_sent * 3
     assert after["reserved"] == 0 and after["spent"] == Decimal(row["cost_nanos"]) / Decimal(10**9)

@@ -384,3 +384,50 @@ async def test_a_pooled_connection_never_times_out_for_time_no_request_spent(
         assert answered == 4
     finally:
         server.close()
+
+
+async def test_a_body_over_the_parse_limit_is_billed_from_its_usage(
+    start_proxy: StartProxy, fake_openai: FakeUpstream
+) -> None:
+    """A 40 MB non-stream body (embeddings of many inputs run that large) is relayed whole,
+    and its usage, at the end, is read from the tail Tollgate keeps: not estimated."""
+    row_json = b'{"object":"embedding","index":0,"embedding":[' + b"0.0123456," * 200 + b"0.1]},"
+    rows = 40_000_000 // len(row_json)
+    usage = b'{"prompt_tokens":10,"completion_tokens":50,"total_tokens":60}'
+    body = b'{"object":"list","model":"gpt-4o-mini","data":[' + row_json * rows + b'{"index":1}],"usage":' + usage + b"}"
+    assert len(body) > 32 << 20
+    chunks = [body[i : i + (1 << 20)] for i in range(0, len(body), 1 << 20)]
+    fake_openai.route(
+        "POST", "/v1/chat/completions",
+        Reply(headers=[("Content-Type", "application/json"), ("Content-Length", str(len(body)))], chunks=chunks),
+    )
+    proxy = await start_proxy(proxy_yaml(fake_openai.api_base, inject=False))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.base_url + "/chat/completions", json=CHAT) as r:
+            assert r.status == 200
+            assert await r.read() == body
+            rid = r.headers["X-Request-Id"]
+    line, row = await recorded(proxy, rid)
+    assert (row["input_tokens"], row["output_tokens"]) == (10, 50)
+    assert line["tokens"]["input_source"] == "upstream" and line["body_measured"] == "tail"
+
+
+async def test_a_huge_stream_keeps_bounded_text_and_still_estimates_its_output(
+    start_proxy: StartProxy, fake_openai: FakeUpstream
+) -> None:
+    """A 20 MB stream with no usage: the relay holds a bounded beginning of its text and a
+    count of the rest, and the output estimate still covers all of it."""
+    rec = Recorder()
+    n = 40_000
+    word = " hello" * 80  # 480 characters, 80 tokens, per event
+    chunks = [b"".join(chunk(i, word) for i in range(j, j + 100)) for j in range(0, n, 100)]
+    chunks.append(b"data: [DONE]\n\n")
+    fake_openai.route("POST", "/v1/chat/completions", Reply(headers=SSE, chunks=chunks))
+    proxy = await start_proxy(proxy_yaml(fake_openai.api_base, inject=False), observers=[rec])
+    status, body, _ = await post(proxy.base_url + "/chat/completions", {**CHAT, "stream": True})
+    assert status == 200 and len(body["raw"]) > 20_000_000
+    ex = await rec.wait()
+    assert ex.output_text.chars == n * len(word)
+    assert ex.output_text.kept <= 1 << 16
+    assert ex.usage is not None and ex.usage.output_source == "estimated"
+    assert abs(ex.usage.output_tokens - n * 80) <= n * 80 // 1000

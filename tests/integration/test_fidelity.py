@@ -495,7 +495,7 @@ async def test_tool_call_argument_deltas_are_output(
         fake_openai.writes[script.output[0]].t_ns - fake_openai.writes[0].t_ns
         >= 200_000_000
     )
-    assert "".join(ex.output_text_parts) == '{"location":"Paris, France"}'
+    assert ex.output_text.text() == '{"location":"Paris, France"}'
     assert ex.finish_reasons == ["tool_calls"]
     assert ex.usage is not None and (
         ex.usage.output_tokens,
@@ -553,7 +553,7 @@ async def test_responses_output_text_deltas_are_output(
     assert (
         fake_openai.writes[output[0]].t_ns - fake_openai.writes[0].t_ns >= 150_000_000
     )
-    assert "".join(ex.output_text_parts) == "Hello, world!"
+    assert ex.output_text.text() == "Hello, world!"
     # Tokens from response.completed, parts kept apart.
     u = ex.usage
     assert u is not None
@@ -637,7 +637,7 @@ async def test_injected_usage_is_stripped_byte_exactly(
         u.reasoning_tokens,
     ) == (2006, 1920, 5, 0)
     assert (u.input_source, u.output_source) == ("upstream", "upstream")
-    assert ex.output_events >= 1 and "".join(ex.output_text_parts) == " hello" * 5
+    assert ex.output_events >= 1 and ex.output_text.text() == " hello" * 5
     # gpt-4o-mini shipped price: 0.15 input, 0.075 cached input, 0.60 output per 1M.
     assert (
         ex.cost
@@ -780,7 +780,7 @@ async def test_estimate_when_upstream_reports_no_usage(
         )
         if c["choices"]
     )
-    assert text and "".join(ex.output_text_parts) == text
+    assert text and ex.output_text.text() == text
     assert u.output_tokens == len(enc.encode(text))
 
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.exchange import Exchange
+from proxy.exchange import Exchange, OutputText
 from proxy.observers.access_log import AccessLogObserver, iso_utc, prompt_text
 from proxy.usage import Usage
 from tests.support.exchanges import chat_exchange
@@ -21,6 +21,13 @@ SECRET_PROMPT = "SECRET-PROMPT-a8f3"
 SECRET_KEY = "sk-proj-SECRETKEY-77"
 SECRET_OUTPUT = "SECRET-COMPLETION-19c"
 
+
+
+def output_text(*parts: str) -> OutputText:
+    text = OutputText()
+    for part in parts:
+        text.append(part)
+    return text
 
 def exchange(**kw: Any) -> Exchange:
     defaults: dict[str, Any] = dict(
@@ -57,7 +64,7 @@ def exchange(**kw: Any) -> Exchange:
             output_source="upstream",
         ),
         cost=Decimal("0.00001234500"),
-        output_text_parts=["Hello ", SECRET_OUTPUT],
+        output_text=output_text("Hello ", SECRET_OUTPUT),
         finish_reasons=["stop"],
     )
     return chat_exchange("req-42", T0, 1_700_000_000.5, {**defaults, **kw})

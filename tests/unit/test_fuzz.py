@@ -195,7 +195,7 @@ def test_tap_never_raises_and_never_changes_relayed_bytes(stream: bytes, cuts: l
 def test_measurement_does_not_depend_on_chunking(stream: bytes, cuts: list[int], endpoint: str) -> None:
     _, whole = relay([stream], endpoint, strip=False)
     _, chunked = relay(rechunk(stream, cuts), endpoint, strip=False)
-    assert chunked.output_text_parts == whole.output_text_parts
+    assert chunked.output_text == whole.output_text
     assert chunked.usage == whole.usage
     assert chunked.finish_reasons == whole.finish_reasons
     assert chunked.error_type == whole.error_type
@@ -294,7 +294,7 @@ def test_tap_fast_path_matches_the_general_path(
     fast_out, fast = relay(chunks, "chat.completions", strip=strip)
     slow_out, slow = relay_general(chunks, strip=strip)
     assert fast_out == slow_out
-    for name in ("output_text_parts", "output_events", "gaps_ns", "t_first_token_ns", "t_last_token_ns",
+    for name in ("output_text", "output_events", "gaps_ns", "t_first_token_ns", "t_last_token_ns",
                  "response_id", "response_model", "usage", "finish_reasons", "error_type", "extra"):
         assert getattr(fast, name) == getattr(slow, name), name
 
