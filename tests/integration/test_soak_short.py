@@ -16,7 +16,8 @@ TASK_GROWTH = 10
 
 
 async def test_short_soak_is_flat_clean_and_reconciled(tmp_path: Path) -> None:
-    report = await soak(0.5, 20.0, 2.0, tmp_path, log=False)
+    # One burst of two 20 MB streams after an idle pause, in the middle of the run.
+    report = await soak(0.5, 20.0, 2.0, tmp_path, log=False, burst_every=12.0, burst_streams=2, burst_mb=20)
     start, end = report.steady()
     summary = report.summary()
     summary.pop("samples")
@@ -24,7 +25,10 @@ async def test_short_soak_is_flat_clean_and_reconciled(tmp_path: Path) -> None:
     assert report.unexpected == []
     assert report.exit_code == 0
     # Every kind of traffic ran, and every injected fault left its outcome.
-    assert set(report.by_kind) == {"stream", "plain", "upstream_500", "upstream_429", "gone_mid_stream", "gone_thinking"}
+    assert set(report.by_kind) == {
+        "stream", "plain", "gzip_plain", "upstream_500", "upstream_429", "gone_mid_stream", "gone_thinking", "big_stream",
+    }
+    assert len(report.bursts) >= 1
     assert report.outcomes.get("upstream_error") == report.by_kind["upstream_500"] + report.by_kind["upstream_429"]
     assert report.outcomes.get("client_gone") == report.by_kind["gone_mid_stream"] + report.by_kind["gone_thinking"]
     assert end.rss_kib - start.rss_kib < RSS_GROWTH_KIB, (start, end)

@@ -5,9 +5,14 @@ faults, watching for leaks and checking the ledger to the nano-dollar.
     python -m tests.soak.run --minutes 0.5 --json    # what tests/integration/test_soak_short.py runs
 
 Traffic, at `--rate` requests a second, in a fixed cycle of 20 slots:
-  9 streams (SSE, usage from upstream), 5 plain completions, 2 upstream 500s and 1 upstream
-  429 with retry-after (injected upstream errors), 2 clients that hang up mid-stream and 1 that
-  hangs up while the upstream is still thinking (injected client faults).
+  9 streams (SSE, usage from upstream), 4 plain completions and 1 with a gzip-compressed
+  request body, 2 upstream 500s and 1 upstream 429 with retry-after (injected upstream
+  errors), 2 clients that hang up mid-stream and 1 that hangs up while the upstream is still
+  thinking (injected client faults).
+Every `--burst-every` seconds: a pause in traffic longer than the proxy's idle timeout (pooled
+upstream connections sit idle past it; no request may then get a 504 for that time), then a
+burst of `--burst-streams` concurrent `--burst-mb` MB streams; the proxy's RSS before the
+burst and once it is over must agree within 10%.
 Every `--sample` seconds: the proxy's RSS (/proc/<pid>/status VmRSS), open descriptors
 (/proc/<pid>/fd) and event-loop tasks (the tollgate_event_loop_tasks gauge).
 At the end: errors beyond the injected ones (client side: any status or exception a slot
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import sqlite3
 import statistics
 import sys
@@ -46,11 +52,16 @@ from tests.support.tollgate_process import UpstreamThread
 SSE = (("Content-Type", "text/event-stream"),)
 USAGE = {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20}
 CYCLE = (
-    "stream", "plain", "stream", "stream", "upstream_500", "stream", "plain", "gone_mid_stream",
+    "stream", "plain", "stream", "stream", "upstream_500", "stream", "gzip_plain", "gone_mid_stream",
     "stream", "plain", "stream", "upstream_429", "stream", "plain", "gone_thinking", "stream",
     "upstream_500", "plain", "gone_mid_stream", "stream",
 )
-EXPECTED_STATUS = {"stream": 200, "plain": 200, "upstream_500": 500, "upstream_429": 429}
+EXPECTED_STATUS = {"stream": 200, "plain": 200, "gzip_plain": 200, "upstream_500": 500, "upstream_429": 429}
+# The proxy's idle timeout in the soak: the pause before each burst outlasts it.
+IDLE_TIMEOUT_S = 2.0
+BIG_CHUNK_BYTES = 1 << 17
+# RSS once a burst is over may exceed RSS before it by this fraction at most.
+BURST_RSS_SLACK = 0.10
 OK_OUTCOMES = {"ok", "upstream_error", "client_gone"}
 BUDGET = """
 budgets:
@@ -70,8 +81,23 @@ def _stream_reply(words: int, gap: float, first: float = 0.0) -> Reply:
     return Reply(headers=SSE, chunks=chunks, delays=[first] + [gap] * (len(chunks) - 1))
 
 
+_BIG: dict[int, list[bytes]] = {}
+
+
+def _big_stream(mb: int) -> Reply:
+    """An `mb` MB stream of content events in 128 KiB reads, built once per size."""
+    if mb not in _BIG:
+        event = _event({"id": "b", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "big " * 50}}]})
+        piece = event * (BIG_CHUNK_BYTES // len(event))
+        _BIG[mb] = [piece] * (mb * (1 << 20) // len(piece))
+    chunks = [*_BIG[mb], _event({"id": "b", "object": "chat.completion.chunk", "choices": [], "usage": USAGE}), b"data: [DONE]\n\n"]
+    return Reply(headers=SSE, chunks=chunks)
+
+
 def upstream_reply(request: RecordedRequest) -> Reply:
     fault = request.headers.get("x-soak-fault", "")
+    if fault.startswith("big:"):
+        return _big_stream(int(fault[4:]))
     if fault == "500":
         return Reply.json({"error": {"message": "injected", "type": "server_error", "param": None, "code": None}}, status=500)
     if fault == "429":
@@ -110,6 +136,7 @@ class Report:
     spend_rows: int = 0
     access_lines: int = 0
     exit_code: int | None = None
+    bursts: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def reconciled(self) -> bool:
@@ -159,6 +186,7 @@ class Report:
                 "reconciled": self.reconciled,
             },
             "exit_code": self.exit_code,
+            "bursts": self.bursts,
             "samples": [asdict(s) for s in self.samples],
         }
 
@@ -167,6 +195,9 @@ async def one_request(session: aiohttp.ClientSession, url: str, kind: str, repor
     stream = kind in ("stream", "gone_mid_stream", "gone_thinking")
     body = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "soak " + kind}], "stream": stream})
     headers = {"Content-Type": "application/json"}
+    if kind == "gzip_plain":
+        body = gzip.compress(body)
+        headers["Content-Encoding"] = "gzip"
     fault = {"upstream_500": "500", "upstream_429": "429", "gone_thinking": "thinking", "gone_mid_stream": "long"}.get(kind)
     if fault:
         headers["x-soak-fault"] = fault
@@ -198,6 +229,35 @@ async def one_request(session: aiohttp.ClientSession, url: str, kind: str, repor
         report.unexpected.append(f"{kind}: {type(exc).__name__}: {exc}")
 
 
+async def big_stream(session: aiohttp.ClientSession, url: str, mb: int, report: Report) -> None:
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "soak big"}], "stream": True})
+    headers = {"Content-Type": "application/json", "x-soak-fault": f"big:{mb}"}
+    try:
+        async with session.post(url, data=body, headers=headers) as resp:
+            size, last = 0, b""
+            async for piece in resp.content.iter_any():
+                size += len(piece)
+                last = (last + piece)[-64:]
+            if resp.status != 200 or size < mb * (1 << 20) * 0.9 or not last.endswith(b"data: [DONE]\n\n"):
+                report.unexpected.append(f"big stream: status {resp.status}, {size} bytes, ends {last[-20:]!r}")
+    except Exception as exc:  # noqa: BLE001 - every failure is a finding, counted
+        report.unexpected.append(f"big stream: {type(exc).__name__}: {exc}")
+
+
+async def burst(
+    session: aiohttp.ClientSession, server: ServerProcess, url: str, streams: int, mb: int, report: Report
+) -> None:
+    """Idle past the idle timeout, then `streams` concurrent big streams; RSS around it."""
+    await asyncio.sleep(IDLE_TIMEOUT_S * 1.25)
+    before = server.rss_kib()
+    await asyncio.gather(*(big_stream(session, url, mb, report) for _ in range(streams)))
+    await asyncio.sleep(2.0)  # settlements written, buffers released
+    after = server.rss_kib()
+    report.bursts.append({"rss_before_mib": before / 1024, "rss_after_mib": after / 1024})
+    if after > before * (1 + BURST_RSS_SLACK):
+        report.unexpected.append(f"burst: RSS {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB after")
+
+
 async def tasks_gauge(session: aiohttp.ClientSession, server: ServerProcess) -> int:
     async with session.get(server.metrics_url) as r:
         for line in (await r.text()).splitlines():
@@ -206,13 +266,16 @@ async def tasks_gauge(session: aiohttp.ClientSession, server: ServerProcess) -> 
     return -1
 
 
-async def soak(minutes: float, rate: float, sample_every: float, workdir: Path, *, log: bool = True) -> Report:
+async def soak(
+    minutes: float, rate: float, sample_every: float, workdir: Path, *, log: bool = True,
+    burst_every: float = 60.0, burst_streams: int = 2, burst_mb: int = 50,
+) -> Report:
     report = Report(minutes=minutes, rate=rate)
     ledger = workdir / "ledger.db"
     with UpstreamThread() as upstream:
         upstream.route("POST", "/v1/chat/completions", upstream_reply)
         config = workdir / "tollgate.yaml"
-        config.write_text(server_yaml(upstream.api_base, ledger, BUDGET))
+        config.write_text(server_yaml(upstream.api_base, ledger, BUDGET, idle=IDLE_TIMEOUT_S))
         server = await start_server_process(config, workdir)
         try:
             url = server.base_url + "/chat/completions"
@@ -223,9 +286,24 @@ async def soak(minutes: float, rate: float, sample_every: float, workdir: Path, 
                 t0 = time.monotonic()
                 end = t0 + minutes * 60
                 next_sample = t0
+                next_burst = t0 + burst_every
                 i = 0
                 while True:
                     now = time.monotonic()
+                    if now >= next_burst and now < end:
+                        if in_flight:
+                            await asyncio.wait(in_flight, timeout=30)
+                        await burst(session, server, url, burst_streams, burst_mb, report)
+                        kinds["big_stream"] += burst_streams
+                        paused = time.monotonic() - now
+                        t0 += paused  # pace on from here, without a catch-up rush
+                        end += paused
+                        next_sample += paused
+                        next_burst = time.monotonic() + burst_every
+                        if log:
+                            b = report.bursts[-1]
+                            print(f"burst: rss {b['rss_before_mib']:.1f} -> {b['rss_after_mib']:.1f} MiB", file=sys.stderr)
+                        continue
                     if now >= next_sample:
                         report.samples.append(Sample(now - t0, server.rss_kib(), server.fds(), await tasks_gauge(probe, server)))
                         next_sample += sample_every
@@ -246,7 +324,7 @@ async def soak(minutes: float, rate: float, sample_every: float, workdir: Path, 
                 # Let settlements and the gauges catch up, then the last sample.
                 await asyncio.sleep(3.0)
                 report.samples.append(Sample(time.monotonic() - t0, server.rss_kib(), server.fds(), await tasks_gauge(probe, server)))
-            report.requests = i
+            report.requests = i + kinds["big_stream"]
             report.by_kind = dict(kinds)
             report.exit_code = await asyncio.to_thread(server.stop, 60)
         finally:
@@ -276,10 +354,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--rate", type=float, default=20.0, help="requests per second")
     parser.add_argument("--sample", type=float, default=5.0, help="seconds between samples")
+    parser.add_argument("--burst-every", type=float, default=60.0, help="seconds between bursts of big streams")
+    parser.add_argument("--burst-streams", type=int, default=2, help="concurrent big streams per burst")
+    parser.add_argument("--burst-mb", type=int, default=50, help="size of each big stream in MB")
     parser.add_argument("--json", action="store_true", help="print the whole report as JSON")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tollgate-soak-") as tmp:
-        report = asyncio.run(soak(args.minutes, args.rate, args.sample, Path(tmp)))
+        report = asyncio.run(soak(
+            args.minutes, args.rate, args.sample, Path(tmp),
+            burst_every=args.burst_every, burst_streams=args.burst_streams, burst_mb=args.burst_mb,
+        ))
     summary = report.summary()
     if args.json:
         print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
