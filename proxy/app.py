@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy import handlers
-from proxy.errors import HttpError
+from proxy.errors import HttpError, install_openai_shaped_protocol_errors
 from proxy.exchange import Observer, Observers
 from proxy.finish import retry_unsettled
 from proxy.forward import open_upstream, read_llamacpp_context
@@ -54,6 +54,7 @@ def make_app(
     clock: Callable[[], datetime] = utc_now,
 ) -> web.Application:
     app = web.Application(client_max_size=settings.server.max_body_bytes)
+    install_openai_shaped_protocol_errors()
     registry = registry if registry is not None else CollectorRegistry()
 
     # What every request is measured by (metrics, traces, the log line, the summary).

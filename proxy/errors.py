@@ -34,10 +34,12 @@ its message, also in-stream, where the response headers are long gone.
 from __future__ import annotations
 
 import asyncio
+from http import HTTPStatus
 from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp import web, web_protocol
 
 
 class TollgateError(Exception):
@@ -236,3 +238,38 @@ def translate_upstream_exception(exc: BaseException, upstream: str, phase: str) 
     if phase == "body" or isinstance(exc, aiohttp.ClientPayloadError):
         return UpstreamBroken(f"Upstream '{upstream}' broke off the response.", detail=detail)
     return UpstreamUnreachable(f"Upstream '{upstream}' could not be reached.", detail=detail)
+
+
+# --- requests aiohttp refuses before any handler runs ---------------------------------------------
+
+_aiohttp_handle_error = web_protocol.RequestHandler.handle_error
+
+
+def _openai_shaped_protocol_error(
+    self: web_protocol.RequestHandler,
+    request: Any,
+    status: int = 500,
+    exc: BaseException | None = None,
+    message: str | None = None,
+) -> web.StreamResponse:
+    # aiohttp's own answer first: it logs, and it refuses (raises) once a response started.
+    plain = _aiohttp_handle_error(self, request, status, exc, message)
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    err = (
+        InvalidRequest(f"The request could not be read as HTTP/1.1 ({status} {phrase}).", code="malformed_request")
+        if 400 <= status < 500
+        else HttpError("The proxy failed to handle the request.", code="internal_error")
+    )
+    resp = web.Response(status=plain.status, body=err.to_json(), content_type="application/json")
+    resp.force_close()
+    return resp
+
+
+def install_openai_shaped_protocol_errors() -> None:
+    """Make the answers aiohttp's HTTP parser gives (a malformed request line, a bad header,
+    an unknown method: plain text by default) OpenAI-shaped like every other error.
+
+    aiohttp offers no hook for these: they are made by its RequestHandler before any
+    application code or middleware runs, so its `handle_error` is wrapped, once per process.
+    """
+    web_protocol.RequestHandler.handle_error = _openai_shaped_protocol_error  # type: ignore[method-assign]

@@ -372,7 +372,7 @@ class RawCase:
     name: str
     request: Callable[[], bytes]
     status: int
-    openai_shaped: bool = True  # aiohttp's own parser errors are plain text; see below
+    by_parser: bool = False  # refused by aiohttp's HTTP parser, before any handler runs
     forwarded: bool = False
     extra_checks: tuple[str, ...] = field(default=())
 
@@ -384,19 +384,19 @@ RAW_CASES: list[RawCase] = [
     # way the truncated body never reaches the upstream.
     RawCase("content-length shorter than body",
             lambda: http("POST /v1/chat/completions HTTP/1.1", CHAT, Content_Type="application/json",
-                         Content_Length=str(len(CHAT) - 5)), 400, openai_shaped=False),
+                         Content_Length=str(len(CHAT) - 5)), 400, by_parser=True),
     RawCase("content-length 0 with a body",
-            lambda: http("POST /v1/chat/completions HTTP/1.1", CHAT, Content_Length="0"), 400, openai_shaped=False),
+            lambda: http("POST /v1/chat/completions HTTP/1.1", CHAT, Content_Length="0"), 400, by_parser=True),
     RawCase("negative content-length",
-            lambda: http("POST /v1/chat/completions HTTP/1.1", CHAT, Content_Length="-1"), 400, openai_shaped=False),
+            lambda: http("POST /v1/chat/completions HTTP/1.1", CHAT, Content_Length="-1"), 400, by_parser=True),
     RawCase("non-numeric content-length",
-            lambda: http("POST /v1/chat/completions HTTP/1.1", CHAT, Content_Length="abc"), 400, openai_shaped=False),
+            lambda: http("POST /v1/chat/completions HTTP/1.1", CHAT, Content_Length="abc"), 400, by_parser=True),
     RawCase("two different content-lengths",
             lambda: (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n") + CHAT,
-            400, openai_shaped=False),
+            400, by_parser=True),
     RawCase("content-length and chunked together (smuggling)",
             lambda: http("POST /v1/chat/completions HTTP/1.1", b"0\r\n\r\n", Content_Length="5", Transfer_Encoding="chunked"),
-            400, openai_shaped=False),
+            400, by_parser=True),
     RawCase("chunked body, well formed, unknown model",
             lambda: http("POST /v1/chat/completions HTTP/1.1",
                          b"%x\r\n" % len(chat(model="nope")) + chat(model="nope") + b"\r\n0\r\n\r\n",
@@ -405,30 +405,30 @@ RAW_CASES: list[RawCase] = [
             lambda: http("POST /v1/chat/completions HTTP/1.1", b"1\r\n{\r\n1\r\n[\r\n0\r\n\r\n", Transfer_Encoding="chunked"), 400),
     RawCase("chunked body with a bad chunk size",
             lambda: http("POST /v1/chat/completions HTTP/1.1", b"zz\r\n{}\r\n0\r\n\r\n", Transfer_Encoding="chunked"),
-            400, openai_shaped=False),
+            400, by_parser=True),
     RawCase("unknown transfer-encoding",
-            lambda: http("POST /v1/chat/completions HTTP/1.1", CHAT, Transfer_Encoding="gzip"), 400, openai_shaped=False),
+            lambda: http("POST /v1/chat/completions HTTP/1.1", CHAT, Transfer_Encoding="gzip"), 400, by_parser=True),
     RawCase("header line over 8 KB",
             lambda: http("POST /v1/chat/completions HTTP/1.1", CHAT, Content_Length=str(len(CHAT)), X_Big="a" * 9000),
-            400, openai_shaped=False),
+            400, by_parser=True),
     RawCase("200 headers",
             lambda: ("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + "".join(f"X-H{i}: v\r\n" for i in range(200))
                      + f"Content-Length: {len(CHAT)}\r\n\r\n").encode() + CHAT,
-            400, openai_shaped=False),
+            400, by_parser=True),
     RawCase("request line over 8 KB",
-            lambda: http("GET /v1/" + "a" * 9000 + " HTTP/1.1"), 400, openai_shaped=False),
+            lambda: http("GET /v1/" + "a" * 9000 + " HTTP/1.1"), 400, by_parser=True),
     RawCase("header without colon",
-            lambda: b"GET /healthz HTTP/1.1\r\nHost: x\r\nNoColonHere\r\n\r\n", 400, openai_shaped=False),
+            lambda: b"GET /healthz HTTP/1.1\r\nHost: x\r\nNoColonHere\r\n\r\n", 400, by_parser=True),
     RawCase("NUL in a header value",
-            lambda: b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", 400, openai_shaped=False),
+            lambda: b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", 400, by_parser=True),
     RawCase("bare LF line endings",
-            lambda: b"GET /nope HTTP/1.1\nHost: x\n\n", 400, openai_shaped=False),
+            lambda: b"GET /nope HTTP/1.1\nHost: x\n\n", 400, by_parser=True),
     RawCase("HTTP/2 preface on an HTTP/1 port",
-            lambda: b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, openai_shaped=False),
+            lambda: b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, by_parser=True),
     RawCase("unknown method (aiohttp's parser knows only registered ones)",
-            lambda: http("BREW /v1/chat/completions HTTP/1.1"), 400, openai_shaped=False),
+            lambda: http("BREW /v1/chat/completions HTTP/1.1"), 400, by_parser=True),
     RawCase("unsupported HTTP version",
-            lambda: http("GET /healthz HTTP/3.0"), 400, openai_shaped=False),
+            lambda: http("GET /healthz HTTP/3.0"), 400, by_parser=True),
 ]
 
 
@@ -442,12 +442,10 @@ async def test_malformed_http(start_proxy: StartProxy, fake_openai: FakeUpstream
     assert status == case.status, resp[:400]
     payload = body_of(resp)
     no_traceback(payload)
-    if case.openai_shaped:
-        assert_openai_error(orjson.loads(payload))
-    else:
-        # Refused by aiohttp's HTTP parser before any handler runs: a short plain-text
-        # reason, which is the most a server can say to a client that does not speak HTTP.
-        assert len(payload) < 1000
+    # Refused by aiohttp's HTTP parser before any handler runs, too: still OpenAI-shaped.
+    err = assert_openai_error(orjson.loads(payload))
+    if case.by_parser:
+        assert err["code"] == "malformed_request" and err["type"] == "invalid_request_error"
     assert (len(fake_openai.requests) > 0) == case.forwarded
 
 
