@@ -346,7 +346,7 @@ class RedisLedger:
         self._holding.discard(request_id)
         if not actual and not holding:
             if spend_row is not None:
-                await self.spend_log.write(spend_row)
+                await self.spend_log.write(request_id, spend_row)
             return []
         ids = [c.bucket.id for c in actual]
         if len(set(ids)) != len(ids):
@@ -362,7 +362,7 @@ class RedisLedger:
         if int(done) == 0:
             return []
         if spend_row is not None:
-            await self.spend_log.write(spend_row)
+            await self.spend_log.write(request_id, spend_row)
         return [
             Settled(bid, from_nanos(int(a) - n), from_nanos(int(a)))
             for bid, a, n in zip(ids, after, nanos, strict=True)

@@ -58,13 +58,16 @@ T = TypeVar("T")
 
 log = logging.getLogger("tollgate.ledger")
 
-SCHEMA_VERSION = 1
+# 2: the spend log is keyed by Tollgate's own ledger id; request_id (a client may reuse its
+# x-request-id) became a plain column. Version 1 files are migrated when opened.
+SCHEMA_VERSION = 2
 # Settled markers make settle idempotent; a week covers any retry of a finished request.
 SETTLED_RETENTION_MS = 7 * 24 * 3600 * 1000
 
 _SPEND_LOG_SCHEMA = """
 CREATE TABLE IF NOT EXISTS spend_log (
-    request_id TEXT PRIMARY KEY,
+    ledger_id TEXT PRIMARY KEY,       -- Tollgate's own id of the settlement: unique
+    request_id TEXT NOT NULL,         -- the request id the client saw (may repeat)
     time TEXT NOT NULL,               -- ISO-8601 UTC, microseconds, 'Z'
     key_name TEXT,
     user_name TEXT,
@@ -373,14 +376,30 @@ def _outcomes_of(task: asyncio.Future[list[_Outcome]], n: int) -> list[_Outcome]
     return task.result()
 
 
+def _set_aside_v1_spend_log(c: sqlite3.Connection) -> bool:
+    """Rename a version-1 spend log (no ledger_id) out of the way; True if there was one."""
+    columns = [r[1] for r in c.execute("PRAGMA table_info(spend_log)")]
+    if not columns or "ledger_id" in columns:
+        return False
+    c.execute("DROP INDEX IF EXISTS spend_log_time")
+    c.execute("ALTER TABLE spend_log RENAME TO spend_log_v1")
+    return True
+
+
 def _init_schema(conn: sqlite3.Connection, script: str) -> None:
     def body(c: sqlite3.Connection) -> None:
         version = c.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise LedgerError(f"ledger schema version {version} is newer than this Tollgate ({SCHEMA_VERSION})")
+        old_spend_log = _set_aside_v1_spend_log(c)
         for statement in script.split(";"):
             if statement.strip():
                 c.execute(statement)
+        if old_spend_log:
+            # Version 1 keyed rows by request id, so each was one settlement: its id serves.
+            columns = ", ".join(_SPEND_COLUMNS[1:])
+            c.execute(f"INSERT INTO spend_log (ledger_id, {columns}) SELECT request_id, {columns} FROM spend_log_v1")
+            c.execute("DROP TABLE spend_log_v1")
         c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     transaction(conn, body)
@@ -391,7 +410,7 @@ def _init_schema(conn: sqlite3.Connection, script: str) -> None:
 
 
 _SPEND_COLUMNS = (
-    "request_id", "time", "key_name", "user_name", "model", "upstream", "endpoint",
+    "ledger_id", "request_id", "time", "key_name", "user_name", "model", "upstream", "endpoint",
     "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens",
     "cache_write_tokens", "input_source", "output_source", "cost_nanos", "outcome", "status",
 )
@@ -401,11 +420,12 @@ _INSERT_SPEND = (
 )
 
 
-def insert_spend_row(conn: sqlite3.Connection, row: SpendRow) -> bool:
+def insert_spend_row(conn: sqlite3.Connection, ledger_id: str, row: SpendRow) -> bool:
+    """The row of settlement `ledger_id`, unless it is there already (a retried settle)."""
     cur = conn.execute(
         _INSERT_SPEND,
         (
-            row.request_id, log_time(row.time), row.key, row.user, row.model, row.upstream,
+            ledger_id, row.request_id, log_time(row.time), row.key, row.user, row.model, row.upstream,
             row.endpoint, row.input_tokens, row.cached_input_tokens, row.output_tokens,
             row.reasoning_tokens, row.cache_write_tokens, row.input_source, row.output_source,
             spend_nanos(row.cost), row.outcome, row.status,
@@ -461,9 +481,9 @@ class SpendLog:
         await db.run(lambda c: _init_schema(c, _SPEND_LOG_SCHEMA))
         return cls(db)
 
-    async def write(self, row: SpendRow) -> bool:
-        """Insert the row unless its request id is there already; True if inserted."""
-        return await self.db.run(lambda c: transaction(c, lambda t: insert_spend_row(t, row)))
+    async def write(self, ledger_id: str, row: SpendRow) -> bool:
+        """Insert the row unless settlement `ledger_id` wrote it already; True if inserted."""
+        return await self.db.run(lambda c: transaction(c, lambda t: insert_spend_row(t, ledger_id, row)))
 
     async def spend_report(self, start: datetime, end: datetime, group_by: Sequence[GroupBy]) -> list[dict[str, Any]]:
         return await self.db.run(lambda c: query_spend(c, start, end, group_by))
@@ -647,7 +667,7 @@ class SqliteLedger:
                 out.append(Settled(c.bucket.id, from_nanos(before), from_nanos(after)))
             conn.execute("DELETE FROM reservations WHERE request_id = ?", (request_id,))
             if spend_row is not None:
-                insert_spend_row(conn, spend_row)
+                insert_spend_row(conn, request_id, spend_row)
             return out
 
         return await self.db.transact(body)

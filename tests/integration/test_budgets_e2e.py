@@ -714,3 +714,17 @@ async def test_admin_endpoint_is_off_without_an_admin_key(start_proxy: StartProx
     async with aiohttp.ClientSession() as s, s.get(proxy.base_url + "/tollgate/budgets") as r:
         assert r.status == 403
         assert "admin.api_key" in (await r.json())["error"]["message"]
+
+
+async def test_a_reused_client_request_id_loses_no_spend_row(start_proxy: StartProxy, fake_openai: FakeUpstream) -> None:
+    """Five calls with the same x-request-id are five settlements: the budget and the spend
+    log (what `tollgate spend` reports) agree on five requests and their cost."""
+    fake_openai.route("POST", "/v1/chat/completions", echo_cap)
+    proxy = await start_proxy(config(fake_openai.api_base, extra=budget_yaml(DOLLAR)))
+    for _ in range(5):
+        status, _, headers = await post(proxy, ask(max_tokens=3), headers={"X-Request-Id": "my-fixed-id"})
+        assert status == 200 and headers["X-Request-Id"] == "my-fixed-id"
+    report = await settled(proxy, 5)
+    assert [(r["requests"], r["spent"]) for r in report] == [(5, D("0.015"))]
+    spend = await proxy.runtime.ledger.spend_report(EPOCH, FAR, [])
+    assert [(r["requests"], r["cost"]) for r in spend] == [(5, D("0.015"))]

@@ -162,6 +162,25 @@ async def test_contract_settle_is_idempotent(make_ledger: MakeLedger) -> None:
         await ledger.reserve("a", [Charge(b, D("0.1"))], LEASE, NOW)
 
 
+async def test_contract_spend_rows_are_keyed_by_the_settlement_not_the_clients_request_id(
+    make_ledger: MakeLedger,
+) -> None:
+    """A client may send the same x-request-id on every call: each settlement (its own
+    ledger id) is a row of its own, and only a retried settlement is not."""
+    ledger = await make_ledger()
+    b = one(rule(limit_usd="1"))
+    for i in range(5):
+        await ledger.reserve(f"same:{i}", [Charge(b, D("0.1"))], LEASE, NOW)
+        await ledger.settle(f"same:{i}", [Charge(b, D("0.03"))], row("same", cost="0.03"), NOW)
+    await ledger.settle("same:4", [Charge(b, D("0.03"))], row("same", cost="0.03"), NOW)  # a retry
+    await ledger.settle("free:1", [], row("same", cost="0.01"), NOW)  # no budget applied
+    await ledger.settle("free:1", [], row("same", cost="0.01"), NOW)
+    st = (await ledger.state([b], NOW))[b.id]
+    assert (st.spent, st.requests) == (D("0.15"), 5)
+    report = await ledger.spend_report(NOW - timedelta(days=1), NOW + timedelta(days=1), [])
+    assert [(r["requests"], r["cost"]) for r in report] == [(6, D("0.16"))]
+
+
 async def test_contract_duplicate_reserve_is_an_error(make_ledger: MakeLedger) -> None:
     ledger = await make_ledger()
     b = one(rule(limit_usd="1"))
@@ -476,3 +495,43 @@ async def test_race_two_processes_never_overspend(tmp_path: Path) -> None:
             assert st.reserved_requests == RACE_FITS and st.spent == 0
     finally:
         await ledger.close()
+
+
+async def test_a_version_1_spend_log_is_migrated_keeping_every_row(tmp_path: Path) -> None:
+    """Files written before the spend log was keyed by ledger id open, and keep their rows."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE spend_log (
+            request_id TEXT PRIMARY KEY, time TEXT NOT NULL, key_name TEXT, user_name TEXT,
+            model TEXT, upstream TEXT, endpoint TEXT, input_tokens INTEGER NOT NULL,
+            cached_input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+            reasoning_tokens INTEGER NOT NULL, cache_write_tokens INTEGER NOT NULL,
+            input_source TEXT, output_source TEXT, cost_nanos INTEGER NOT NULL, outcome TEXT,
+            status INTEGER
+        ) WITHOUT ROWID;
+        CREATE INDEX spend_log_time ON spend_log(time);
+        PRAGMA user_version = 1;
+    """)
+    conn.execute(
+        "INSERT INTO spend_log VALUES ('old-1', '2026-11-23T15:30:00.000000Z', 'k1', 'alice', 'gpt-4o-mini', "
+        "'openai', 'chat.completions', 100, 20, 10, 3, 0, 'upstream', 'upstream', 250000000, 'ok', 200)"
+    )
+    conn.commit()
+    conn.close()
+    ledger = await SqliteLedger.open(path)
+    try:
+        await ledger.settle("old-1:new", [], row("old-1", cost="0.5"), NOW)
+        report = await ledger.spend_report(NOW - timedelta(days=1), NOW + timedelta(days=1), [])
+        assert [(r["requests"], r["cost"]) for r in report] == [(2, D("0.75"))]
+    finally:
+        await ledger.close()
+    check = sqlite3.connect(path)
+    try:
+        assert check.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert check.execute("SELECT ledger_id, request_id FROM spend_log ORDER BY ledger_id").fetchall() == [
+            ("old-1", "old-1"), ("old-1:new", "old-1"),
+        ]
+        assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        check.close()
