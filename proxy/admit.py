@@ -39,6 +39,7 @@ from proxy.errors import (
 from proxy.exchange import Exchange
 from proxy.keys import parse_bearer, request_user
 from proxy.ledger import DuplicateReservation, LedgerError, admit_and_reserve
+from proxy.output_cap import OutputCap, output_cap_of
 from proxy.pricing import Price, worst_case_cost
 from proxy.state import Runtime
 from proxy.tokens import estimate_prompt_tokens
@@ -50,9 +51,6 @@ log = logging.getLogger("tollgate.admit")
 INPUT_MARGIN = Decimal("1.10")
 INPUT_MARGIN_TOKENS = 16
 
-# Which field caps output, per endpoint, when the proxy must write one in.
-_CAP_FIELD = {"chat.completions": "max_completion_tokens", "completions": "max_tokens", "responses": "max_output_tokens"}
-_LLAMACPP_CHAT_CAP_FIELD = "max_tokens"
 
 
 @dataclass(slots=True)
@@ -142,23 +140,24 @@ def price_of(ex: Exchange, rt: Runtime) -> Price | None:
     return price
 
 
-def _output_cap(ex: Exchange, rt: Runtime) -> int:
-    if ex.endpoint == "embeddings":
-        return 0
-    if ex.output_cap is not None:
-        return ex.output_cap
+def _default_cap(ex: Exchange, rt: Runtime) -> int:
     route_cap = ex.extra.get("default_output_cap")
     return int(route_cap) if route_cap is not None else rt.settings.default_max_tokens
 
 
-def cap_field(ex: Exchange, payload: dict[str, Any]) -> str | None:
-    """The body field that caps this request's output (the client's own if it set one)."""
-    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        if payload.get(name) is not None:
-            return name
-    if ex.endpoint == "chat.completions" and ex.upstream_kind == "llamacpp":
-        return _LLAMACPP_CHAT_CAP_FIELD
-    return _CAP_FIELD.get(ex.endpoint)
+def _per_output_cap(ex: Exchange, rt: Runtime, oc: OutputCap | None) -> tuple[int, bool]:
+    """The most tokens one output may run to, and whether Tollgate must write that cap into
+    the body for the upstream to hold to it (the request set none it could reserve for)."""
+    if oc is None:
+        return 0, False  # embeddings: no output tokens
+    if oc.per_output is not None:
+        return oc.per_output, False
+    if oc.unlimited:
+        upstream = rt.upstreams.get(ex.upstream or "")
+        if upstream is not None and upstream.context_size is not None:
+            # No cap: llama-server generates until its context is full, so that is the worst.
+            return upstream.context_size, False
+    return _default_cap(ex, rt), True
 
 
 def _past_a_threshold(buckets: list[Bucket], states: Mapping[str, BucketState]) -> bool:
@@ -191,15 +190,17 @@ async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[st
     if not buckets:
         return {}
     assert ex.body is not None
-    cap = _output_cap(ex, rt)
+    oc = output_cap_of(ex.endpoint, ex.upstream_kind or "openai", payload)
+    cap, write_cap = _per_output_cap(ex, rt, oc)
+    outputs = oc.outputs if oc is not None else 1
     input_tokens = math.ceil(estimate_prompt_tokens(ex.endpoint, ex.body, model) * INPUT_MARGIN) + INPUT_MARGIN_TOKENS
     if price is None:
         price = Price(input=Decimal(0), output=Decimal(0))
-    amount = worst_case_cost(input_tokens, cap, price)
+    amount = worst_case_cost(input_tokens, cap * outputs, price)
     input_cost = worst_case_cost(input_tokens, 0, price)
     clamp = None
-    if ex.endpoint != "embeddings":
-        clamp = ClampInput(input_cost, input_tokens, cap, price.output / Decimal(1_000_000))
+    if oc is not None:
+        clamp = ClampInput(input_cost, input_tokens, cap, price.output / Decimal(1_000_000), outputs)
     ledger_id = new_ledger_id(ex.request_id)
     try:
         admission = await admit_and_reserve(
@@ -207,7 +208,7 @@ async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[st
             ledger_id,
             buckets,
             amount,
-            tokens=input_tokens + cap,
+            tokens=input_tokens + cap * outputs,
             clamp=clamp,
             lease_seconds=rt.lease_seconds,
             now=now,
@@ -215,7 +216,7 @@ async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[st
     except Exception as exc:
         if not ledger_down(exc):
             raise
-        return _unreserved(ex, rt, payload, Hold(ledger_id, list(buckets), amount, False), cap, exc)
+        return _unreserved(ex, rt, Hold(ledger_id, list(buckets), amount, False), oc, cap, write_cap, exc)
     decision = admission.decision
     if not decision.admitted:
         assert decision.refused is not None and decision.refused_state is not None
@@ -234,14 +235,13 @@ async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[st
     headers: dict[str, str] = {}
     blocking = any(b.blocking for b in buckets)
     new_cap = decision.output_cap if decision.clamped else None
-    if new_cap is None and blocking and ex.output_cap is None and ex.endpoint != "embeddings":
+    if new_cap is None and blocking and write_cap:
         # The reservation assumed `cap` output tokens; make the upstream hold to it.
         new_cap = cap
-    if new_cap is not None:
-        name = cap_field(ex, payload)
-        if name is not None:
-            ex.extra["cap_override"] = (name, new_cap)
-            ex.output_cap = new_cap
+    if new_cap is not None and oc is not None:
+        # Into the field this upstream obeys (llama.cpp: n_predict over max_tokens).
+        ex.extra["cap_override"] = (oc.field, new_cap)
+        ex.output_cap = new_cap
     if decision.clamped:
         headers.update(clamp_header(decision))
         ex.extra["budget_verdict"] = f"clamped:{decision.clamped_by.name if decision.clamped_by else ''}"
@@ -264,7 +264,7 @@ async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[st
 
 
 def _unreserved(
-    ex: Exchange, rt: Runtime, payload: dict[str, Any], hold: Hold, cap: int, exc: BaseException
+    ex: Exchange, rt: Runtime, hold: Hold, oc: OutputCap | None, cap: int, write_cap: bool, exc: BaseException
 ) -> dict[str, str]:
     """The ledger is down: refuse (fail_closed) or admit unchecked (fail_open)."""
     mode = rt.settings.ledger.on_unavailable
@@ -282,11 +282,9 @@ def _unreserved(
     hold.charge_on_settle = True
     ex.extra["hold"] = hold
     ex.extra["budget_verdict"] = "unchecked"
-    if any(b.blocking for b in hold.buckets) and ex.output_cap is None and ex.endpoint != "embeddings":
+    if any(b.blocking for b in hold.buckets) and write_cap and oc is not None:
         # As when admitted normally: the cost charged later stays within what was estimated.
-        name = cap_field(ex, payload)
-        if name is not None:
-            ex.extra["cap_override"] = (name, cap)
-            ex.output_cap = cap
+        ex.extra["cap_override"] = (oc.field, cap)
+        ex.output_cap = cap
     hold.headers = {"x-tollgate-budget-unchecked": "ledger-unavailable"}
     return dict(hold.headers)

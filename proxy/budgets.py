@@ -422,14 +422,16 @@ def exceeds(bucket: Bucket, state: BucketState, amount: Decimal, tokens: int = 0
 class ClampInput:
     """What clamping needs to trade output tokens against money.
 
-    The worst case is `input_cost + output_cap * output_price` (price per token, USD)
-    and `input_tokens + output_cap` tokens.
+    The worst case is `input_cost + output_cap * outputs * output_price` (price per token,
+    USD) and `input_tokens + output_cap * outputs` tokens: the cap is per output, and a
+    request may ask for several (`n` choices, a batch of prompts).
     """
 
     input_cost: Decimal
     input_tokens: int
     output_cap: int
     output_price: Decimal
+    outputs: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,10 +470,10 @@ def _max_cap(bucket: Bucket, state: BucketState, clamp: ClampInput) -> int:
         if room < 0:
             return -1
         if clamp.output_price > 0:
-            cap = min(cap, math.floor(room / clamp.output_price))
+            cap = min(cap, math.floor(room / (clamp.output_price * clamp.outputs)))
     if bucket.limit_tokens is not None:
         room_t = bucket.limit_tokens - state.tokens - state.reserved_tokens - clamp.input_tokens
-        cap = min(cap, room_t)
+        cap = min(cap, room_t // clamp.outputs if room_t >= 0 else -1)
     return cap
 
 
@@ -538,8 +540,8 @@ def admit(
     floor = max(b.rule.min_output_tokens for b, _ in refusals)
     if new_cap < floor:
         return refused
-    new_amount = quantize_up(clamp.input_cost + new_cap * clamp.output_price)
-    new_tokens = clamp.input_tokens + new_cap
+    new_amount = quantize_up(clamp.input_cost + new_cap * clamp.outputs * clamp.output_price)
+    new_tokens = clamp.input_tokens + new_cap * clamp.outputs
     # The cap came from exact room in nano-USD, so this holds; checked, not assumed.
     if any(b.blocking and exceeds(b, _state(states, b), new_amount, new_tokens) for b in buckets):
         return refused

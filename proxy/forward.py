@@ -59,6 +59,9 @@ class Upstream:
     session: aiohttp.ClientSession
     api_base: str
     idle_timeout: float
+    # llama-server's context size (n_ctx from /props), once read: how far a request with
+    # no output cap can run.
+    context_size: int | None = None
 
     @property
     def closed(self) -> bool:
@@ -388,6 +391,7 @@ async def read_llamacpp_context(upstream: Upstream, metrics: ContextSink, attemp
                     settings = props.get("default_generation_settings") or {}
                     n_ctx = settings.get("n_ctx", props.get("n_ctx"))
                     if isinstance(n_ctx, int):
+                        upstream.context_size = n_ctx
                         metrics.set_llamacpp_context(upstream.name, n_ctx)
                         return
                     log.warning("llama-server %s: no n_ctx in /props", upstream.name)

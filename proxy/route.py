@@ -26,8 +26,9 @@ def route_exchange(ex: Exchange, settings: Settings) -> None:
     ex.upstream_kind = settings.upstreams[resolved.upstream].kind
     ex.upstream_model = resolved.upstream_model
     ex.route_model = resolved.route_label
-    if ex.output_cap is None:
-        ex.extra["default_output_cap"] = resolved.default_max_tokens
+    # The route's cap for a request that sets none the upstream obeys (which admission
+    # decides: a llama.cpp request may carry a max_tokens that its n_predict overrides).
+    ex.extra["default_output_cap"] = resolved.default_max_tokens
 
 
 def outgoing_body(

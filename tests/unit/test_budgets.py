@@ -325,6 +325,22 @@ def test_clamp_lowers_the_output_cap_to_what_fits() -> None:
     assert clamp_header(d) == {HEADER_CLAMPED: "max_tokens=2000; budget=clampy"}
 
 
+def test_clamp_divides_the_room_between_every_output() -> None:
+    """With n = 4 choices, each token of the cap is paid four times, money and tokens."""
+    b = _one(_clamp_rule())
+    price = D("0.00001")
+    c = ClampInput(input_cost=D("0.05"), input_tokens=1000, output_cap=4096, output_price=price, outputs=4)
+    worst = c.input_cost + c.output_cap * 4 * price
+    state = {b.id: BucketState(spent=D("0.92"), reserved=D("0.01"))}
+    d = admit([b], state, worst, tokens=1000 + 4096 * 4, clamp=c)
+    # room 0.07 - 0.05 = 0.02 -> 2000 output tokens in all, 500 per choice.
+    assert d.admitted and d.clamped
+    assert (d.output_cap, d.amount, d.tokens) == (500, D("0.07"), 3000)
+    tokeny = _one(rule(name="tokeny", limit_usd=None, limit_tokens=3003, on_exceed="clamp"))
+    d = admit([tokeny], {}, worst, tokens=1000 + 4096 * 4, clamp=c)
+    assert d.admitted and (d.output_cap, d.tokens) == (500, 3000)  # 2003 // 4 per choice
+
+
 def test_clamp_refuses_below_the_minimum_output() -> None:
     b = _one(_clamp_rule(min_output_tokens=100))
     c = ClampInput(input_cost=D("0.05"), input_tokens=10, output_cap=4096, output_price=D("0.00001"))
