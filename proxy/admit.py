@@ -232,6 +232,8 @@ async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[st
 
     hold = Hold(ledger_id, list(buckets), decision.amount, admission.reserved)
     ex.extra["hold"] = hold
+    if admission.reserved:
+        rt.live_reservations.add(ledger_id)
     headers: dict[str, str] = {}
     blocking = any(b.blocking for b in buckets)
     new_cap = decision.output_cap if decision.clamped else None

@@ -124,6 +124,7 @@ async def settle(ex: Exchange, rt: Runtime) -> None:
         if hold.settled:
             return
         hold.settled = True
+        rt.live_reservations.discard(hold.ledger_id)
     now = rt.clock()
     spent = ex.cost if ex.cost is not None else Decimal(0)
     tokens = ex.usage.total_tokens if ex.usage is not None else 0

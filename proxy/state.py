@@ -82,6 +82,9 @@ class Runtime:
     # Start-up look-ups (llama-server's /props) that nothing waits on: cancelled at
     # shutdown, where `background` is drained.
     probes: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Ledger ids of this process's reservations not yet settled: their leases are renewed
+    # while they run, so a lease runs out only when the process holding it is gone.
+    live_reservations: set[str] = field(default_factory=set)
     unpriced_warned: set[str] = field(default_factory=set)
     measure_failures: int = 0
     # Settlements the ledger could not take (storage down): retried until it can, so a

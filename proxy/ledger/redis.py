@@ -206,6 +206,23 @@ _RELEASE = _COMMON + r"""
 return drop_request(ARGV[2])
 """
 
+# ARGV: P, lease_until, request_key_ttl_ms, rid...  -> how many rids still held a reservation
+_RENEW = _COMMON + r"""
+local lease, qttl, renewed = ARGV[2], ARGV[3], 0
+for i = 4, #ARGV do
+  local rid = ARGV[i]
+  local Q = P .. ':q:' .. rid
+  local bids = redis.call('HKEYS', Q)
+  if #bids > 0 then
+    for _, bid in ipairs(bids) do redis.call('ZADD', lkey(bid), 'XX', lease, rid) end
+    redis.call('ZADD', P .. ':leases', 'XX', lease, rid)
+    redis.call('PEXPIRE', Q, qttl)
+    renewed = renewed + 1
+  end
+end
+return renewed
+"""
+
 # ARGV: P, now, batch
 _EXPIRE = _COMMON + r"""
 local dead = redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
@@ -273,6 +290,7 @@ class RedisLedger:
         self._settle = client.register_script(_SETTLE)
         self._release = client.register_script(_RELEASE)
         self._expire = client.register_script(_EXPIRE)
+        self._renew = client.register_script(_RENEW)
         self._state_script = client.register_script(_STATE)
         # Request ids this instance holds reservations for: a settle with no charges for
         # any other id needs no Redis round trip (requests no budget applies to).
@@ -371,6 +389,16 @@ class RedisLedger:
     async def release(self, request_id: str, now: datetime) -> bool:
         self._holding.discard(request_id)
         return int(await self._call(self._release, [request_id])) > 0
+
+    async def renew(self, request_ids: Sequence[str], lease_seconds: float, now: datetime) -> int:
+        lease_ms = int(lease_seconds * 1000)
+        renewed = 0
+        ids = list(request_ids)
+        for i in range(0, len(ids), EXPIRE_BATCH):
+            renewed += int(await self._call(
+                self._renew, [epoch_ms(now) + lease_ms, lease_ms + BUCKET_EXPIRY_MARGIN_MS, *ids[i : i + EXPIRE_BATCH]]
+            ))
+        return renewed
 
     async def expire(self, now: datetime) -> int:
         total = 0

@@ -63,6 +63,8 @@ log = logging.getLogger("tollgate.ledger")
 SCHEMA_VERSION = 2
 # Settled markers make settle idempotent; a week covers any retry of a finished request.
 SETTLED_RETENTION_MS = 7 * 24 * 3600 * 1000
+# Request ids per statement when leases are renewed (SQLite binds at most 32766 values).
+RENEW_BATCH = 500
 
 _SPEND_LOG_SCHEMA = """
 CREATE TABLE IF NOT EXISTS spend_log (
@@ -678,6 +680,26 @@ class SqliteLedger:
             return cur.rowcount > 0
 
         return await self.db.transact(body)
+
+    async def renew(self, request_ids: Sequence[str], lease_seconds: float, now: datetime) -> int:
+        ids = list(request_ids)
+        if not ids:
+            return 0
+        lease_until = epoch_ms(now) + int(lease_seconds * 1000)
+
+        def body(conn: sqlite3.Connection) -> int:
+            renewed: set[str] = set()
+            for i in range(0, len(ids), RENEW_BATCH):
+                batch = ids[i : i + RENEW_BATCH]
+                marks = ", ".join("?" for _ in batch)
+                rows = conn.execute(
+                    f"UPDATE reservations SET lease_until_ms = ? WHERE request_id IN ({marks}) RETURNING request_id",
+                    (lease_until, *batch),
+                ).fetchall()
+                renewed.update(r[0] for r in rows)
+            return len(renewed)
+
+        return await self.db.run(lambda conn: transaction(conn, body))
 
     async def expire(self, now: datetime) -> int:
         """Drop reservations whose lease ended; returns how many requests they belonged to.

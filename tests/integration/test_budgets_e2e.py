@@ -13,6 +13,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -728,3 +729,35 @@ async def test_a_reused_client_request_id_loses_no_spend_row(start_proxy: StartP
     assert [(r["requests"], r["spent"]) for r in report] == [(5, D("0.015"))]
     spend = await proxy.runtime.ledger.spend_report(EPOCH, FAR, [])
     assert [(r["requests"], r["cost"]) for r in spend] == [(5, D("0.015"))]
+
+
+async def test_a_request_outliving_its_lease_keeps_its_reservation(
+    start_proxy: StartProxy, fake_openai: FakeUpstream, tmp_path: Path
+) -> None:
+    """A stream that runs 4 s on a 1 s lease: its reservation is renewed while it runs, so a
+    request that would only fit without it is refused until it settles."""
+    usage = b'data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":8,"total_tokens":17}}\n\n'
+    words = [
+        b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"w "}}]}\n\n'
+    ] * 8
+    fake_openai.route(
+        "POST", "/v1/chat/completions",
+        lambda r: Reply(headers=[("Content-Type", "text/event-stream")], chunks=[*words, usage, b"data: [DONE]\n\n"],
+                        delays=[0] + [0.5] * 8 + [0]) if r.json.get("stream") else echo_cap(r),
+    )
+    extra = budget_yaml(DAILY_CENT) + f"ledger:\n  path: {tmp_path / 'lease.db'}\n  lease_seconds: 1\n"
+    proxy = await start_proxy(config(fake_openai.api_base, extra=extra))
+    async def stream() -> int:
+        async with aiohttp.ClientSession() as s, s.post(proxy.base_url + "/chat/completions", json=ask(8, stream=True)) as r:
+            await r.read()
+            return r.status
+
+    slow = asyncio.ensure_future(stream())  # reserves $0.008 of $0.01
+    await asyncio.sleep(2.5)  # past two and a half leases
+    status, body, _ = await post(proxy, ask(5))
+    assert status == 429 and body["error"]["code"] == "budget_exceeded"
+    assert await slow == 200
+    report = await settled(proxy, 1)
+    assert report[0]["spent"] == D("0.008")
+    status, _, _ = await post(proxy, ask(2))
+    assert status == 200

@@ -42,6 +42,7 @@ from tests.integration.test_ledger_sqlite import (  # noqa: F401 - collected her
     test_contract_period_rolls_over_with_the_clock,
     test_contract_refusal_reports_the_bucket_and_its_state,
     test_contract_reserve_settle_release,
+    test_contract_renewed_leases_outlive_their_first_end,
     test_contract_restart_keeps_spend_and_open_reservations,
     test_contract_settle_is_idempotent,
     test_contract_settled_before_after_finds_each_threshold_once,

@@ -181,6 +181,24 @@ async def test_contract_spend_rows_are_keyed_by_the_settlement_not_the_clients_r
     assert [(r["requests"], r["cost"]) for r in report] == [(6, D("0.16"))]
 
 
+async def test_contract_renewed_leases_outlive_their_first_end(make_ledger: MakeLedger) -> None:
+    ledger, other = await make_ledger(), await make_ledger()
+    b = one(rule(limit_usd="1"))
+    await ledger.reserve("slow", [Charge(b, D("0.6"))], LEASE, NOW)
+    await ledger.reserve("dead", [Charge(b, D("0.3"))], LEASE, NOW)
+    later = NOW + timedelta(seconds=LEASE - 10)
+    assert await ledger.renew(["slow", "gone", "never-reserved"], LEASE, later) == 1
+    assert await ledger.renew([], LEASE, later) == 0
+    # At the first lease's end only the one nobody renewed goes (another instance sweeping).
+    assert await other.expire(NOW + timedelta(seconds=LEASE)) == 1
+    st = (await other.state([b], NOW + timedelta(seconds=LEASE)))[b.id]
+    assert (st.reserved, st.reserved_requests) == (D("0.6"), 1)
+    assert not (await other.reserve("more", [Charge(b, D("0.5"))], LEASE, NOW + timedelta(seconds=LEASE))).ok
+    assert await other.expire(later + timedelta(seconds=LEASE)) == 1
+    await ledger.settle("slow", [Charge(b, D("0.2"))], None, later + timedelta(seconds=LEASE))
+    assert (await other.state([b], later))[b.id].spent == D("0.2")
+
+
 async def test_contract_duplicate_reserve_is_an_error(make_ledger: MakeLedger) -> None:
     ledger = await make_ledger()
     b = one(rule(limit_usd="1"))
