@@ -274,6 +274,9 @@ def _unreserved(
         rt.faults.ledger_unavailable.labels("reserve", mode).inc()
     if mode == "fail_closed":
         log.error("ledger unavailable, refusing %s (fail_closed): %s", ex.request_id, exc)
+        # The reserve may yet run (a hung Redis runs what it had queued once it wakes): a
+        # refused request must never hold money, so the ledger chore abandons it.
+        rt.abandoned.add(hold.ledger_id)
         ex.extra["budget_verdict"] = "ledger_unavailable"
         raise LedgerUnavailable(
             "Budgets apply to this request but the spend ledger is unavailable, so it was not "

@@ -161,6 +161,8 @@ async def ledger_chores(rt: Runtime, every: float = 2.0) -> None:
         await close_retired(rt)
         if rt.unsettled:
             await retry_unsettled(rt)
+        if rt.abandoned:
+            await abandon_refused(rt)
         try:
             now = rt.clock()
             expired = await rt.ledger.expire(now)
@@ -171,6 +173,18 @@ async def ledger_chores(rt: Runtime, every: float = 2.0) -> None:
         except Exception:  # noqa: BLE001 - a chore failing must not stop the next one
             log.exception("ledger chores failed")
         await asyncio.sleep(min(every, lease / 3))
+
+
+async def abandon_refused(rt: Runtime) -> None:
+    """Abandon the reservations of requests refused while the ledger failed; stops at the
+    first failure (still down) and tries again at the next round."""
+    for ledger_id in list(rt.abandoned):
+        try:
+            if await rt.ledger.abandon(ledger_id, rt.clock()):
+                log.warning("released reservation %s that the ledger made after refusing its request", ledger_id)
+        except Exception:  # noqa: BLE001 - the ledger is still down: next round
+            return
+        rt.abandoned.discard(ledger_id)
 
 
 async def upstream_sessions(app: web.Application) -> AsyncIterator[None]:

@@ -85,6 +85,9 @@ class Runtime:
     # Ledger ids of this process's reservations not yet settled: their leases are renewed
     # while they run, so a lease runs out only when the process holding it is gone.
     live_reservations: set[str] = field(default_factory=set)
+    # Ledger ids of reservations refused because the ledger failed (timed out) mid-call:
+    # a hung Redis may still run them later, so they are abandoned once it answers.
+    abandoned: set[str] = field(default_factory=set)
     unpriced_warned: set[str] = field(default_factory=set)
     measure_failures: int = 0
     # Settlements the ledger could not take (storage down): retried until it can, so a

@@ -130,6 +130,12 @@ class Ledger(Protocol):
 
     async def release(self, request_id: str, now: datetime) -> bool: ...
 
+    async def abandon(self, request_id: str, now: datetime) -> bool:
+        """Give up a reservation whose outcome was never learned (the ledger timed out on
+        it): release it if it was made, and make sure a reserve still on its way (queued in
+        a hung Redis) can never make it. True if a reservation was released."""
+        ...
+
     async def renew(self, request_ids: Sequence[str], lease_seconds: float, now: datetime) -> int:
         """Extend the leases of live reservations to `now + lease_seconds`; how many of the
         requests still held one. A lease ends only when its process stops renewing it."""

@@ -206,6 +206,13 @@ _RELEASE = _COMMON + r"""
 return drop_request(ARGV[2])
 """
 
+# ARGV: P, rid, now, settled_marker_ttl_ms: the settled marker first, so a reserve of this
+# id that Redis runs later (queued while it hung) is refused as a duplicate.
+_ABANDON = _COMMON + r"""
+redis.call('SET', P .. ':d:' .. ARGV[2], ARGV[3], 'PX', ARGV[4])
+return drop_request(ARGV[2])
+"""
+
 # ARGV: P, lease_until, request_key_ttl_ms, rid...  -> how many rids still held a reservation
 _RENEW = _COMMON + r"""
 local lease, qttl, renewed = ARGV[2], ARGV[3], 0
@@ -291,6 +298,7 @@ class RedisLedger:
         self._release = client.register_script(_RELEASE)
         self._expire = client.register_script(_EXPIRE)
         self._renew = client.register_script(_RENEW)
+        self._abandon = client.register_script(_ABANDON)
         self._state_script = client.register_script(_STATE)
         # Request ids this instance holds reservations for: a settle with no charges for
         # any other id needs no Redis round trip (requests no budget applies to).
@@ -389,6 +397,10 @@ class RedisLedger:
     async def release(self, request_id: str, now: datetime) -> bool:
         self._holding.discard(request_id)
         return int(await self._call(self._release, [request_id])) > 0
+
+    async def abandon(self, request_id: str, now: datetime) -> bool:
+        self._holding.discard(request_id)
+        return int(await self._call(self._abandon, [request_id, epoch_ms(now), SETTLED_RETENTION_MS])) > 0
 
     async def renew(self, request_ids: Sequence[str], lease_seconds: float, now: datetime) -> int:
         lease_ms = int(lease_seconds * 1000)

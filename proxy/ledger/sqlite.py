@@ -681,6 +681,16 @@ class SqliteLedger:
 
         return await self.db.transact(body)
 
+    async def abandon(self, request_id: str, now: datetime) -> bool:
+        now_ms = epoch_ms(now)
+
+        def body(conn: sqlite3.Connection) -> bool:
+            # The settled marker makes a later reserve of this id a duplicate, refused.
+            conn.execute("INSERT OR IGNORE INTO settled (request_id, at_ms) VALUES (?, ?)", (request_id, now_ms))
+            return conn.execute("DELETE FROM reservations WHERE request_id = ?", (request_id,)).rowcount > 0
+
+        return await self.db.run(lambda conn: transaction(conn, body))
+
     async def renew(self, request_ids: Sequence[str], lease_seconds: float, now: datetime) -> int:
         ids = list(request_ids)
         if not ids:

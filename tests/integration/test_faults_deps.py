@@ -5,6 +5,7 @@ collector that is not there."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import resource
 import socket
 import time
@@ -288,3 +289,33 @@ async def test_unreachable_otlp_collector_changes_nothing_for_requests(
     await asyncio.to_thread(provider.shutdown)
     assert time.monotonic() - t < 10
     print(f"OTLP unreachable: 60 requests in {took:.2f} s, {len(dropped)} spans dropped")
+
+
+async def test_a_hung_redis_leaves_no_reservation_for_a_refused_request(
+    start_proxy: StartProxy, fake_openai: FakeUpstream, tmp_path: Path
+) -> None:
+    """Redis stopped (SIGSTOP): requests are refused with 503 once its socket timeout runs
+    out, but Redis still holds their reserve scripts and runs them when it wakes. Those
+    reservations belong to requests that never ran: Tollgate abandons them."""
+    fake_openai.route("POST", "/v1/chat/completions", Reply.json(COMPLETION))
+    async with RedisServer() as redis_server:
+        proxy = await start_proxy(redis_yaml(fake_openai.api_base, redis_server.url, tmp_path / "s.db", "fail_closed"))
+        url = proxy.base_url + "/chat/completions"
+        assert (await post(url, CHAT))[0] == 200
+        await drained(proxy.runtime)
+        assert redis_server.process is not None
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            statuses = [r[0] for r in await asyncio.gather(*(post(url, CHAT) for _ in range(5)))]
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        assert statuses == [503] * 5
+        rt = proxy.runtime
+        deadline = time.monotonic() + 15
+        while True:
+            report = await rt.ledger.budget_report(rt.clock())
+            if report[0]["reserved"] == 0 and not rt.abandoned:
+                break
+            assert time.monotonic() < deadline, (report, rt.abandoned)
+            await asyncio.sleep(0.2)
+        assert report[0]["requests"] == 1 and len(fake_openai.requests) == 1

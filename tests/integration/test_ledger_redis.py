@@ -35,6 +35,7 @@ from tests.integration.test_ledger_sqlite import (  # noqa: F401 - collected her
     rule,
     test_contract_admit_and_reserve_clamps_then_refuses,
     test_contract_all_or_nothing_across_buckets,
+    test_contract_an_abandoned_reservation_is_gone_and_cannot_come_back,
     test_contract_budget_report,
     test_contract_duplicate_reserve_is_an_error,
     test_contract_lease_expiry_frees_a_dead_reservation,

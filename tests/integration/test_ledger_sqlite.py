@@ -199,6 +199,18 @@ async def test_contract_renewed_leases_outlive_their_first_end(make_ledger: Make
     assert (await other.state([b], later))[b.id].spent == D("0.2")
 
 
+async def test_contract_an_abandoned_reservation_is_gone_and_cannot_come_back(make_ledger: MakeLedger) -> None:
+    ledger = await make_ledger()
+    b = one(rule(limit_usd="1"))
+    await ledger.reserve("made", [Charge(b, D("0.4"))], LEASE, NOW)
+    assert await ledger.abandon("made", NOW) is True
+    # Abandoned before the reserve ran (a hung Redis runs it later): it never takes money.
+    assert await ledger.abandon("late", NOW) is False
+    with pytest.raises(DuplicateReservation):
+        await ledger.reserve("late", [Charge(b, D("0.4"))], LEASE, NOW)
+    assert (await ledger.state([b], NOW))[b.id] == BucketState()
+
+
 async def test_contract_duplicate_reserve_is_an_error(make_ledger: MakeLedger) -> None:
     ledger = await make_ledger()
     b = one(rule(limit_usd="1"))
