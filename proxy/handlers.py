@@ -27,6 +27,7 @@ from proxy.errors import (
     PermissionDenied,
     UpstreamUnreachable,
 )
+from proxy.budgets import buckets_for
 from proxy.keys import parse_bearer
 from proxy.exchange import Endpoint, Exchange
 from proxy.finish import complete, finish, started
@@ -67,7 +68,7 @@ def _refused(ex: Exchange, err: HttpError) -> web.Response:
 
 
 async def _forward_and_relay(
-    request: web.Request, rt: Runtime, ex: Exchange, body: bytes | None
+    request: web.Request, rt: Runtime, ex: Exchange, body: bytes | None, upstream_path: str | None = None
 ) -> web.StreamResponse:
     upstream = rt.upstreams.get(ex.upstream or "")
     if upstream is None:
@@ -78,14 +79,16 @@ async def _forward_and_relay(
     headers = upstream_headers(request.headers, upstream, ex, drop_client_auth=rt.keyring.enabled)
     # The proxy serves /v1/...; the upstream's API base already ends where /v1 does. Built
     # from the parsed target, so an absolute-form request line cannot smuggle in a host.
-    path_qs = request.rel_url.raw_path_qs[3:]
+    path_qs = request.rel_url.raw_path_qs[3:] if upstream_path is None else upstream_path
     resp = await send(upstream, request.method, path_qs, headers, body, ex)
     return await relay(
         request, resp, upstream, ex, rt.observers.on_first_token, lambda: complete(ex, rt)
     )
 
 
-async def _run(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+async def _run(request: web.Request, endpoint: Endpoint, upstream_path: str | None = None) -> web.StreamResponse:
+    """`upstream_path`: the path (after /v1) and query to send upstream, when not the
+    client's own (a model endpoint under another spelling goes out under its own)."""
     rt = request.app[RUNTIME]
     settings = rt.settings
     ex = new_exchange(request, endpoint, settings.server.request_id_header)
@@ -99,6 +102,7 @@ async def _run(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
                 raise NotFound(f"Invalid URL ({request.method} {request.path})")
             ex.upstream = settings.default_upstream
             ex.upstream_kind = settings.upstreams[ex.upstream].kind
+            check_unmetered(request, ex, rt, body)
             return await _forward_and_relay(request, rt, ex, body or None)
         payload = parse_json_object(body)
         accept_body(ex, payload)
@@ -108,7 +112,7 @@ async def _run(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         ex.extra["response_headers"] = await reserve(ex, rt, payload)
         inject = settings.upstreams[ex.upstream].inject_stream_usage  # type: ignore[index]  # this request's snapshot
         out_body = outgoing_body(ex, body, payload, inject, ex.extra.get("cap_override"))
-        return await _forward_and_relay(request, rt, ex, out_body)
+        return await _forward_and_relay(request, rt, ex, out_body, upstream_path)
     except HttpError as err:
         return _refused(ex, err)
     except asyncio.CancelledError:
@@ -165,12 +169,64 @@ def check_request_target(request: web.Request) -> None:
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
-    """Any other /v1/* path goes to the default upstream untouched."""
-    if request.path in MODEL_PATHS:
-        return error_response(
-            MethodNotAllowed(f"Method {request.method} is not allowed for {request.path}; use POST.")
-        )
+    """Any other /v1/* path: a model endpoint under another spelling is metered as that
+    endpoint; anything else goes to the default upstream untouched, if it may go unmetered."""
+    endpoint = metered_endpoint(request.raw_path)
+    if endpoint is not None:
+        if request.method != "POST":
+            return error_response(
+                MethodNotAllowed(f"Method {request.method} is not allowed for {request.path}; use POST.")
+            )
+        query = request.rel_url.raw_query_string
+        return await _run(request, endpoint, _CANONICAL[endpoint] + (f"?{query}" if query else ""))
     return await _run(request, "other")
+
+
+# The path after /v1 each model endpoint is sent upstream under.
+_CANONICAL: dict[Endpoint, str] = {endpoint: path[3:] for path, endpoint in MODEL_PATHS.items()}
+
+
+def metered_endpoint(raw_path: str) -> Endpoint | None:
+    """The model endpoint a path names under any spelling an upstream might accept: any
+    case, repeated or trailing slashes, `.` segments, `;parameters`, percent-encoding.
+    Such a request is metered (and budgeted) as that endpoint, never passed through."""
+    path = raw_path.split("?", 1)[0]
+    for _ in range(4):
+        decoded = unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    segments = [seg.split(";", 1)[0].lower() for seg in path.split("/")]
+    canonical = "/" + "/".join(seg for seg in segments if seg not in ("", "."))
+    return MODEL_PATHS.get(canonical)
+
+
+def check_unmetered(request: web.Request, ex: Exchange, rt: Runtime, body: bytes) -> None:
+    """A path Tollgate cannot meter goes through only where nothing it guards applies, or
+    where the config lets that path through unmetered by name. A body that names a model
+    is held to the key's model allow-list all the same."""
+    settings = rt.settings
+    allowed_by = settings.passthrough.allows(request.path)
+    if allowed_by is None:
+        header = settings.user_header
+        user = request.headers.get(header) if header else None
+        guarded = rt.keyring.enabled or bool(buckets_for(settings.budgets, ex.key_name, user, "", rt.clock()))
+        if guarded:
+            raise PermissionDenied(
+                f"{request.method} {request.path} cannot be metered, and keys or budgets apply to it here, "
+                "so it was not forwarded. An operator can let it through unmetered with "
+                "passthrough.allow_unmetered.",
+                code="unmetered_path",
+            )
+    if body and request.content_type == "application/json":
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            payload = None
+        if isinstance(payload, dict) and isinstance(payload.get("model"), str):
+            ex.requested_model = payload["model"]
+            check_model_allowed(ex, rt)
+    ex.extra["unmetered"] = allowed_by or "unguarded"
 
 
 async def not_found(request: web.Request) -> web.Response:

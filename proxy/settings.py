@@ -342,6 +342,28 @@ class LoggingSettings(_Section):
     payload_max_chars: Count = 1000
 
 
+class PassthroughSettings(_Section):
+    # Paths under /v1 other than the model endpoints that may be forwarded unmetered while
+    # virtual keys or budgets apply (fnmatch globs on the request path, e.g. "/v1/files*").
+    # Any other such path is refused: Tollgate cannot count what it does not understand.
+    allow_unmetered: tuple[str, ...] = ()
+
+    @field_validator("allow_unmetered")
+    @classmethod
+    def _paths(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            if not pattern.startswith("/v1/"):
+                raise ValueError(f"{pattern!r} must be a path under /v1/ (a glob such as /v1/files*)")
+        return value
+
+    def allows(self, path: str) -> str | None:
+        """The pattern that lets `path` through unmetered, if any."""
+        for pattern in self.allow_unmetered:
+            if fnmatch.fnmatchcase(path, pattern):
+                return pattern
+        return None
+
+
 class AdminSettings(_Section):
     api_key: Secret = None
     # Who may read /v1/tollgate/summary once virtual keys exist: any valid key or the admin
@@ -434,6 +456,7 @@ class Settings(_Section):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
+    passthrough: PassthroughSettings = Field(default_factory=PassthroughSettings)
     # Virtual keys: when any are configured, every request must present one.
     keys: VirtualKeys = ()
     # Header naming the end user (wins over the body's `user` field), for per-user budgets.

@@ -174,6 +174,9 @@ class AccessLogObserver:
         }
         if ex.error_detail is not None:
             rec["error_detail"] = ex.error_detail
+        unmetered = ex.extra.get("unmetered")
+        if unmetered is not None:
+            rec["unmetered"] = unmetered
         if ex.body_measured != "whole":
             rec["body_measured"] = ex.body_measured
         budget = ex.extra.get("budget_verdict")

@@ -204,6 +204,13 @@ class MetricsObserver:
             "(unreachable, timeout, broken stream).",
             ("upstream", "error_type"),
         )
+        self.unmetered = counter(
+            "tollgate_unmetered_requests_total",
+            "Requests forwarded on a path Tollgate cannot meter: `allowed_by` is the "
+            "passthrough.allow_unmetered pattern that let it through, or `unguarded` where "
+            "no key or budget applied.",
+            ("allowed_by",),
+        )
         self.observer_errors = counter(
             "tollgate_observer_errors_total",
             "Exceptions raised inside observers (measuring never breaks forwarding).",
@@ -296,6 +303,9 @@ class MetricsObserver:
         stream = "true" if ex.stream else "false"
 
         self.requests.get(model, upstream, endpoint, status_class(ex.status), stream).inc()
+        unmetered = ex.extra.get("unmetered")
+        if unmetered is not None:
+            self.unmetered.get(unmetered).inc()
 
         duration = ex.duration_s
         if duration is not None:

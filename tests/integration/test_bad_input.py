@@ -213,7 +213,8 @@ CASES: list[Case] = [
     Case("PATCH on responses", b"{}", method="PATCH", path="/v1/responses", status=405, code="method_not_allowed"),
     Case("POST on /v1/models", b"{}", path="/v1/models", status=404, code="not_found"),
     Case("POST to the summary", b"{}", path="/v1/tollgate/summary", status=404, code="not_found"),
-    Case("chat path with trailing slash", chat(), path="/v1/chat/completions/", status=404, code="not_found"),
+    # A model endpoint under another spelling is metered as that endpoint, not passed through.
+    Case("chat path with trailing slash", chat(), path="/v1/chat/completions/", status=200, decides="upstream"),
     Case("chat path, wrong case", chat(), path="/V1/Chat/Completions", status=404, code="not_found"),
     # --- headers -------------------------------------------------------------------------------------
     Case("hostile x-request-id is replaced", chat(model="nope"), headers=JSON + (("x-request-id", "a\tb" + "c" * 500),),

@@ -88,6 +88,8 @@ budgets:
     limit_usd: 0
 ledger:
   path: {ledger}
+passthrough:
+  allow_unmetered: ["/v1/files*"]
 """
     return proxy_yaml(openai_base, openai_key=UPSTREAM_KEY, default_upstream="openai", extra=extra)
 
@@ -149,6 +151,7 @@ async def test_no_secret_in_any_output_channel(
         "budget": await call("POST", "/v1/chat/completions", body={**chat, "model": "gpt-3.5-turbo"}),
         "upstream 401": await call("POST", "/v1/completions", body={"model": "gpt-4o-mini", "prompt": "x"}),
         "passthrough": await call("GET", "/v1/files"),
+        "unmetered, not allowed": await call("POST", "/v1/images/generations", body={"model": "dall-e-3"}),
         "models": await call("GET", "/v1/models"),
         "summary": await call("GET", "/v1/tollgate/summary"),
         "summary, admin key": await call("GET", "/v1/tollgate/summary", key=ADMIN_KEY),
@@ -161,7 +164,7 @@ async def test_no_secret_in_any_output_channel(
     assert statuses == {
         "stream": 200, "wrong key": 401, "no key": 401, "admin key as virtual key": 401, "basic auth": 401,
         "key in x-api-key": 401, "bad json": 400, "budget": 429, "upstream 401": 401,
-        "passthrough": 200, "models": 200, "summary": 200, "summary, admin key": 200,
+        "passthrough": 200, "unmetered, not allowed": 403, "models": 200, "summary": 200, "summary, admin key": 200,
         "summary, no key": 401, "summary, wrong key": 401, "budgets, admin key": 200,
         "budgets, virtual key": 401, "budgets, wrong key": 401,
     }
