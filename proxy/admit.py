@@ -222,7 +222,8 @@ async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[st
         assert decision.refused is not None and decision.refused_state is not None
         rt.budget_metrics.rejected(decision.refused.name)
         message, retry_after = refusal_message(
-            decision.refused, decision.refused_state, now, decision.reason or "usd"
+            decision.refused, decision.refused_state, now, decision.reason or "usd",
+            amount=decision.amount, tokens=decision.tokens,
         )
         refusal_headers = {"x-tollgate-budget-name": decision.refused.name}
         if retry_after is not None:

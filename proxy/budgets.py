@@ -599,13 +599,34 @@ def seconds_to_reset(bucket: Bucket, now: datetime) -> int | None:
     return max(1, math.ceil((bucket.end - now).total_seconds()))
 
 
+# Retry-After for a refusal that only requests in flight cause: their reservations free as
+# they finish (seconds, for most), not at the period's end.
+IN_FLIGHT_RETRY_AFTER_S = 2
+
+
+def held_by_requests_in_flight(
+    bucket: Bucket, state: BucketState, reason: LimitKind, amount: Decimal, tokens: int
+) -> bool:
+    """Whether the request would fit but for other requests' live reservations."""
+    if not state.reserved_requests:
+        return False
+    if reason == "tokens":
+        return bucket.limit_tokens is not None and state.tokens + tokens <= bucket.limit_tokens
+    if reason == "requests":
+        return bucket.limit_requests is not None and state.requests + 1 <= bucket.limit_requests
+    return bucket.limit_usd is not None and state.spent + amount <= bucket.limit_usd
+
+
 def refusal_message(
-    bucket: Bucket, state: BucketState, now: datetime, reason: LimitKind = "usd"
+    bucket: Bucket, state: BucketState, now: datetime, reason: LimitKind = "usd",
+    amount: Decimal | None = None, tokens: int = 0,
 ) -> tuple[str, int | None]:
     """The 429 message and `retry-after` seconds (None for a `total` budget: no reset).
 
     The message carries the reset time itself, because the OpenAI SDK does not retry when
-    retry-after is over 120 s and clients should still learn when to come back.
+    retry-after is over 120 s and clients should still learn when to come back. Given the
+    request's own `amount` and `tokens`, a refusal that only requests in flight cause says
+    so, with a retry-after of seconds.
     """
     if reason == "tokens" and bucket.limit_tokens is not None:
         used = f"{state.tokens} tokens used of the {bucket.limit_tokens}-token limit"
@@ -621,6 +642,12 @@ def refusal_message(
         if state.reserved:
             used += f" (plus {format_usd(state.reserved)} reserved by requests in flight)"
     head = f"Budget {bucket.describe()} exceeded: {used}."
+    if amount is not None and held_by_requests_in_flight(bucket, state, reason, amount, tokens):
+        return (
+            f"{head} This request fits once requests in flight ({state.reserved_requests}) finish "
+            f"and free what they reserved: retry in a few seconds.",
+            IN_FLIGHT_RETRY_AFTER_S,
+        )
     retry = seconds_to_reset(bucket, now)
     if bucket.end is None or retry is None:
         return f"{head} This budget has no period and does not reset.", None

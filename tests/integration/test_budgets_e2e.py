@@ -754,8 +754,10 @@ async def test_a_request_outliving_its_lease_keeps_its_reservation(
 
     slow = asyncio.ensure_future(stream())  # reserves $0.008 of $0.01
     await asyncio.sleep(2.5)  # past two and a half leases
-    status, body, _ = await post(proxy, ask(5))
+    status, body, headers = await post(proxy, ask(5))
     assert status == 429 and body["error"]["code"] == "budget_exceeded"
+    # Only the stream in flight stands in the way: come back in seconds, not at midnight.
+    assert headers["retry-after"] == "2" and "requests in flight (1) finish" in body["error"]["message"]
     assert await slow == 200
     report = await settled(proxy, 1)
     assert report[0]["spent"] == D("0.008")

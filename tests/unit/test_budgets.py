@@ -15,6 +15,7 @@ from proxy.budgets import (
     HEADER_NAME,
     HEADER_REMAINING,
     HEADER_RESET,
+    IN_FLIGHT_RETRY_AFTER_S,
     BucketState,
     BudgetRule,
     BudgetRules,
@@ -491,3 +492,18 @@ def test_bucket_windows_are_windows_of_now_whatever_came_before(period: str, tz:
         start, end = window(period, now, tz)  # type: ignore[arg-type]
         assert (b.start, b.end) == (start, end)
         assert b.id == f"r|{start.isoformat()}"
+
+
+def test_a_refusal_caused_only_by_requests_in_flight_says_retry_in_seconds() -> None:
+    b = _one(rule(name="daily", limit_usd="1"))
+    # $0.30 spent, $0.60 held by 3 requests in flight: a $0.20 request fits once they end.
+    st = BucketState(spent=D("0.3"), reserved=D("0.6"), reserved_requests=3)
+    msg, retry = refusal_message(b, st, NOW, "usd", amount=D("0.2"))
+    assert retry == IN_FLIGHT_RETRY_AFTER_S and "requests in flight (3) finish" in msg
+    # $0.80 does not fit even then: the reset is when it can.
+    msg, retry = refusal_message(b, st, NOW, "usd", amount=D("0.8"))
+    assert retry == 8 * 3600 + 30 * 60 and "resets at" in msg
+    t = _one(rule(name="t", limit_usd=None, limit_tokens=1000))
+    st = BucketState(tokens=500, reserved_tokens=450, reserved_requests=1)
+    assert refusal_message(t, st, NOW, "tokens", amount=D(0), tokens=100)[1] == IN_FLIGHT_RETRY_AFTER_S
+    assert refusal_message(t, st, NOW, "tokens", amount=D(0), tokens=600)[1] == 8 * 3600 + 30 * 60
