@@ -13,7 +13,8 @@ derive per-request and per-bucket keys from ids, which Redis only allows with on
     P:q:<request>  hash  bucket id -> 1: where a request holds reservations
     P:d:<request>  str   settled marker (idempotent settle), kept a week
     P:leases       zset  request id -> lease end: what `expire` sweeps
-    P:idx          zset  bucket id -> key expiry (ms; +inf for total): for budget reports
+    P:idx          zset  bucket id -> window end (ms; +inf for total): the buckets of the
+                         current windows, for budget reports; finished ones are swept out
 
 Expired leases are dropped inside every script that reads a bucket, so the live sum never
 counts a dead reservation even if nobody ran `expire`. Bucket keys of a period expire a
@@ -100,16 +101,17 @@ local function read(bid)
   return v
 end
 
--- expire_at: when the bucket may go, on Tollgate's clock (for idx, compared with its `now`);
--- ttl: the same moment as milliseconds from now, for Redis's own expiry.
-local function keep_until(bid, expire_at, ttl, meta)
+-- window_end: when the bucket's window ends, on Tollgate's clock (the idx score, compared
+-- with its `now`: a finished window leaves the index, so reports never read it again);
+-- ttl: milliseconds from now until the keys may go (a day past the window), for Redis.
+local function keep_until(bid, window_end, ttl, meta)
   local B = bkey(bid)
   redis.call('HSET', B, 'meta', meta)
-  if expire_at ~= '' then
+  if window_end ~= '' then
     redis.call('PEXPIRE', B, ttl)
     redis.call('PEXPIRE', lkey(bid), ttl)
     redis.call('PEXPIRE', rkey(bid), ttl)
-    redis.call('ZADD', P .. ':idx', expire_at, bid)
+    redis.call('ZADD', P .. ':idx', window_end, bid)
   else
     redis.call('ZADD', P .. ':idx', '+inf', bid)
   end
@@ -126,8 +128,8 @@ end
 """
 
 # ARGV: P, rid, now, lease_until, request_key_ttl_ms, n, then n x 10:
-#   bid, amount, tokens, block, limit_nanos, limit_tokens, limit_requests, expire_at, ttl_ms, meta
-# (limits and expire_at are '' when absent). Returns {ok (1, 0, -1 = duplicate id),
+#   bid, amount, tokens, block, limit_nanos, limit_tokens, limit_requests, window_end, ttl_ms, meta
+# (limits and window_end are '' when absent). Returns {ok (1, 0, -1 = duplicate id),
 # index of the refusing bucket, reason, 6 counters per bucket}.
 _RESERVE = _COMMON + r"""
 local rid, now, lease, qttl, n = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
@@ -181,7 +183,7 @@ if refused ~= 0 then ok = 0 end
 return {ok, refused, reason, flat}
 """
 
-# ARGV: P, rid, now, settled_marker_ttl_ms, n, then n x 6: bid, amount, tokens, expire_at, ttl_ms, meta
+# ARGV: P, rid, now, settled_marker_ttl_ms, n, then n x 6: bid, amount, tokens, window_end, ttl_ms, meta
 _SETTLE = _COMMON + r"""
 local rid, now, dttl, n = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 if not redis.call('SET', P .. ':d:' .. rid, now, 'NX', 'PX', dttl) then
@@ -275,13 +277,14 @@ def _meta(b: Bucket) -> str:
 
 
 def _expiry(b: Bucket, now_ms: int) -> list[str]:
-    """A bucket key's end as [instant on Tollgate's clock, TTL from now]; ['', ''] for total."""
+    """[window end on Tollgate's clock, key TTL from now]; ['', ''] for a total budget."""
     if b.end is None:
         return ["", ""]
-    expire_at = epoch_ms(b.end) + BUCKET_EXPIRY_MARGIN_MS
+    end_ms = epoch_ms(b.end)
+    expire_at = end_ms + BUCKET_EXPIRY_MARGIN_MS
     # A request admitted just before its window ended may settle after the margin has
     # passed; the bucket then still lives MIN_TTL_MS rather than vanishing mid-script.
-    return [str(expire_at), str(max(expire_at - now_ms, MIN_TTL_MS))]
+    return [str(end_ms), str(max(expire_at - now_ms, MIN_TTL_MS))]
 
 
 def _opt(value: int | None) -> str:

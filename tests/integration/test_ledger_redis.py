@@ -250,3 +250,25 @@ async def test_race_two_instances_never_overspend(make_ledger: MakeLedger) -> No
     ))
     st = (await instances[1].state([bucket], NOW))[bucket.id]
     assert st.spent == RACE_FITS * RACE_AMOUNT and st.reserved == 0 and st.requests == RACE_FITS
+
+
+async def test_finished_windows_leave_the_report_index(
+    redis_server: RedisServer, make_ledger: MakeLedger, prefix: str
+) -> None:
+    """Each user's bucket of a finished day leaves the index the reports walk as soon as
+    the sweep passes its end, not a day later with its keys: idle buckets cost nothing."""
+    ledger = await make_ledger()
+    per_user = rule(name="per-user", scope={"user": "*"}, limit_usd="1")
+    for i in range(20):
+        b = one(per_user, user=f"u{i}")
+        await ledger.reserve(f"r{i}", [Charge(b, D("0.1"))], LEASE, NOW)
+        await ledger.settle(f"r{i}", [Charge(b, D("0.1"))], None, NOW)
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        assert await client.zcard("{" + prefix + "}:idx") == 20
+        tomorrow = NOW + timedelta(days=1)
+        await ledger.expire(tomorrow)
+        assert await client.zcard("{" + prefix + "}:idx") == 0
+        assert await ledger.budget_report(tomorrow) == []
+    finally:
+        await client.aclose()

@@ -33,7 +33,7 @@ from proxy.budgets import (
     threshold_crossed,
 )
 from proxy.ledger import DuplicateReservation, Ledger, SpendRow, admit_and_reserve, open_ledger
-from proxy.ledger.sqlite import SqliteLedger
+from proxy.ledger.sqlite import OPEN_BUCKETS_SQL, SqliteLedger
 from proxy.usage import Usage
 
 D = Decimal
@@ -565,3 +565,30 @@ async def test_a_version_1_spend_log_is_migrated_keeping_every_row(tmp_path: Pat
         assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         check.close()
+
+
+async def test_budget_reports_never_read_the_buckets_of_finished_windows(tmp_path: Path) -> None:
+    """Per-user buckets pile up, one per user and window: the report (run every 2 s for the
+    gauges) reads open windows by index, never a scan of every bucket ever made."""
+    ledger = await SqliteLedger.open(tmp_path / "l.db")
+    try:
+        per_user = rule(name="per-user", scope={"user": "*"}, limit_usd="1")
+        yesterday = NOW - timedelta(days=1)
+        for i in range(50):
+            b = one(per_user, user=f"u{i}", now=yesterday)
+            await ledger.reserve(f"y{i}", [Charge(b, D("0.1"))], LEASE, yesterday)
+            await ledger.settle(f"y{i}", [Charge(b, D("0.1"))], None, yesterday)
+        today = one(per_user, user="u0")
+        await ledger.reserve("t0", [Charge(today, D("0.2"))], LEASE, NOW)
+        rows = await ledger.budget_report(NOW)
+        assert [(r["user"], r["spent"], r["reserved"]) for r in rows] == [("u0", D(0), D("0.2"))]
+    finally:
+        await ledger.close()
+    conn = sqlite3.connect(tmp_path / "l.db")
+    try:
+        plan = conn.execute("EXPLAIN QUERY PLAN " + OPEN_BUCKETS_SQL, (0, 0, 0)).fetchall()
+    finally:
+        conn.close()
+    details = [str(row[-1]) for row in plan]
+    assert not any(d.startswith("SCAN buckets") for d in details), details
+    assert sum("USING INDEX buckets_end" in d for d in details) == 2, details
