@@ -26,6 +26,7 @@ from proxy.budgets import (
     ClampInput,
     buckets_for,
     budget_headers,
+    quantize_up,
     clamp_header,
     refusal_message,
 )
@@ -38,11 +39,12 @@ from proxy.errors import (
 )
 from proxy.exchange import Exchange
 from proxy.keys import parse_bearer, request_user
-from proxy.ledger import DuplicateReservation, LedgerError, admit_and_reserve
+from proxy.ledger import DuplicateReservation, IfInterrupted, LedgerError, SpendRow, admit_and_reserve
 from proxy.output_cap import OutputCap, output_cap_of
 from proxy.pricing import Price, worst_case_cost
 from proxy.state import Runtime
 from proxy.tokens import estimate_prompt_tokens
+from proxy.usage import Usage
 
 log = logging.getLogger("tollgate.admit")
 
@@ -193,9 +195,21 @@ async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[st
     oc = output_cap_of(ex.endpoint, ex.upstream_kind or "openai", payload)
     cap, write_cap = _per_output_cap(ex, rt, oc)
     outputs = oc.outputs if oc is not None else 1
-    input_tokens = math.ceil(estimate_prompt_tokens(ex.endpoint, ex.body, model) * INPUT_MARGIN) + INPUT_MARGIN_TOKENS
+    prompt_tokens = estimate_prompt_tokens(ex.endpoint, ex.body, model)
+    input_tokens = math.ceil(prompt_tokens * INPUT_MARGIN) + INPUT_MARGIN_TOKENS
     if price is None:
         price = Price(input=Decimal(0), output=Decimal(0))
+    # Should this process die with the request in flight, the lease runs out and the prompt,
+    # which was surely sent, is charged: the estimate without the worst-case margin.
+    if_interrupted = IfInterrupted(
+        SpendRow.from_usage(
+            Usage(input_tokens=prompt_tokens, input_source="estimated", output_source="estimated"),
+            quantize_up(worst_case_cost(prompt_tokens, 0, price)),
+            time=now, request_id=ex.request_id, key=ex.key_name, user=ex.user, model=model,
+            upstream=ex.upstream, endpoint=ex.endpoint, outcome="interrupted", status=None,
+        ),
+        prompt_tokens,
+    )
     amount = worst_case_cost(input_tokens, cap * outputs, price)
     input_cost = worst_case_cost(input_tokens, 0, price)
     clamp = None
@@ -212,6 +226,7 @@ async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[st
             clamp=clamp,
             lease_seconds=rt.lease_seconds,
             now=now,
+            if_interrupted=if_interrupted,
         )
     except Exception as exc:
         if not ledger_down(exc):

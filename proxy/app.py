@@ -165,9 +165,16 @@ async def ledger_chores(rt: Runtime, every: float = 2.0) -> None:
             await abandon_refused(rt)
         try:
             now = rt.clock()
+            interrupted_before = rt.ledger.interrupted
             expired = await rt.ledger.expire(now)
             if expired:
-                log.warning("released %d reservations whose lease had expired", expired)
+                interrupted = rt.ledger.interrupted - interrupted_before
+                log.warning(
+                    "%d reservations outlived their process (lease expired); %d settled as interrupted",
+                    expired, interrupted,
+                )
+                if rt.faults is not None:
+                    rt.faults.interrupted.inc(interrupted)
             if rt.settings.budgets:
                 rt.budget_metrics.refresh(rt.settings.budgets, await rt.ledger.budget_report(now), now)
         except Exception:  # noqa: BLE001 - a chore failing must not stop the next one

@@ -52,6 +52,12 @@ class FaultMetrics:
             "Settlements charged late, after the ledger came back.",
             registry=registry,
         )
+        self.interrupted = Counter(
+            "tollgate_ledger_interrupted_total",
+            "Reservations whose process died with the request in flight (the lease ran out), "
+            "settled at their estimated input cost as outcome=interrupted spend rows.",
+            registry=registry,
+        )
         self.reloads = Counter(
             "tollgate_config_reloads_total",
             "Configuration reloads (SIGHUP), by result (applied or rejected).",

@@ -12,6 +12,8 @@ derive per-request and per-bucket keys from ids, which Redis only allows with on
     P:r:<bucket>   hash  request id -> "nanos:tokens" reserved on this bucket
     P:q:<request>  hash  bucket id -> 1: where a request holds reservations
     P:d:<request>  str   settled marker (idempotent settle), kept a week
+    P:m:<request>  str   "nanos:tokens:json": what the request is settled at if its lease
+                         runs out (IfInterrupted); gone once it is settled or released
     P:leases       zset  request id -> lease end: what `expire` sweeps
     P:idx          zset  bucket id -> window end (ms; +inf for total): the buckets of the
                          current windows, for budget reports; finished ones are swept out
@@ -54,6 +56,7 @@ from proxy.budgets import Bucket, BucketState, Charge, LimitKind, from_nanos, sp
 from proxy.ledger.base import (
     DuplicateReservation,
     GroupBy,
+    IfInterrupted,
     LedgerError,
     ReserveResult,
     Settled,
@@ -121,18 +124,19 @@ local function drop_request(rid)
   local Q = P .. ':q:' .. rid
   local bids = redis.call('HKEYS', Q)
   for _, bid in ipairs(bids) do unreserve(bid, rid) end
-  redis.call('DEL', Q)
+  redis.call('DEL', Q, P .. ':m:' .. rid)
   redis.call('ZREM', P .. ':leases', rid)
   return #bids
 end
 """
 
-# ARGV: P, rid, now, lease_until, request_key_ttl_ms, n, then n x 10:
+# ARGV: P, rid, now, lease_until, request_key_ttl_ms, if_interrupted ('' or
+# "nanos:tokens:json"), n, then n x 10:
 #   bid, amount, tokens, block, limit_nanos, limit_tokens, limit_requests, window_end, ttl_ms, meta
 # (limits and window_end are '' when absent). Returns {ok (1, 0, -1 = duplicate id),
 # index of the refusing bucket, reason, 6 counters per bucket}.
 _RESERVE = _COMMON + r"""
-local rid, now, lease, qttl, n = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
+local rid, now, lease, qttl, interrupted, n = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
 if redis.call('EXISTS', P .. ':q:' .. rid) == 1 or redis.call('EXISTS', P .. ':d:' .. rid) == 1 then
   return {-1, 0, '', {}}
 end
@@ -140,7 +144,7 @@ local W = 10
 local states = {}
 local refused, reason = 0, ''
 for i = 1, n do
-  local b = 6 + (i - 1) * W
+  local b = 7 + (i - 1) * W
   local bid = ARGV[b + 1]
   clean(bid, now)
   local s = read(bid)
@@ -159,7 +163,7 @@ end
 if refused == 0 then
   local Q = P .. ':q:' .. rid
   for i = 1, n do
-    local b = 6 + (i - 1) * W
+    local b = 7 + (i - 1) * W
     local bid, amt, tok = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
     local B = bkey(bid)
     redis.call('HINCRBY', B, 'reserved', amt)
@@ -174,6 +178,7 @@ if refused == 0 then
   if n > 0 then
     redis.call('PEXPIRE', Q, qttl)
     redis.call('ZADD', P .. ':leases', lease, rid)
+    if interrupted ~= '' then redis.call('SET', P .. ':m:' .. rid, interrupted, 'PX', qttl) end
   end
 end
 local flat = {}
@@ -232,12 +237,29 @@ end
 return renewed
 """
 
-# ARGV: P, now, batch
+# ARGV: P, now, batch, settled_marker_ttl_ms -> {dead requests, the if_interrupted JSON of
+# each one settled as interrupted (its estimated input charged to its buckets)...}
 _EXPIRE = _COMMON + r"""
 local dead = redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
-for _, rid in ipairs(dead) do drop_request(rid) end
+local out = {#dead}
+for _, rid in ipairs(dead) do
+  local m = redis.call('GET', P .. ':m:' .. rid)
+  if m and redis.call('SET', P .. ':d:' .. rid, ARGV[2], 'NX', 'PX', ARGV[4]) then
+    local a = string.find(m, ':', 1, true)
+    local b = string.find(m, ':', a + 1, true)
+    local nanos, tokens = string.sub(m, 1, a - 1), string.sub(m, a + 1, b - 1)
+    for _, bid in ipairs(redis.call('HKEYS', P .. ':q:' .. rid)) do
+      redis.call('HINCRBY', bkey(bid), 'spent', nanos)
+      redis.call('HINCRBY', bkey(bid), 'tokens', tokens)
+      redis.call('HINCRBY', bkey(bid), 'requests', 1)
+    end
+    out[#out + 1] = rid
+    out[#out + 1] = string.sub(m, b + 1)
+  end
+  drop_request(rid)
+end
 redis.call('ZREMRANGEBYSCORE', P .. ':idx', '-inf', '(' .. ARGV[2])
-return #dead
+return out
 """
 
 # ARGV: P, now, n, bid...  -> per bucket: 6 counters + meta ('' when unknown)
@@ -303,6 +325,7 @@ class RedisLedger:
         self._renew = client.register_script(_RENEW)
         self._abandon = client.register_script(_ABANDON)
         self._state_script = client.register_script(_STATE)
+        self.interrupted = 0
         # Request ids this instance holds reservations for: a settle with no charges for
         # any other id needs no Redis round trip (requests no budget applies to).
         self._holding: set[str] = set()
@@ -336,7 +359,8 @@ class RedisLedger:
             raise LedgerError(f"redis ledger: {exc}") from exc
 
     async def reserve(
-        self, request_id: str, charges: Sequence[Charge], lease_seconds: float, now: datetime
+        self, request_id: str, charges: Sequence[Charge], lease_seconds: float, now: datetime,
+        if_interrupted: IfInterrupted | None = None,
     ) -> ReserveResult:
         ids = [c.bucket.id for c in charges]
         if len(set(ids)) != len(ids):
@@ -344,7 +368,10 @@ class RedisLedger:
         now_ms = epoch_ms(now)
         lease_until = now_ms + int(lease_seconds * 1000)
         request_key_ttl = int(lease_seconds * 1000) + BUCKET_EXPIRY_MARGIN_MS
-        args: list[Any] = [request_id, now_ms, lease_until, request_key_ttl, len(charges)]
+        interrupted = "" if if_interrupted is None else (
+            f"{spend_nanos(if_interrupted.row.cost)}:{if_interrupted.tokens}:{if_interrupted.to_json()}"
+        )
+        args: list[Any] = [request_id, now_ms, lease_until, request_key_ttl, interrupted, len(charges)]
         for c in charges:
             if c.amount < 0 or c.tokens < 0:
                 raise ValueError("charges must not be negative")
@@ -419,7 +446,11 @@ class RedisLedger:
         total = 0
         # Bounded: each round removes up to a batch; a full batch means there may be more.
         for _ in range(1000):
-            n = int(await self._call(self._expire, [epoch_ms(now), EXPIRE_BATCH]))
+            out = await self._call(self._expire, [epoch_ms(now), EXPIRE_BATCH, SETTLED_RETENTION_MS])
+            n = int(out[0])
+            for rid, text in zip(out[1::2], out[2::2], strict=True):
+                await self.spend_log.write(rid, IfInterrupted.from_json(text).row)
+                self.interrupted += 1
             total += n
             if n < EXPIRE_BATCH:
                 break

@@ -47,6 +47,7 @@ from proxy.budgets import (
 from proxy.ledger.base import (
     DuplicateReservation,
     GroupBy,
+    IfInterrupted,
     LedgerError,
     ReserveResult,
     Settled,
@@ -124,6 +125,11 @@ DROP INDEX IF EXISTS reservations_bucket;
 -- and every settle, for the sweep every few seconds (expire), which scans a table that
 -- holds only the requests in flight.
 DROP INDEX IF EXISTS reservations_lease;
+-- What a reservation is settled at if its lease runs out (IfInterrupted, as JSON).
+CREATE TABLE IF NOT EXISTS if_interrupted (
+    request_id TEXT PRIMARY KEY,
+    json TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS settled (
     request_id TEXT PRIMARY KEY,
     at_ms INTEGER NOT NULL
@@ -579,11 +585,27 @@ def _plus(st: BucketState, amount: Decimal, tokens: int) -> BucketState:
     )
 
 
+def _settle_interrupted(
+    conn: sqlite3.Connection, request_id: str, bucket_ids: Sequence[str], what: IfInterrupted, now_ms: int
+) -> None:
+    """Charge a dead process's reservation its estimated input, and log it as interrupted."""
+    cur = conn.execute("INSERT OR IGNORE INTO settled (request_id, at_ms) VALUES (?, ?)", (request_id, now_ms))
+    if cur.rowcount == 0:
+        return
+    nanos = spend_nanos(what.row.cost)
+    conn.executemany(
+        "UPDATE buckets SET spent_nanos = spent_nanos + ?, tokens = tokens + ?, requests = requests + 1 WHERE id = ?",
+        [(nanos, what.tokens, bid) for bid in bucket_ids],
+    )
+    insert_spend_row(conn, request_id, what.row)
+
+
 class SqliteLedger:
     """Budget counters, reservations and the spend log in one SQLite file."""
 
     def __init__(self, db: SqliteDb) -> None:
         self.db = db
+        self.interrupted = 0
 
     @classmethod
     async def open(cls, path: str | Path, busy_timeout_seconds: float = 30.0) -> SqliteLedger:
@@ -594,9 +616,11 @@ class SqliteLedger:
     # -- reserve ---------------------------------------------------------------------
 
     async def reserve(
-        self, request_id: str, charges: Sequence[Charge], lease_seconds: float, now: datetime
+        self, request_id: str, charges: Sequence[Charge], lease_seconds: float, now: datetime,
+        if_interrupted: IfInterrupted | None = None,
     ) -> ReserveResult:
         _check_charges(charges)
+        interrupted_json = if_interrupted.to_json() if if_interrupted is not None else None
         now_ms = epoch_ms(now)
         lease_until = now_ms + int(lease_seconds * 1000)
         # Amounts as the ledger stores them, so checks and records agree to the nano.
@@ -631,6 +655,10 @@ class SqliteLedger:
                     (request_id, c.bucket.id, nanos, c.tokens, lease_until),
                 )
                 states[c.bucket.id] = _plus(states[c.bucket.id], from_nanos(nanos), c.tokens)
+            if interrupted_json is not None and quantized:
+                conn.execute(
+                    "INSERT INTO if_interrupted (request_id, json) VALUES (?, ?)", (request_id, interrupted_json)
+                )
             return ReserveResult(True, states)
 
         return await self.db.transact(body)
@@ -670,6 +698,7 @@ class SqliteLedger:
                 before, after = counted
                 out.append(Settled(c.bucket.id, from_nanos(before), from_nanos(after)))
             conn.execute("DELETE FROM reservations WHERE request_id = ?", (request_id,))
+            conn.execute("DELETE FROM if_interrupted WHERE request_id = ?", (request_id,))
             if spend_row is not None:
                 insert_spend_row(conn, request_id, spend_row)
             return out
@@ -678,6 +707,7 @@ class SqliteLedger:
 
     async def release(self, request_id: str, now: datetime) -> bool:
         def body(conn: sqlite3.Connection) -> bool:
+            conn.execute("DELETE FROM if_interrupted WHERE request_id = ?", (request_id,))
             cur = conn.execute("DELETE FROM reservations WHERE request_id = ?", (request_id,))
             return cur.rowcount > 0
 
@@ -689,6 +719,7 @@ class SqliteLedger:
         def body(conn: sqlite3.Connection) -> bool:
             # The settled marker makes a later reserve of this id a duplicate, refused.
             conn.execute("INSERT OR IGNORE INTO settled (request_id, at_ms) VALUES (?, ?)", (request_id, now_ms))
+            conn.execute("DELETE FROM if_interrupted WHERE request_id = ?", (request_id,))
             return conn.execute("DELETE FROM reservations WHERE request_id = ?", (request_id,)).rowcount > 0
 
         return await self.db.run(lambda conn: transaction(conn, body))
@@ -719,15 +750,28 @@ class SqliteLedger:
         Also forgets settled markers older than a week (the idempotency window)."""
         now_ms = epoch_ms(now)
 
-        def body(conn: sqlite3.Connection) -> int:
-            (count,) = conn.execute(
-                "SELECT COUNT(DISTINCT request_id) FROM reservations WHERE lease_until_ms <= ?", (now_ms,)
-            ).fetchone()
+        def body(conn: sqlite3.Connection) -> tuple[int, int]:
+            dead = conn.execute(
+                "SELECT r.request_id, r.bucket_id, i.json FROM reservations AS r "
+                "LEFT JOIN if_interrupted AS i ON i.request_id = r.request_id WHERE r.lease_until_ms <= ?",
+                (now_ms,),
+            ).fetchall()
+            by_request: dict[str, tuple[list[str], str | None]] = {}
+            for rid, bid, text in dead:
+                by_request.setdefault(rid, ([], text))[0].append(bid)
+            interrupted = 0
+            for rid, (bids, text) in by_request.items():
+                if text is not None:
+                    _settle_interrupted(conn, rid, bids, IfInterrupted.from_json(text), now_ms)
+                    interrupted += 1
             conn.execute("DELETE FROM reservations WHERE lease_until_ms <= ?", (now_ms,))
+            conn.executemany("DELETE FROM if_interrupted WHERE request_id = ?", [(rid,) for rid in by_request])
             conn.execute("DELETE FROM settled WHERE at_ms < ?", (now_ms - SETTLED_RETENTION_MS,))
-            return int(count)
+            return len(by_request), interrupted
 
-        return await self.db.run(lambda conn: transaction(conn, body))
+        count, interrupted = await self.db.run(lambda conn: transaction(conn, body))
+        self.interrupted += interrupted
+        return count
 
     # -- reading ---------------------------------------------------------------------
 

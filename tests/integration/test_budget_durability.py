@@ -41,6 +41,9 @@ class Db:
     def logged(self) -> set[str]:
         return {str(r[0]) for r in self.query("SELECT request_id FROM spend_log")}
 
+    def outcomes(self) -> dict[str, int]:
+        return {str(o): int(n) for o, n in self.query("SELECT outcome, COUNT(*) FROM spend_log GROUP BY outcome")}
+
     def reservations(self) -> int:
         return int(self.query("SELECT COUNT(*) FROM reservations")[0][0])
 
@@ -113,7 +116,10 @@ async def test_restart_keeps_spend_and_open_reservations_until_the_lease_frees_t
             third.stop()
     assert lease - 1 < freed_after < lease + 3.5
     assert db.spent() == 3 * COST and db.logged_cost() == 3 * COST
-    assert "released 1 reservations whose lease had expired" in log.read_text()
+    # The dead instance's request is in the spend log as interrupted, at its estimated input
+    # (free here), not silently gone.
+    assert db.outcomes() == {"ok": 3, "interrupted": 1}
+    assert "1 reservations outlived their process (lease expired); 1 settled as interrupted" in log.read_text()
     print(f"restart: reservation still held {restarted_after:.2f} s after kill -9 (restart), "
           f"freed {freed_after:.2f} s after the kill (lease {lease:.0f} s)")
 
@@ -162,6 +168,7 @@ async def test_kill_9_mid_traffic_loses_no_settled_request_and_leaves_no_stuck_r
             proxy.kill()
 
         left_at_restart = db.reservations()
+        left_at_restart_requests = int(db.query("SELECT COUNT(DISTINCT request_id) FROM reservations")[0][0])
         restarted = await start_tollgate(cfg, log)
         try:
             freed_in = await wait_until(lambda: db.reservations() == 0, "expired leases swept", lease + 5)
@@ -186,5 +193,8 @@ async def test_kill_9_mid_traffic_loses_no_settled_request_and_leaves_no_stuck_r
     assert not unlogged_completed
     assert completed_at_kill <= logged
     # The ledger agrees with itself: bucket spend is the sum of the log, nothing reserved.
-    assert db.spent() == db.logged_cost() == len(logged) * COST
+    outcomes = db.outcomes()
+    assert db.spent() == db.logged_cost() == outcomes["ok"] * COST
+    # Each request the kill cut off is logged as interrupted once its lease ran out.
+    assert outcomes.get("interrupted", 0) == left_at_restart_requests
     assert db.reservations() == 0

@@ -33,6 +33,7 @@ from tests.integration.test_ledger_sqlite import (  # noqa: F401 - collected her
     one,
     row,
     rule,
+    test_contract_a_dead_processs_reservation_is_settled_as_interrupted,
     test_contract_admit_and_reserve_clamps_then_refuses,
     test_contract_all_or_nothing_across_buckets,
     test_contract_an_abandoned_reservation_is_gone_and_cannot_come_back,

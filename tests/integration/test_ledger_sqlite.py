@@ -32,7 +32,7 @@ from proxy.budgets import (
     charges,
     threshold_crossed,
 )
-from proxy.ledger import DuplicateReservation, Ledger, SpendRow, admit_and_reserve, open_ledger
+from proxy.ledger import DuplicateReservation, IfInterrupted, Ledger, SpendRow, admit_and_reserve, open_ledger
 from proxy.ledger.sqlite import OPEN_BUCKETS_SQL, SqliteLedger
 from proxy.usage import Usage
 
@@ -209,6 +209,35 @@ async def test_contract_an_abandoned_reservation_is_gone_and_cannot_come_back(ma
     with pytest.raises(DuplicateReservation):
         await ledger.reserve("late", [Charge(b, D("0.4"))], LEASE, NOW)
     assert (await ledger.state([b], NOW))[b.id] == BucketState()
+
+
+async def test_contract_a_dead_processs_reservation_is_settled_as_interrupted(make_ledger: MakeLedger) -> None:
+    """A lease that runs out means the process died with the request in flight: the
+    reservation is settled at the estimated input it was made with, and logged as such."""
+    ledger = await make_ledger()
+    b = one(rule(limit_usd="1"))
+
+    def what(request_id: str) -> IfInterrupted:
+        return IfInterrupted(SpendRow(
+            time=NOW, request_id=request_id, key="k1", user="alice", model="gpt-4o-mini", upstream="openai",
+            endpoint="chat.completions", input_tokens=100, input_source="estimated", cost=D("0.0003"),
+            outcome="interrupted",
+        ), 100)
+
+    await ledger.reserve("dead:1", [Charge(b, D("0.5"), 600)], LEASE, NOW, what("dead"))
+    await ledger.reserve("done:1", [Charge(b, D("0.2"), 50)], LEASE, NOW, what("done"))
+    await ledger.reserve("gone:1", [Charge(b, D("0.2"), 50)], LEASE, NOW, what("gone"))
+    await ledger.settle("done:1", [Charge(b, D("0.1"), 40)], row("done", cost="0.1"), NOW)
+    assert await ledger.release("gone:1", NOW) is True
+    before = ledger.interrupted
+    assert await ledger.expire(NOW + timedelta(seconds=LEASE)) == 1
+    assert ledger.interrupted - before == 1
+    assert (await ledger.state([b], NOW))[b.id] == BucketState(spent=D("0.1003"), tokens=140, requests=2)
+    report = await ledger.spend_report(NOW - timedelta(days=1), NOW + timedelta(days=1), [])
+    assert [(r["requests"], r["cost"]) for r in report] == [(2, D("0.1003"))]
+    # Settled once: a late settle of the same id charges nothing, a later sweep finds nothing.
+    assert await ledger.settle("dead:1", [Charge(b, D("0.4"))], row("dead", cost="0.4"), NOW) == []
+    assert await ledger.expire(NOW + timedelta(seconds=2 * LEASE)) == 0 and ledger.interrupted - before == 1
 
 
 async def test_contract_duplicate_reserve_is_an_error(make_ledger: MakeLedger) -> None:
