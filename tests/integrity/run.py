@@ -35,6 +35,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -53,6 +54,7 @@ from aiohttp import web
 
 from proxy.budgets import from_nanos
 from tests.support.procs import free_port, stop_process, wait_started
+from tests.support.redis_server import real_clock_env
 from tests.support.tollgate_process import Tollgate, start_tollgate
 
 # About a third of what the traffic asks for: the budget runs out while the faults hit.
@@ -191,9 +193,8 @@ class DurableRedis:
         self.proc = subprocess.Popen(
             [exe, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir), "--save", "",
              "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=real_clock_env(),
         )
-        import socket
 
         def ping() -> bool:
             try:

@@ -23,7 +23,7 @@ from tests.support.procs import free_port, stop_process, wait_started
 STARTUP_TIMEOUT_S = 10.0
 
 
-def _real_clock_env() -> dict[str, str]:
+def real_clock_env() -> dict[str, str]:
     """The environment without libfaketime, which redis-server cannot start under.
 
     scripts/test reruns the suite under `faketime` to catch tests that mix a fixed instant
@@ -86,7 +86,7 @@ class RedisServer:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env=_real_clock_env(),
+            env=real_clock_env(),
         )
         started = wait_started(self.process, lambda: _ping(self.port), STARTUP_TIMEOUT_S, interval=0.02)
         if started == "ready":
