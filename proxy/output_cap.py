@@ -47,11 +47,6 @@ class OutputCap:
     outputs: int  # choices times prompts
     unlimited: bool = False  # the client asked llama.cpp for no cap (-1)
 
-    @property
-    def given(self) -> bool:
-        """Whether the client set the cap itself (to a number or to unlimited)."""
-        return self.per_output is not None or self.unlimited
-
 
 def output_cap_of(endpoint: str, upstream_kind: str, payload: Mapping[str, Any]) -> OutputCap | None:
     """The output cap of a request to `endpoint` on an upstream of `upstream_kind`; None for
