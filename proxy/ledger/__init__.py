@@ -34,6 +34,7 @@ async def open_ledger(settings: LedgerSettings, now: datetime | None = None) -> 
         ledger = await RedisLedger.open(
             settings.redis_url, settings.path, settings.key_prefix,
             settings.busy_timeout_seconds, settings.redis_max_connections,
+            pending_grace_seconds=settings.lease_seconds,
         )
     else:
         from proxy.ledger.sqlite import SqliteLedger

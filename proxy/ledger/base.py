@@ -118,6 +118,17 @@ class SpendRow:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["time"], d["cost"] = self.time.isoformat(), str(self.cost)
+        return json.dumps(d, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> SpendRow:
+        d = json.loads(text)
+        d["time"], d["cost"] = datetime.fromisoformat(d["time"]), Decimal(d["cost"])
+        return cls(**d)
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class IfInterrupted:
@@ -130,23 +141,12 @@ class IfInterrupted:
     tokens: int
 
     def to_json(self) -> str:
-        r = self.row
-        return json.dumps({
-            "time": r.time.isoformat(), "request_id": r.request_id, "key": r.key, "user": r.user,
-            "model": r.model, "upstream": r.upstream, "endpoint": r.endpoint,
-            "input_tokens": r.input_tokens, "cost": str(r.cost), "tokens": self.tokens,
-        }, separators=(",", ":"))
+        return f"{self.tokens}:{self.row.to_json()}"
 
     @classmethod
     def from_json(cls, text: str) -> IfInterrupted:
-        d = json.loads(text)
-        row = SpendRow(
-            time=datetime.fromisoformat(d["time"]), request_id=d["request_id"], key=d["key"],
-            user=d["user"], model=d["model"], upstream=d["upstream"], endpoint=d["endpoint"],
-            input_tokens=d["input_tokens"], input_source="estimated", cost=Decimal(d["cost"]),
-            outcome="interrupted",
-        )
-        return cls(row, int(d["tokens"]))
+        tokens, _, row = text.partition(":")
+        return cls(SpendRow.from_json(row), int(tokens))
 
 
 @runtime_checkable

@@ -12,6 +12,9 @@ derive per-request and per-bucket keys from ids, which Redis only allows with on
     P:r:<bucket>   hash  request id -> "nanos:tokens" reserved on this bucket
     P:q:<request>  hash  bucket id -> 1: where a request holds reservations
     P:d:<request>  str   settled marker (idempotent settle), kept a week
+    P:s:<request>  str   a settled request's spend row (JSON) until its instance wrote it
+    P:pending:<id> zset  request id -> when settled: rows not yet acknowledged as written
+                         to the spend log whose identity is <id>
     P:m:<request>  str   "nanos:tokens:json": what the request is settled at if its lease
                          runs out (IfInterrupted); gone once it is settled or released
     P:leases       zset  request id -> lease end: what `expire` sweeps
@@ -67,6 +70,12 @@ from proxy.ledger.sqlite import SpendLog, budget_row, epoch_ms
 BUCKET_EXPIRY_MARGIN_MS = 24 * 3600 * 1000
 SETTLED_RETENTION_MS = 7 * 24 * 3600 * 1000
 MIN_TTL_MS = 60 * 1000
+# A settled spend row not acknowledged for this long was left by a process of this spend
+# log that died before writing it; the process now holding that spend log writes it (a
+# row written after all is kept once, by its ledger id). The app passes its lease (the
+# same "that process is gone" as for reservations); acknowledgements go out every sweep.
+DEFAULT_PENDING_GRACE_S = 60.0
+MIN_PENDING_GRACE_S = 10.0
 EXPIRE_BATCH = 500
 # Every script runs in well under a millisecond; these only bound a dead or hung server.
 SOCKET_CONNECT_TIMEOUT_S = 2.0
@@ -188,16 +197,24 @@ if refused ~= 0 then ok = 0 end
 return {ok, refused, reason, flat}
 """
 
-# ARGV: P, rid, now, settled_marker_ttl_ms, n, then n x 6: bid, amount, tokens, window_end, ttl_ms, meta
+# ARGV: P, rid, now, settled_marker_ttl_ms, spend row JSON ('' for none), spend log identity,
+# n, then n x 6: bid, amount, tokens, window_end, ttl_ms, meta
+# The spend row waits in P:s:<rid> (listed in P:pending:<identity>) until the settling
+# instance has written it to its spend log and acknowledged it: a crash in between loses no
+# row, and the instance that reopens that spend log writes it (once: keyed by ledger id).
 _SETTLE = _COMMON + r"""
-local rid, now, dttl, n = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local rid, now, dttl, row, owner, n = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
 if not redis.call('SET', P .. ':d:' .. rid, now, 'NX', 'PX', dttl) then
   return {0, {}}
 end
 drop_request(rid)
+if row ~= '' then
+  redis.call('SET', P .. ':s:' .. rid, row, 'PX', dttl)
+  redis.call('ZADD', P .. ':pending:' .. owner, now, rid)
+end
 local after = {}
 for i = 1, n do
-  local b = 5 + (i - 1) * 6
+  local b = 7 + (i - 1) * 6
   local bid = ARGV[b + 1]
   local B = bkey(bid)
   after[i] = redis.call('HINCRBY', B, 'spent', ARGV[b + 2])
@@ -206,6 +223,32 @@ for i = 1, n do
   keep_until(bid, ARGV[b + 4], ARGV[b + 5], ARGV[b + 6])
 end
 return {1, after}
+"""
+
+# ARGV: P, identity, rid...: spend rows written to that spend log, no longer pending.
+_ACK = r"""
+for i = 3, #ARGV do
+  redis.call('DEL', ARGV[1] .. ':s:' .. ARGV[i])
+  redis.call('ZREM', ARGV[1] .. ':pending:' .. ARGV[2], ARGV[i])
+end
+return #ARGV - 2
+"""
+
+# ARGV: P, identity, pending_before_ms, batch -> {rid, row JSON, ...}: rows settled for this
+# spend log and not acknowledged as written (its process died in between), taken back.
+_CLAIM = r"""
+local P, pending = ARGV[1], ARGV[1] .. ':pending:' .. ARGV[2]
+local out = {}
+for _, rid in ipairs(redis.call('ZRANGEBYSCORE', pending, '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))) do
+  local row = redis.call('GET', P .. ':s:' .. rid)
+  if row then
+    out[#out + 1] = rid
+    out[#out + 1] = row
+  end
+  redis.call('DEL', P .. ':s:' .. rid)
+  redis.call('ZREM', pending, rid)
+end
+return out
 """
 
 # ARGV: P, rid
@@ -314,7 +357,11 @@ def _opt(value: int | None) -> str:
 
 
 class RedisLedger:
-    def __init__(self, client: aioredis.Redis, spend_log: SpendLog, key_prefix: str = "tollgate") -> None:
+    def __init__(
+        self, client: aioredis.Redis, spend_log: SpendLog, key_prefix: str = "tollgate",
+        pending_grace_seconds: float = DEFAULT_PENDING_GRACE_S,
+    ) -> None:
+        self.pending_grace_ms = int(max(pending_grace_seconds, MIN_PENDING_GRACE_S) * 1000)
         self.client = client
         self.spend_log = spend_log
         self.prefix = "{" + key_prefix + "}"
@@ -324,6 +371,13 @@ class RedisLedger:
         self._expire = client.register_script(_EXPIRE)
         self._renew = client.register_script(_RENEW)
         self._abandon = client.register_script(_ABANDON)
+        self._ack = client.register_script(_ACK)
+        self._claim = client.register_script(_CLAIM)
+        # Settlements whose spend row this instance wrote locally: acknowledged to Redis in
+        # one batch by the next sweep (expire), not one more round trip per request.
+        self._written: list[str] = []
+        # Spend rows this instance took over from instances that died before writing them.
+        self.recovered = 0
         self._state_script = client.register_script(_STATE)
         self.interrupted = 0
         # Request ids this instance holds reservations for: a settle with no charges for
@@ -334,6 +388,7 @@ class RedisLedger:
     async def open(
         cls, url: str, spend_log_path: str | Path, key_prefix: str = "tollgate",
         busy_timeout_seconds: float = 30.0, max_connections: int = 32,
+        pending_grace_seconds: float = DEFAULT_PENDING_GRACE_S,
     ) -> RedisLedger:
         # A bounded pool that waits for a free connection: a burst of requests queues on
         # it (each script is sub-millisecond) instead of opening a connection per request.
@@ -350,7 +405,7 @@ class RedisLedger:
             await client.aclose()
             raise LedgerError(f"cannot reach Redis at {url}: {exc}") from exc
         spend_log = await SpendLog.open(spend_log_path, busy_timeout_seconds)
-        return cls(client, spend_log, key_prefix)
+        return cls(client, spend_log, key_prefix, pending_grace_seconds)
 
     async def _call(self, script: Any, args: list[Any]) -> Any:
         try:
@@ -408,7 +463,8 @@ class RedisLedger:
         if len(set(ids)) != len(ids):
             raise ValueError("charges must name each bucket at most once")
         now_ms = epoch_ms(now)
-        args: list[Any] = [request_id, now_ms, SETTLED_RETENTION_MS, len(actual)]
+        row_json = "" if spend_row is None else spend_row.to_json()
+        args: list[Any] = [request_id, now_ms, SETTLED_RETENTION_MS, row_json, self.spend_log.identity, len(actual)]
         nanos = []
         for c in actual:
             n = spend_nanos(c.amount)
@@ -419,6 +475,7 @@ class RedisLedger:
             return []
         if spend_row is not None:
             await self.spend_log.write(request_id, spend_row)
+            self._written.append(request_id)
         return [
             Settled(bid, from_nanos(int(a) - n), from_nanos(int(a)))
             for bid, a, n in zip(ids, after, nanos, strict=True)
@@ -443,6 +500,21 @@ class RedisLedger:
         return renewed
 
     async def expire(self, now: datetime) -> int:
+        """Also: acknowledge the spend rows written since the last sweep, and write into this
+        instance's spend log any row another instance settled but never acknowledged."""
+        while self._written:
+            batch, self._written = self._written[:EXPIRE_BATCH], self._written[EXPIRE_BATCH:]
+            try:
+                await self._call(self._ack, [self.spend_log.identity, *batch])
+            except LedgerError:
+                self._written[:0] = batch
+                raise
+        orphans = await self._call(
+            self._claim, [self.spend_log.identity, epoch_ms(now) - self.pending_grace_ms, EXPIRE_BATCH]
+        )
+        for rid, text in zip(orphans[0::2], orphans[1::2], strict=True):
+            await self.spend_log.write(rid, SpendRow.from_json(text))
+            self.recovered += 1
         total = 0
         # Bounded: each round removes up to a batch; a full batch means there may be more.
         for _ in range(1000):

@@ -27,6 +27,7 @@ import asyncio
 import functools
 import logging
 import sqlite3
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -89,6 +90,13 @@ CREATE TABLE IF NOT EXISTS spend_log (
     status INTEGER
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS spend_log_time ON spend_log(time);
+-- This file's identity, made once: with Redis, the spend rows an instance settled but had not
+-- yet acknowledged as written are recovered only into the same file, where a row that was
+-- written after all is recognised by its ledger id.
+CREATE TABLE IF NOT EXISTS spend_log_identity (
+    only INTEGER PRIMARY KEY CHECK (only = 1),
+    id TEXT NOT NULL
+);
 """
 
 _LEDGER_SCHEMA = """
@@ -482,14 +490,20 @@ def query_spend(
 class SpendLog:
     """Just the spend log: the local SQLite copy kept beside a Redis ledger."""
 
-    def __init__(self, db: SqliteDb) -> None:
+    def __init__(self, db: SqliteDb, identity: str) -> None:
         self.db = db
+        self.identity = identity
 
     @classmethod
     async def open(cls, path: str | Path, busy_timeout_seconds: float = 30.0) -> SpendLog:
         db = SqliteDb(path, busy_timeout_seconds)
         await db.run(lambda c: _init_schema(c, _SPEND_LOG_SCHEMA))
-        return cls(db)
+
+        def identity(conn: sqlite3.Connection) -> str:
+            conn.execute("INSERT OR IGNORE INTO spend_log_identity (only, id) VALUES (1, ?)", (uuid.uuid4().hex,))
+            return str(conn.execute("SELECT id FROM spend_log_identity").fetchone()[0])
+
+        return cls(db, await db.run(lambda c: transaction(c, identity)))
 
     async def write(self, ledger_id: str, row: SpendRow) -> bool:
         """Insert the row unless settlement `ledger_id` wrote it already; True if inserted."""

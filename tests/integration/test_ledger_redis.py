@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.budgets import BucketState, Charge, LedgerSettings, charges
-from proxy.ledger import Ledger, LedgerError, open_ledger
+from proxy.ledger import Ledger, LedgerError, SpendRow, open_ledger
 from proxy.ledger.redis import SETTLED_RETENTION_MS, RedisLedger
 from tests.integration.test_ledger_sqlite import (  # noqa: F401 - collected here with redis fixtures
     LEASE,
@@ -273,3 +273,48 @@ async def test_finished_windows_leave_the_report_index(
         assert await ledger.budget_report(tomorrow) == []
     finally:
         await client.aclose()
+
+
+async def test_a_spend_row_settled_in_redis_survives_its_instance_dying_before_writing_it(
+    redis_server: RedisServer, make_ledger: MakeLedger, prefix: str, tmp_path: Path
+) -> None:
+    """The settle script charges the budget in Redis; the row goes to the instance's local
+    spend log just after. An instance killed in between must not leave the budget charged
+    and the spend log without the row: the row waits in Redis until acknowledged, and the
+    instance restarted on that spend log writes it, once. Another instance's spend log never
+    takes it (it could not tell a row written just before the kill)."""
+    spend_log = tmp_path / "dying.db"
+    dying = await RedisLedger.open(redis_server.url, spend_log, prefix)
+    other = await make_ledger()
+    b = one(rule(limit_usd="1"))
+    for rid in ("lost", "kept", "written"):
+        await dying.reserve(rid, [Charge(b, D("0.2"))], LEASE, NOW)
+    await dying.settle("kept", [Charge(b, D("0.1"))], row("kept", cost="0.1"), NOW)
+    await dying.expire(NOW)  # acknowledges "kept"
+    await dying.settle("written", [Charge(b, D("0.2"))], row("written", cost="0.2"), NOW)  # not yet acknowledged
+
+    async def killed(ledger_id: str, spend_row: SpendRow) -> bool:
+        raise RuntimeError("kill -9 between the Redis settle and the local write")
+
+    dying.spend_log.write = killed  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        await dying.settle("lost", [Charge(b, D("0.3"))], row("lost", cost="0.3"), NOW)
+    await dying.client.aclose()  # the process is gone, acknowledging nothing more
+
+    assert isinstance(other, RedisLedger)
+    await other.expire(NOW + timedelta(seconds=120))
+    assert other.recovered == 0
+    restarted = await RedisLedger.open(redis_server.url, spend_log, prefix)
+    try:
+        await restarted.expire(NOW + timedelta(seconds=30))  # within the grace: still settling?
+        assert restarted.recovered == 0
+        await restarted.expire(NOW + timedelta(seconds=61))
+        assert restarted.recovered == 2  # "lost", and "written" again: kept once
+        window = (NOW - timedelta(days=1), NOW + timedelta(days=1))
+        assert [(r["requests"], r["cost"]) for r in await restarted.spend_report(*window, [])] == [(3, D("0.6"))]
+        assert (await restarted.state([b], NOW))[b.id].spent == D("0.6")
+        await restarted.expire(NOW + timedelta(seconds=120))
+        assert restarted.recovered == 2
+    finally:
+        await restarted.close()
+        await dying.spend_log.close()
