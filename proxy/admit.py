@@ -26,8 +26,9 @@ from proxy.budgets import (
     ClampInput,
     buckets_for,
     budget_headers,
-    quantize_up,
     clamp_header,
+    how_to_fit,
+    quantize_up,
     refusal_message,
 )
 from proxy.errors import (
@@ -241,6 +242,12 @@ async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[st
             amount=decision.amount, tokens=decision.tokens,
         )
         refusal_headers = {"x-tollgate-budget-name": decision.refused.name}
+        if decision.reason in (None, "usd"):
+            sentence, fit_headers = how_to_fit(
+                decision.refused, decision.refused_state, amount, clamp, oc.field if oc is not None else "max_tokens"
+            )
+            message += sentence
+            refusal_headers.update(fit_headers)
         if retry_after is not None:
             refusal_headers["retry-after"] = str(retry_after)
         ex.extra["budget_verdict"] = f"refused:{decision.refused.name}"

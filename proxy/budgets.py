@@ -40,6 +40,9 @@ HEADER_NAME = "x-tollgate-budget-name"
 HEADER_REMAINING = "x-tollgate-budget-remaining"
 HEADER_RESET = "x-tollgate-budget-reset"
 HEADER_CLAMPED = "x-tollgate-budget-clamped"
+# On a 429: what the request would have reserved, and the largest output cap that fits now.
+HEADER_RESERVED = "x-tollgate-budget-reserved"
+HEADER_FITS = "x-tollgate-budget-fits-max-tokens"
 
 # Budget names become metric labels, ledger keys and parts of bucket ids.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
@@ -475,6 +478,25 @@ def _max_cap(bucket: Bucket, state: BucketState, clamp: ClampInput) -> int:
         room_t = bucket.limit_tokens - state.tokens - state.reserved_tokens - clamp.input_tokens
         cap = min(cap, room_t // clamp.outputs if room_t >= 0 else -1)
     return cap
+
+
+def how_to_fit(
+    bucket: Bucket, state: BucketState, amount: Decimal, clamp: ClampInput | None, cap_field: str
+) -> tuple[str, dict[str, str]]:
+    """What a refused request would have reserved, and the output cap that fits now: a
+    sentence for the 429's message and its headers. A request with no cap is reserved at
+    the assumed one, which is often what a client does not know it asked for."""
+    headers = {HEADER_RESERVED: f"{quantize_up(amount):f}"}
+    sentence = f" This request reserves up to {format_usd(amount)}"
+    if clamp is None:
+        return sentence + ".", headers
+    outputs = f"{clamp.outputs} x " if clamp.outputs > 1 else ""
+    sentence += f" (its prompt, and {outputs}{clamp.output_cap} output tokens)"
+    fits = _max_cap(bucket, state, clamp)
+    if fits >= 1:
+        headers[HEADER_FITS] = str(fits)
+        return f"{sentence}; with {cap_field} at most {fits} it fits this budget now.", headers
+    return f"{sentence}; not even its prompt fits this budget now.", headers
 
 
 def _state(states: Mapping[str, BucketState], bucket: Bucket) -> BucketState:

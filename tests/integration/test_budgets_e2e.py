@@ -277,10 +277,14 @@ async def test_refusal_is_a_429_budget_exceeded_naming_budget_spend_limit_and_re
     assert err["type"] == "budget_exceeded" and err["code"] == "budget_exceeded"
     assert err["message"] == (
         "Budget 'daily-cap' exceeded: $0.006 spent of the $0.01 limit. "
-        "It resets at 2025-06-16T00:00:00Z (in 4 hours)."
+        "It resets at 2025-06-16T00:00:00Z (in 4 hours). "
+        "This request reserves up to $0.005 (its prompt, and 5 output tokens); "
+        "with max_tokens at most 4 it fits this budget now."
     )
     assert headers["retry-after"] == "14400"  # 4 h to midnight UTC
     assert headers["x-tollgate-budget-name"] == "daily-cap"
+    assert headers["x-tollgate-budget-reserved"] == "0.005000000"
+    assert headers["x-tollgate-budget-fits-max-tokens"] == "4"
 
     with pytest.raises(openai.RateLimitError) as refused:
         await client.chat.completions.create(**ask(5))
@@ -762,4 +766,22 @@ async def test_a_request_outliving_its_lease_keeps_its_reservation(
     report = await settled(proxy, 1)
     assert report[0]["spent"] == D("0.008")
     status, _, _ = await post(proxy, ask(2))
+    assert status == 200
+
+
+async def test_a_request_without_max_tokens_learns_what_was_assumed_and_what_fits(
+    start_proxy: StartProxy, fake_openai: FakeUpstream
+) -> None:
+    """No cap: reserved at default_max_tokens (4096 here, $4.096 at $0.001 a token), which a
+    client did not know it asked for. The 429 says so, and the cap that would fit."""
+    fake_openai.route("POST", "/v1/chat/completions", echo_cap)
+    proxy = await start_proxy(config(fake_openai.api_base, extra=budget_yaml(DOLLAR)))
+    status, body, headers = await post(proxy, ask())
+    assert status == 429
+    message = body["error"]["message"]
+    assert "$0.00 spent of the $1.00 limit" in message
+    assert "This request reserves up to $4.096 (its prompt, and 4096 output tokens)" in message
+    assert "with max_completion_tokens at most 1000 it fits this budget now" in message
+    assert headers["x-tollgate-budget-fits-max-tokens"] == "1000"
+    status, _, _ = await post(proxy, {**ask(), "max_completion_tokens": 1000})
     assert status == 200
