@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 DEFAULT_CONFIG = "config/tollgate.yaml"
@@ -73,10 +75,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _version() -> str:
+    try:
+        return metadata.version("tollgate")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole CLI, or, when `command` is serve or check-config, just those two: the other
     commands' modules cost `tollgate serve` ~15 ms of its start for nothing."""
     parser = argparse.ArgumentParser(prog="tollgate", description="A measuring OpenAI-compatible proxy.")
+    parser.add_argument("--version", action="version", version=f"tollgate {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy")
@@ -92,7 +102,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
-    check.add_argument("config", type=Path)
+    check.add_argument(
+        "config", type=Path, nargs="?", default=Path(DEFAULT_CONFIG), help=f"YAML config file (default: {DEFAULT_CONFIG})"
+    )
     check.set_defaults(func=cmd_check_config)
     if command in ("serve", "check-config"):
         return parser
@@ -119,7 +131,16 @@ def main(argv: list[str] | None = None) -> int:
         # start-up left (see serve.serve).
         gc.disable()
         return cmd_serve(args, started_at)
-    return int(args.func(args))
+    try:
+        code = int(args.func(args))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`tollgate budgets --json | head`): not an error of ours, and
+        # no traceback. Python would fail once more flushing stdout at exit: point it at
+        # /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return code
 
 
 if __name__ == "__main__":

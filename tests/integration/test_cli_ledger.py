@@ -190,3 +190,19 @@ def test_cli_as_a_subprocess(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )
     assert hashed.returncode == 0 and hashed.stdout.strip() == hash_key("tg-x")
+
+
+def test_version_default_config_and_a_closed_pipe(tmp_path: Path) -> None:
+    version = subprocess.run([sys.executable, "-m", "proxy", "--version"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("tollgate 0.")
+    # check-config with no argument checks the documented default, as its header says.
+    checked = subprocess.run([sys.executable, "-m", "proxy", "check-config"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 and checked.stdout.startswith("config/tollgate.yaml: ok"), checked.stderr
+    # A reader that stops early (`| head -c 1`) ends the output quietly.
+    cfg = write_config(tmp_path)
+    seed(cfg)
+    piped = subprocess.run(
+        f"{sys.executable} -m proxy budgets --config {cfg} --json | head -c 1",
+        shell=True, cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert piped.stdout == "{" and "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr, piped.stderr
