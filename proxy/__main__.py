@@ -27,17 +27,17 @@ def cmd_serve(args: argparse.Namespace, started_at: float) -> int:
     from proxy.errors import ConfigError
     from proxy.settings import Settings, load_settings
 
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     try:
         settings = load_settings(args.config)
-    except ConfigError as exc:
+        if overrides:
+            # Validated again rather than model_copy'd: settings keep derived lookup tables.
+            data = settings.model_dump()
+            data["server"] = {**data["server"], **overrides}
+            settings = Settings.model_validate(data)
+    except ConfigError as exc:  # --host 0.0.0.0 can make a valid file unsafe to serve
         print(exc, file=sys.stderr)
         return 2
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    if overrides:
-        # Validated again rather than model_copy'd: settings keep derived lookup tables.
-        data = settings.model_dump()
-        data["server"] = {**data["server"], **overrides}
-        settings = Settings.model_validate(data)
     _configure_logging(settings.logging.level)
     import asyncio
 

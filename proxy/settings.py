@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import ipaddress
 import os
 import re
 import types
@@ -64,6 +65,7 @@ __all__ = [
     "Timeouts",
     "Upstream",
     "is_glob",
+    "is_loopback",
     "load_settings",
     "parse_settings",
 ]
@@ -141,7 +143,30 @@ def _empty_secret_is_none(value: Any) -> Any:
     return value
 
 
+def _strict_bool(value: Any) -> Any:
+    # A switch that opens the proxy to anyone must mean exactly what it says: YAML's true or
+    # false, or the same words from `${VAR}` (interpolation yields strings); never 1, "yes"
+    # or "on", which pydantic would otherwise read as true.
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{value!r} must be true or false")
+
+
+def is_loopback(host: str) -> bool:
+    """True when only this machine can reach `host`: localhost or a loopback address."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # any other name may resolve to a public interface
+
+
 Port = Annotated[int, AfterValidator(_check_port)]
+StrictBool = Annotated[bool, BeforeValidator(_strict_bool)]
 Host = Annotated[str, AfterValidator(_check_non_empty)]
 Seconds = Annotated[float, Field(gt=0)]
 Count = Annotated[int, Field(gt=0)]
@@ -182,6 +207,10 @@ class ServerSettings(_Section):
     port: Port = 8080
     max_body_bytes: Count = 20 * 1024 * 1024
     request_id_header: HeaderName = "x-request-id"
+    # Serve clients that present no virtual key on a non-loopback host while an upstream has
+    # Tollgate's own api_key: anyone who can reach the port spends that key. Off, such a
+    # config does not start (see Settings._anonymous_exposure).
+    allow_anonymous: StrictBool = False
 
     @field_validator("request_id_header")
     @classmethod
@@ -535,11 +564,36 @@ class Settings(_Section):
                 known = ", ".join(sorted(key_names)) or "none configured"
                 problems.append(f"budgets[{i}].scope.key: {key!r} is not a configured key (have: {known})")
 
+        exposure = self._anonymous_exposure()
+        if exposure is not None:
+            problems.append(exposure)
+
         m, s = self.metrics, self.server
         same_host = m.host == s.host or m.host in _WILDCARD_HOSTS or s.host in _WILDCARD_HOSTS
         if m.enabled and m.port != 0 and m.port == s.port and same_host:
             problems.append(f"metrics.port: {m.port} is also server.port on host {m.host!r}")
         return problems
+
+    def _anonymous_exposure(self) -> str | None:
+        """Why this config would hand an upstream key to whoever reaches the port, or None.
+
+        With no `keys:`, Tollgate authenticates nobody, and an upstream with its own
+        api_key gets that key instead of the client's: on an address other machines can
+        reach, that is the operator's key for anyone. It takes `server.allow_anonymous:
+        true` to say that is intended (another layer authenticates, the network is closed)."""
+        server = self.server
+        if self.keys or server.allow_anonymous or is_loopback(server.host):
+            return None
+        keyed = [name for name, u in self.upstreams.items() if u.api_key is not None]
+        if not keyed:
+            return None  # each client's own Authorization goes upstream: nothing of ours to spend
+        names = ", ".join(f"upstreams.{n}.api_key" for n in keyed)
+        return (
+            f"server.host: {server.host!r} is reachable from other machines, no keys: are "
+            f"configured, and {names} would be sent upstream for any client; add keys:, "
+            "listen on 127.0.0.1, or set server.allow_anonymous: true if something in front "
+            "authenticates clients"
+        )
 
     # ----------------------------------------------------------------------- lookups
 
