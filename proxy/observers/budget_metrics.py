@@ -1,8 +1,10 @@
 """Budget series for Prometheus: spent, limit, remaining and reset per budget rule.
 
-Labels are rule names only (bounded by the config). A per-user template rule has one
-bucket per user; its series aggregate them: spent is the sum over users, limit and
-remaining are per user (remaining: the least any user has left).
+Labels are rule names only (bounded by the config). A per-user or per-key template rule has
+one bucket per user or key; its series aggregate them: spent is the sum over them, limit and
+remaining are per bucket (remaining: the least any has left), and `bucket_spent_max` is the
+spend of the bucket that spent most. Compare a limit with `bucket_spent_max`, never with the
+sum: five users at 40% of a per-user limit have not spent 200% of anything.
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ class BudgetMetrics:
         self.spent = Gauge(
             "tollgate_budget_spent_usd",
             "Settled spend in the budget's current window, USD (per-user budgets: all users).",
+            ["budget"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.bucket_spent_max = Gauge(
+            "tollgate_budget_bucket_spent_max_usd",
+            "Settled spend of the budget's fullest bucket in its current window, USD (per-user "
+            "and per-key budgets: the user or key that spent most; else equal to spent): what "
+            "compares with tollgate_budget_limit_usd.",
             ["budget"],
             registry=registry,
             multiprocess_mode="mostrecent",
@@ -83,6 +94,8 @@ class BudgetMetrics:
             spent = sum((Decimal(r["spent"]) for r in mine), Decimal(0))
             reserved = sum((Decimal(r["reserved"]) for r in mine), Decimal(0))
             self.spent.labels(rule.name).set(float(spent))
+            fullest = max((Decimal(r["spent"]) for r in mine), default=Decimal(0))
+            self.bucket_spent_max.labels(rule.name).set(float(fullest))
             self.reserved.labels(rule.name).set(float(reserved))
             _, end = window(rule.period, now, rule.timezone)
             if end is not None:

@@ -702,6 +702,9 @@ async def test_budget_gauges_and_the_admin_endpoint(start_proxy: StartProxy, fak
     assert gauge(metrics, "tollgate_budget_limit_usd", "daily-cap") == 0.01
     assert gauge(metrics, "tollgate_budget_remaining_usd", "daily-cap") == pytest.approx(0.002)
     assert gauge(metrics, "tollgate_budget_spent_usd", "per-user") == 0.008  # summed over users
+    # What the per-user limit applies to: bob's $0.005, the most any one user spent.
+    assert gauge(metrics, "tollgate_budget_bucket_spent_max_usd", "per-user") == 0.005
+    assert gauge(metrics, "tollgate_budget_bucket_spent_max_usd", "daily-cap") == 0.008
     assert gauge(metrics, "tollgate_budget_remaining_usd", "per-user") == pytest.approx(0.005)  # bob's
     assert gauge(metrics, "tollgate_budget_reset_timestamp_seconds", "daily-cap") == datetime(
         2025, 6, 16, tzinfo=timezone.utc

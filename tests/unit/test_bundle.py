@@ -38,6 +38,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 BUDGET_METRICS = frozenset(
     {
         "tollgate_budget_spent_usd",
+        "tollgate_budget_bucket_spent_max_usd",
         "tollgate_budget_limit_usd",
         "tollgate_budget_remaining_usd",
         "tollgate_budget_reset_timestamp_seconds",
