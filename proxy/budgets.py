@@ -25,6 +25,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from proxy.globs import check_glob
+
 Period = Literal["hourly", "daily", "weekly", "monthly", "total"]
 Action = Literal["block", "warn"]
 OnExceed = Literal["refuse", "clamp"]
@@ -114,6 +116,11 @@ class BudgetScope(BaseModel):
         if value is not None and not value.strip():
             raise ValueError("must not be empty (leave it out to match everything)")
         return value
+
+    @field_validator("model")
+    @classmethod
+    def _glob(cls, value: str | None) -> str | None:
+        return check_glob(value) if value is not None else None
 
 
 class BudgetRule(BaseModel):

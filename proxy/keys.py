@@ -17,6 +17,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from proxy.globs import check_glob
+
 # Users end up in bucket ids and ledger keys; keep them bounded.
 MAX_USER_LENGTH = 256
 
@@ -26,7 +28,7 @@ class VirtualKey(BaseModel):
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
     key_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-    models: tuple[str, ...] | None = None  # allowed model globs; None = any model
+    models: tuple[Annotated[str, AfterValidator(check_glob)], ...] | None = None  # allowed model globs; None = any model
     metadata: dict[str, str] = {}
 
 

@@ -48,6 +48,7 @@ from pydantic import (
 
 from proxy.budgets import BudgetRules, LedgerSettings, WebhookSettings
 from proxy.errors import ConfigError
+from proxy.globs import check_glob
 from proxy.keys import VirtualKeys
 from proxy.pricing import usd_per_million
 
@@ -172,7 +173,7 @@ Seconds = Annotated[float, Field(gt=0)]
 Count = Annotated[int, Field(gt=0)]
 HeaderName = Annotated[str, AfterValidator(_check_header_name)]
 UpstreamName = Annotated[str, AfterValidator(_check_upstream_name)]
-Pattern = Annotated[str, AfterValidator(_check_non_empty)]
+Pattern = Annotated[str, AfterValidator(_check_non_empty), AfterValidator(check_glob)]
 Price = Annotated[Decimal, PlainValidator(usd_per_million)]
 Secret = Annotated[SecretStr | None, BeforeValidator(_empty_secret_is_none)]
 
@@ -383,6 +384,7 @@ class PassthroughSettings(_Section):
         for pattern in value:
             if not pattern.startswith("/v1/"):
                 raise ValueError(f"{pattern!r} must be a path under /v1/ (a glob such as /v1/files*)")
+            check_glob(pattern)
         return value
 
     def allows(self, path: str) -> str | None:
