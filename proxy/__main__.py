@@ -10,6 +10,10 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.settings import Override
 
 DEFAULT_CONFIG = "config/tollgate.yaml"
 log = logging.getLogger("tollgate")
@@ -23,19 +27,28 @@ def _configure_logging(level: str) -> None:
     )
 
 
+def _overrides(args: argparse.Namespace) -> tuple[Override, ...]:
+    from proxy.settings import OVERRIDABLE, collect_overrides
+
+    flags = {flag: getattr(args, flag[2:].replace("-", "_"), None) for _, flag, _ in OVERRIDABLE}
+    return collect_overrides(flags, os.environ)
+
+
+def _add_override_flags(parser: argparse.ArgumentParser) -> None:
+    from proxy.settings import OVERRIDABLE
+
+    for path, flag, variable in OVERRIDABLE:
+        parser.add_argument(flag, type=int if path.endswith(".port") else str, help=f"override {path} (also ${variable})")
+
+
 def cmd_serve(args: argparse.Namespace, started_at: float) -> int:
     from proxy.errors import ConfigError
-    from proxy.settings import Settings, load_settings
+    from proxy.settings import load_settings
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    overrides = _overrides(args)
     try:
-        settings = load_settings(args.config)
-        if overrides:
-            # Validated again rather than model_copy'd: settings keep derived lookup tables.
-            data = settings.model_dump()
-            data["server"] = {**data["server"], **overrides}
-            settings = Settings.model_validate(data)
-    except ConfigError as exc:  # --host 0.0.0.0 can make a valid file unsafe to serve
+        settings = load_settings(args.config, overrides=overrides)
+    except ConfigError as exc:  # also a flag or variable that makes a valid file unusable
         print(exc, file=sys.stderr)
         return 2
     _configure_logging(settings.logging.level)
@@ -56,7 +69,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from proxy.settings import load_settings
 
     try:
-        settings = load_settings(args.config)
+        # The variables too: check what `serve` would run here.
+        settings = load_settings(args.config, overrides=_overrides(args))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -91,8 +105,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", default=DEFAULT_CONFIG, type=Path, help="YAML config file")
-    serve.add_argument("--host", help="override server.host")
-    serve.add_argument("--port", type=int, help="override server.port")
+    _add_override_flags(serve)
     serve.add_argument(
         "--workers",
         type=_positive_int,

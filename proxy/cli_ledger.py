@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import csv
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import date, datetime, time, timedelta, timezone
@@ -31,7 +32,7 @@ from proxy.errors import ConfigError
 from proxy.keys import generate_key, hash_key
 from proxy.ledger import Ledger, LedgerError, open_ledger
 from proxy.ledger.base import GROUP_BY_FIELDS, check_group_by
-from proxy.settings import Settings, load_settings
+from proxy.settings import Settings, collect_overrides, load_settings
 
 DEFAULT_CONFIG = "config/tollgate.yaml"
 # The spend log's whole range when no dates are given.
@@ -127,7 +128,8 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 
 def _settings(path: Path) -> Settings | None:
     try:
-        return load_settings(path)
+        # The TOLLGATE_* variables serve obeys, so a report reads the ledger serve writes.
+        return load_settings(path, overrides=collect_overrides({}, os.environ))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return None

@@ -51,7 +51,7 @@ from types import FrameType
 
 from aiohttp import web
 
-from proxy.settings import Settings
+from proxy.settings import Override, Settings
 
 log = logging.getLogger("tollgate")
 
@@ -254,13 +254,13 @@ async def reload_config(app: web.Application, reload: Callable[[], Settings] | N
     return True
 
 
-def settings_loader(path: str | Path, overrides: Mapping[str, object] | None = None) -> Callable[[], Settings]:
-    """What `serve(reload=...)` wants: read `path` again, with the CLI's server overrides."""
+def settings_loader(path: str | Path, overrides: tuple[Override, ...] = ()) -> Callable[[], Settings]:
+    """What `serve(reload=...)` wants: read `path` again, with the flags and variables that
+    overrode it at start (the same ones: a reload reads the file, not the environment)."""
     from proxy.settings import load_settings
 
     def load() -> Settings:
-        settings = load_settings(path)
-        return _with_section(settings, "server", dict(overrides)) if overrides else settings
+        return load_settings(path, overrides=overrides)
 
     return load
 

@@ -56,6 +56,8 @@ __all__ = [
     "AdminSettings",
     "LoggingSettings",
     "MetricsSettings",
+    "OVERRIDABLE",
+    "Override",
     "ModelPrice",
     "Pricing",
     "ResolvedRoute",
@@ -65,6 +67,7 @@ __all__ = [
     "TimeoutOverrides",
     "Timeouts",
     "Upstream",
+    "collect_overrides",
     "is_glob",
     "is_loopback",
     "load_settings",
@@ -815,10 +818,66 @@ def _problems_from_validation_error(exc: ValidationError) -> list[str]:
     return [f"{_format_path(tuple(e['loc']))}: {_describe(e)}" for e in exc.errors()]
 
 
+# --------------------------------------------------------------------------- overrides
+
+# What a container sets without forking the YAML: (key path, command-line flag, variable).
+# A flag wins over its variable, and both over the file; an empty variable counts as unset.
+OVERRIDABLE: tuple[tuple[str, str, str], ...] = (
+    ("server.host", "--host", "TOLLGATE_HOST"),
+    ("server.port", "--port", "TOLLGATE_PORT"),
+    ("metrics.host", "--metrics-host", "TOLLGATE_METRICS_HOST"),
+    ("metrics.port", "--metrics-port", "TOLLGATE_METRICS_PORT"),
+    ("logging.level", "--log-level", "TOLLGATE_LOG_LEVEL"),
+    ("ledger.backend", "--ledger-backend", "TOLLGATE_LEDGER_BACKEND"),
+    ("ledger.path", "--ledger-path", "TOLLGATE_LEDGER_PATH"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    """One key set from outside the file, and where it came from (for error messages)."""
+
+    path: str
+    value: Any
+    origin: str
+
+
+def collect_overrides(flags: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Override, ...]:
+    """The overrides in effect: `flags` maps a flag (`--port`) to its value, None when not given."""
+    found: list[Override] = []
+    for path, flag, variable in OVERRIDABLE:
+        if flags.get(flag) is not None:
+            found.append(Override(path, flags[flag], flag))
+        elif env.get(variable, "").strip():
+            found.append(Override(path, env[variable].strip(), variable))
+    return tuple(found)
+
+
+def _apply_overrides(data: dict[str, Any], overrides: tuple[Override, ...]) -> dict[str, Any]:
+    for o in overrides:
+        section, key = o.path.split(".")
+        current = data.get(section)
+        data = {**data, section: {**(current if isinstance(current, dict) else {}), key: o.value}}
+    return data
+
+
+def _blame(problems: list[str], overrides: tuple[Override, ...]) -> list[str]:
+    """Say which flag or variable set a key a problem is about: it is not in the file."""
+    out = []
+    for problem in problems:
+        for o in overrides:
+            if problem.startswith(f"{o.path}:"):
+                problem += f" (set by {o.origin})"
+        out.append(problem)
+    return out
+
+
 # --------------------------------------------------------------------------- entry points
 
 
-def parse_settings(text: str, env: Mapping[str, str], source: str = "<string>") -> Settings:
+def parse_settings(
+    text: str, env: Mapping[str, str], source: str = "<string>", overrides: tuple[Override, ...] = ()
+) -> Settings:
     """Parse, interpolate and validate one YAML document.
 
     Raises ConfigError listing every problem found at the first stage that had any.
@@ -839,16 +898,19 @@ def parse_settings(text: str, env: Mapping[str, str], source: str = "<string>") 
     data = _interpolate(data, (), env, problems)
     if problems:
         raise ConfigError(problems, source)
+    data = _apply_overrides(data, overrides)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_problems_from_validation_error(exc), source) from None
+        raise ConfigError(_blame(_problems_from_validation_error(exc), overrides), source) from None
     except ConfigError as exc:  # cross-reference problems, raised without a source
-        raise ConfigError(exc.problems, source) from None
+        raise ConfigError(_blame(exc.problems, overrides), source) from None
 
 
-def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
-    """Read `path` and parse it; `env` defaults to the process environment."""
+def load_settings(
+    path: str | Path, env: Mapping[str, str] | None = None, overrides: tuple[Override, ...] = ()
+) -> Settings:
+    """Read `path` and parse it with `overrides` on top; `env` defaults to the process environment."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -856,4 +918,4 @@ def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Set
         raise ConfigError([f"file not found: {source}"], source) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"cannot read {source}: {exc}"], source) from None
-    return parse_settings(text, os.environ if env is None else env, source)
+    return parse_settings(text, os.environ if env is None else env, source, overrides)
