@@ -242,18 +242,16 @@ async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[st
             amount=decision.amount, tokens=decision.tokens,
         )
         refusal_headers = {"x-tollgate-budget-name": decision.refused.name}
-        refusal_extra: dict[str, Any] = {}
         if decision.reason in (None, "usd"):
-            sentence, fit_headers, fit_fields = how_to_fit(
+            sentence, fit_headers = how_to_fit(
                 decision.refused, decision.refused_state, amount, clamp, oc.field if oc is not None else "max_tokens"
             )
             message += sentence
             refusal_headers.update(fit_headers)
-            refusal_extra = {"budget": fit_fields}
         if retry_after is not None:
             refusal_headers["retry-after"] = str(retry_after)
         ex.extra["budget_verdict"] = f"refused:{decision.refused.name}"
-        raise BudgetExceeded(message, headers=refusal_headers, extra=refusal_extra)
+        raise BudgetExceeded(message, headers=refusal_headers)
 
     hold = Hold(ledger_id, list(buckets), decision.amount, admission.reserved)
     ex.extra["hold"] = hold

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -489,40 +489,21 @@ def _max_cap(bucket: Bucket, state: BucketState, clamp: ClampInput) -> int:
 
 def how_to_fit(
     bucket: Bucket, state: BucketState, amount: Decimal, clamp: ClampInput | None, cap_field: str
-) -> tuple[str, dict[str, str], dict[str, Any]]:
+) -> tuple[str, dict[str, str]]:
     """What a refused request would have reserved, and the output cap that fits now: a
-    sentence for the 429's message, its headers, and the same figures as fields for the
-    error body (a program should not have to parse the sentence). A request with no cap is
-    reserved at the assumed one, which is often what a client does not know it asked for.
-
-    Money in the fields is a decimal string, as in the headers: a JSON number would go
-    through a float in most clients."""
-    reserved = quantize_up(amount)
-    headers = {HEADER_RESERVED: f"{reserved:f}"}
-    fields: dict[str, Any] = {
-        "name": bucket.name,
-        "limit_usd": f"{bucket.limit_usd:f}" if bucket.limit_usd is not None else None,
-        "spent_usd": f"{state.spent:f}",
-        "reserved_in_flight_usd": f"{state.reserved:f}",
-        "resets_at": iso_utc(bucket.end) if bucket.end is not None else None,
-        "request_reserved_usd": f"{reserved:f}",
-    }
+    sentence for the 429's message and its headers. A request with no cap is reserved at
+    the assumed one, which is often what a client does not know it asked for."""
+    headers = {HEADER_RESERVED: f"{quantize_up(amount):f}"}
     sentence = f" This request reserves up to {format_usd(amount)}"
     if clamp is None:
-        return sentence + ".", headers, fields
+        return sentence + ".", headers
     outputs = f"{clamp.outputs} x " if clamp.outputs > 1 else ""
     sentence += f" (its prompt, and {outputs}{clamp.output_cap} output tokens)"
     fits = _max_cap(bucket, state, clamp)
-    fields.update(
-        request_output_tokens=clamp.output_cap,
-        request_outputs=clamp.outputs,
-        cap_field=cap_field,
-        fits_max_tokens=fits if fits >= 1 else None,
-    )
     if fits >= 1:
         headers[HEADER_FITS] = str(fits)
-        return f"{sentence}; with {cap_field} at most {fits} it fits this budget now.", headers, fields
-    return f"{sentence}; not even its prompt fits this budget now.", headers, fields
+        return f"{sentence}; with {cap_field} at most {fits} it fits this budget now.", headers
+    return f"{sentence}; not even its prompt fits this budget now.", headers
 
 
 def _state(states: Mapping[str, BucketState], bucket: Bucket) -> BucketState:

@@ -77,15 +77,10 @@ class HttpError(TollgateError):
         code: str | None = None,
         headers: dict[str, str] | None = None,
         detail: str | None = None,
-        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.detail = detail
-        # Keys added inside "error" after the four OpenAI ones: facts a program acts on
-        # (a 429's budget figures) without parsing the message. SDKs ignore keys they
-        # do not know.
-        self.extra: dict[str, Any] = extra or {}
         self.param = param
         if code is not None:
             self.code = code
@@ -97,15 +92,14 @@ class HttpError(TollgateError):
         return self.message
 
     def body(self, request_id: str | None = None) -> dict[str, Any]:
-        error: dict[str, Any] = {
-            "message": self.client_message(request_id),
-            "type": self.type,
-            "param": self.param,
-            "code": self.code,
+        return {
+            "error": {
+                "message": self.client_message(request_id),
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
         }
-        for key, value in self.extra.items():
-            error.setdefault(key, value)  # never in place of one of the four
-        return {"error": error}
 
     def to_json(self, request_id: str | None = None) -> bytes:
         return orjson.dumps(self.body(request_id))
