@@ -28,11 +28,11 @@ RUN groupadd --system --gid 10001 tollgate \
     && chown tollgate:tollgate /var/lib/tollgate
 COPY --from=build /wheels /wheels
 # The parsed tokenizer tables are cached in the image, so a container's first start is as
-# quick as any other (proxy/tokens.py: about 0.1 s saved on the way to ready).
+# quick as any other (proxy/encodings.py: about 0.1 s saved on the way to ready).
 ENV TOLLGATE_CACHE_DIR=/opt/tollgate/cache
 RUN pip install --no-cache-dir --no-index --find-links=/wheels /wheels/tollgate-*.whl \
     && rm -rf /wheels \
-    && python -c "from proxy.tokens import warm; warm(['gpt-4o', 'gpt-4'])" \
+    && python -c "from proxy.encodings import warm; warm(['gpt-4o', 'gpt-4'])" \
     && chmod -R a+rX /opt/tollgate
 COPY config/tollgate.yaml /etc/tollgate/tollgate.yaml
 WORKDIR /var/lib/tollgate

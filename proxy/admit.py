@@ -44,7 +44,7 @@ from proxy.ledger import DuplicateReservation, IfInterrupted, LedgerError, Spend
 from proxy.output_cap import OutputCap, output_cap_of
 from proxy.pricing import Price, worst_case_cost
 from proxy.state import Runtime
-from proxy.tokens import estimate_prompt_tokens
+from proxy.estimate import estimate_prompt_tokens
 from proxy.usage import Usage
 
 log = logging.getLogger("tollgate.admit")

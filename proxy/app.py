@@ -31,7 +31,7 @@ from proxy.observers.budget_metrics import BudgetMetrics
 from proxy.pricing import Price, PriceTable
 from proxy.settings import Settings
 from proxy.state import RUNTIME, FaultMetrics, Runtime, utc_now
-from proxy.tokens import load_in_background, warm
+from proxy.encodings import load_in_background, warm
 from proxy.webhook import WebhookSender
 
 if TYPE_CHECKING:

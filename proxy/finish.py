@@ -16,12 +16,8 @@ from proxy.exchange import Exchange
 from proxy.ledger import Settled, SpendRow
 from proxy.pricing import cost
 from proxy.state import Runtime
-from proxy.tokens import (
-    estimate_output_tokens,
-    estimate_prompt_tokens,
-    usage_from_llamacpp_timings,
-)
-from proxy.usage import Usage
+from proxy.estimate import estimate_output_tokens, estimate_prompt_tokens
+from proxy.usage import Usage, usage_from_llamacpp_timings
 
 log = logging.getLogger("tollgate.finish")
 

@@ -18,7 +18,7 @@ import orjson
 
 from proxy.exchange import Exchange
 from proxy.sse import SSEEvent, SSEParser
-from proxy.tokens import usage_from_body, usage_from_llamacpp_timings, usage_from_stream_payload
+from proxy.usage import usage_from_body, usage_from_llamacpp_timings, usage_from_stream_payload
 
 log = logging.getLogger("tollgate.measure")
 

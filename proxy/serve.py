@@ -115,7 +115,7 @@ async def serve(
     from proxy.observers.metrics import metrics_handler
     from proxy.observers.otel_env import tracing_requested
     from proxy.state import RUNTIME
-    from proxy.tokens import EncodingDataError
+    from proxy.encodings import EncodingDataError
 
     built: list[web.Application] = []
 

