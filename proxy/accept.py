@@ -1,4 +1,5 @@
-"""accept: turn an incoming request into an Exchange. The body is read and parsed once here."""
+"""accept: turn an incoming request into an Exchange and an `Accepted`: whether its target
+may be forwarded, who sent it (virtual key, user), and its body, read and parsed once here."""
 
 from __future__ import annotations
 
@@ -7,13 +8,25 @@ import itertools
 import os
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from proxy.errors import BodyTooLarge, InvalidRequest, RequestTimeout, UnreadableBody, UnsupportedEncoding
+from proxy.errors import (
+    BodyTooLarge,
+    InvalidApiKey,
+    InvalidRequest,
+    NotFound,
+    RequestTimeout,
+    UnreadableBody,
+    UnsupportedEncoding,
+)
 from proxy.exchange import Endpoint, Exchange
+from proxy.keys import KeyRing, VirtualKey, parse_bearer, request_user
+from proxy.paths import escapes_api_base
+from proxy.policy import Policy
 
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 # C0 and C1 controls and DEL: a model name is echoed into messages, logs and span names.
@@ -79,6 +92,7 @@ def new_exchange(request: web.Request, endpoint: Endpoint, request_id_header: st
         path=request.path,
         t0_ns=time.perf_counter_ns(),
         traceparent=request.headers.get("traceparent"),
+        tracestate=request.headers.get("tracestate"),
     )
 
 
@@ -239,3 +253,58 @@ def accept_body(ex: Exchange, payload: dict[str, Any]) -> None:
     user = payload.get("user")
     if isinstance(user, str) and user:
         ex.user = user[:256]
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A request that may go on: its body, its JSON object (model endpoints; None for a
+    path passed through), and the virtual key it presented (None when keys are off)."""
+
+    body: bytes
+    payload: dict[str, Any] | None
+    key: VirtualKey | None
+
+
+async def accept(request: web.Request, ex: Exchange, policy: Policy) -> Accepted:
+    check_request_target(request)
+    key = authenticate(request, ex, policy.keyring)
+    body = await read_body(request, policy.settings.server.max_body_bytes)
+    ex.t0_ns = time.perf_counter_ns()
+    if ex.endpoint == "other":
+        return Accepted(body, None, key)
+    payload = parse_json_object(body)
+    accept_body(ex, payload)
+    header = policy.settings.user_header
+    ex.user = request_user(ex.user, request.headers.get(header) if header else None)
+    return Accepted(body, payload, key)
+
+
+def check_request_target(request: web.Request) -> None:
+    """The upstream URL is the configured API base plus the client's raw path, so only a
+    plain path that stays under the base may be forwarded. An absolute-form target
+    (`POST http://host/v1/...`) has a raw path that is a URL: appended to the base it would
+    give a mangled path, and with dot segments one outside the base."""
+    raw = request.raw_path
+    if not raw.startswith("/"):
+        raise InvalidRequest(
+            "The request target must be a path such as /v1/chat/completions, not an absolute URL."
+        )
+    if escapes_api_base(raw):
+        raise NotFound(f"Invalid URL ({request.method} {request.path})")
+
+
+def authenticate(request: web.Request, ex: Exchange, keyring: KeyRing) -> VirtualKey | None:
+    """With virtual keys on, every request must carry a known one (constant-time compare)."""
+    if not keyring.enabled:
+        return None
+    presented = parse_bearer(request.headers.get("Authorization"))
+    key = keyring.authenticate(presented)
+    if key is None:
+        # Like OpenAI, never echo the key itself back.
+        raise InvalidApiKey(
+            "Incorrect API key provided. Use a Tollgate virtual key as the bearer token."
+            if presented
+            else "You didn't provide an API key. Send a Tollgate virtual key as 'Authorization: Bearer <key>'."
+        )
+    ex.key_name = key.name
+    return key

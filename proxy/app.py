@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,24 +15,17 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy import handlers
-from proxy.errors import HttpError, install_openai_shaped_protocol_errors
-from proxy.exchange import Observer, Observers
-from proxy.finish import retry_unsettled
-from proxy.forward import open_upstream, read_llamacpp_context
-from proxy.keys import KeyRing
-from proxy.ledger import LedgerError, open_ledger
-from proxy.observers import (
-    AccessLogObserver,
-    MetricsObserver,
-    SummaryObserver,
-    start_metrics_server,
-)
-from proxy.observers.budget_metrics import BudgetMetrics
-from proxy.pricing import Price, PriceTable
-from proxy.settings import Settings
-from proxy.state import RUNTIME, FaultMetrics, Runtime, utc_now
 from proxy.encodings import load_in_background, warm
-from proxy.webhook import WebhookSender
+from proxy.errors import HttpError, install_openai_shaped_protocol_errors
+from proxy.faults import FaultMetrics
+from proxy.observer import Observers
+from proxy.observers import AccessLogObserver, MetricsObserver, SummaryObserver, start_metrics_server
+from proxy.observers.otel_env import tracing_requested
+from proxy.policy import Policy
+from proxy.settings import Settings
+from proxy.spend.lifecycle import Spend
+from proxy.state import RUNTIME, Runtime, utc_now
+from proxy.upstream import open_upstream, read_llamacpp_context
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -49,10 +42,14 @@ def make_app(
     *,
     registry: CollectorRegistry | None = None,
     tracer_provider: TracerProvider | None = None,
+    trace_from_env: bool = False,
+    reuse_port: bool = False,
     access_log: IO[bytes] | None = None,
-    extra_observers: list[Observer] | None = None,
+    extra_observers: list[object] | None = None,
     clock: Callable[[], datetime] = utc_now,
 ) -> web.Application:
+    """`tracer_provider`, else (with `trace_from_env`) one built from the OTEL_* variables
+    when they ask for tracing. `reuse_port`: several worker processes share the ports."""
     app = web.Application(client_max_size=settings.server.max_body_bytes)
     install_openai_shaped_protocol_errors()
     registry = registry if registry is not None else CollectorRegistry()
@@ -61,8 +58,14 @@ def make_app(
     metrics = MetricsObserver(registry)
     summary = SummaryObserver()
     observers = Observers([metrics, summary])
+    if tracer_provider is None and trace_from_env and tracing_requested(os.environ):
+        from proxy.observers.tracing import make_tracer_provider  # the SDK only when tracing is on
+
+        tracer_provider = make_tracer_provider(on_drop=metrics.count_dropped_span)
+        if tracer_provider is not None:
+            app.cleanup_ctx.append(_shut_down(tracer_provider))
     if tracer_provider is not None:
-        from proxy.observers.tracing import TracingObserver  # the SDK only when tracing is on
+        from proxy.observers.tracing import TracingObserver
 
         observers.add(TracingObserver(tracer_provider))
     if settings.logging.access_log:
@@ -77,28 +80,22 @@ def make_app(
         observers.add(extra)
     observers.on_failure.append(metrics.count_observer_error)
 
-    # Who may ask, and what they may spend.
-    app[RUNTIME] = Runtime(
-        settings=settings,
-        prices=PriceTable.shipped().merged(price_overrides(settings)),
-        observers=observers,
-        keyring=KeyRing(settings.keys),
-        budget_metrics=BudgetMetrics(registry),
-        webhook=WebhookSender(settings.webhook),
-        clock=clock,
-        faults=FaultMetrics(registry),
-    )
+    # Who may ask and how requests are routed and priced (the policy), what they may spend.
+    faults = FaultMetrics(registry)
+    spend = Spend(settings.ledger, settings.webhook, registry, faults, clock)
+    app[RUNTIME] = Runtime(policy=Policy.of(settings), spend=spend, observers=observers, faults=faults, clock=clock)
     app[METRICS] = metrics
     app[SUMMARY] = summary
 
-    # Lifecycle: the ledger, upstream sessions, tokenizers, the metrics port, draining
-    # background work (settlements) before the ledger closes.
+    # Lifecycle, unwound in reverse: the spend ledger (closed last, after settlements in
+    # flight drained), upstream sessions, tokenizers, the metrics port, the event-loop
+    # sampler and what a reload retired.
     app.cleanup_ctx.append(spend_ledger)
     app.cleanup_ctx.append(upstream_sessions)
     app.cleanup_ctx.append(tokenizers)
     if settings.metrics.enabled:
-        app.cleanup_ctx.append(metrics_port)
-    app.cleanup_ctx.append(background_work)
+        app.cleanup_ctx.append(metrics_port(reuse_port))
+    app.cleanup_ctx.append(housekeeping)
 
     # The API the applications call.
     for path, endpoint in handlers.MODEL_PATHS.items():
@@ -115,93 +112,30 @@ def make_app(
     return app
 
 
-def price_overrides(settings: Settings) -> dict[str, Price]:
-    return {
-        pattern: Price(
-            input=p.input, output=p.output, cached_input=p.cached_input, cache_write=p.cache_write
-        )
-        for pattern, p in settings.pricing.models.items()
-    }
+def _shut_down(provider: TracerProvider) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def tracing(app: web.Application) -> AsyncIterator[None]:
+        yield
+        provider.shutdown()  # exports what the batch processor still holds
+
+    return tracing
 
 
 async def spend_ledger(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
-    try:
-        rt._ledger = await open_ledger(rt.settings.ledger, rt.clock())
-    except LedgerError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - one clear line instead of sqlite's or redis's
-        raise LedgerError(f"cannot open the ledger at {rt.settings.ledger.path}: {exc}") from exc
-    chores = asyncio.get_running_loop().create_task(ledger_chores(rt))
-    yield
-    chores.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await chores
-    await rt.webhook.close()
-    await rt.ledger.close()
-
-
-async def ledger_chores(rt: Runtime, every: float = 2.0) -> None:
-    """Renew the leases of this process's live reservations (a third of a lease at a time,
-    in one batch), free reservations whose lease ran out (a crashed instance's), and refresh
-    the budget gauges from the ledger, so every instance's scrape shows the shared truth.
-    Also: charge settlements kept while the ledger was down, close what a reload retired,
-    and sample the event loop's task count."""
-    renew_at = 0.0
-    while True:
-        lease = rt.lease_seconds
-        if rt.live_reservations and time.monotonic() >= renew_at:
-            renew_at = time.monotonic() + lease / 3
-            try:
-                await rt.ledger.renew(list(rt.live_reservations), lease, rt.clock())
-            except Exception:  # noqa: BLE001 - retried at the next round; a lease lasts 3 rounds
-                log.exception("renewing %d leases failed", len(rt.live_reservations))
-        if rt.faults is not None:
-            rt.faults.tasks.set(len(asyncio.all_tasks()))
-        await close_retired(rt)
-        if rt.unsettled:
-            await retry_unsettled(rt)
-        if rt.abandoned:
-            await abandon_refused(rt)
-        try:
-            now = rt.clock()
-            interrupted_before = rt.ledger.interrupted
-            expired = await rt.ledger.expire(now)
-            if expired:
-                interrupted = rt.ledger.interrupted - interrupted_before
-                log.warning(
-                    "%d reservations outlived their process (lease expired); %d settled as interrupted",
-                    expired, interrupted,
-                )
-                if rt.faults is not None:
-                    rt.faults.interrupted.inc(interrupted)
-            if rt.settings.budgets:
-                rt.budget_metrics.refresh(rt.settings.budgets, await rt.ledger.budget_report(now), now)
-        except Exception:  # noqa: BLE001 - a chore failing must not stop the next one
-            log.exception("ledger chores failed")
-        await asyncio.sleep(min(every, lease / 3))
-
-
-async def abandon_refused(rt: Runtime) -> None:
-    """Abandon the reservations of requests refused while the ledger failed; stops at the
-    first failure (still down) and tries again at the next round."""
-    for ledger_id in list(rt.abandoned):
-        try:
-            if await rt.ledger.abandon(ledger_id, rt.clock()):
-                log.warning("released reservation %s that the ledger made after refusing its request", ledger_id)
-        except Exception:  # noqa: BLE001 - the ledger is still down: next round
-            return
-        rt.abandoned.discard(ledger_id)
+    async with rt.spend.running(lambda: rt.policy.settings.budgets):
+        yield
 
 
 async def upstream_sessions(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
-    for name, upstream in rt.settings.upstreams.items():
-        rt.upstreams[name] = open_upstream(name, upstream, rt.settings)
-        if upstream.kind == "llamacpp":
+    opened = {name: open_upstream(name, upstream, rt.settings) for name, upstream in rt.settings.upstreams.items()}
+    rt.policy = rt.policy.with_upstreams(opened)
+    for name, upstream in opened.items():
+        if upstream.settings.kind == "llamacpp":
             # In the background: a llama-server still loading must not delay readiness.
-            rt.probe(read_llamacpp_context(rt.upstreams[name], app[METRICS]))
+            rt.probe(read_llamacpp_context(upstream, app[METRICS]))
     yield
+    await rt.cancel_probes()
     await asyncio.gather(*(u.session.close() for u in rt.upstreams.values()))
 
 
@@ -215,29 +149,33 @@ async def tokenizers(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-async def metrics_port(app: web.Application) -> AsyncIterator[None]:
-    cfg = app[RUNTIME].settings.metrics
-    runner = await start_metrics_server(app[METRICS].registry, cfg.host, cfg.port, cfg.path)
-    app[METRICS_RUNNER] = runner
-    yield
-    await runner.cleanup()
+def metrics_port(reuse_port: bool) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def serving(app: web.Application) -> AsyncIterator[None]:
+        cfg = app[RUNTIME].settings.metrics
+        runner = await start_metrics_server(app[METRICS].registry, cfg.host, cfg.port, cfg.path, reuse_port=reuse_port)
+        app[METRICS_RUNNER] = runner
+        yield
+        await runner.cleanup()
+
+    return serving
 
 
-async def background_work(app: web.Application) -> AsyncIterator[None]:
-    yield
+async def housekeeping(app: web.Application, every: float = 2.0) -> AsyncIterator[None]:
+    """Sample the event loop's task count and close what a reload retired once its time
+    is up; at shutdown, stop the start-up probes and close everything retired."""
     rt = app[RUNTIME]
+
+    async def housekeeping_rounds() -> None:
+        while True:
+            rt.faults.tasks.set(len(asyncio.all_tasks()))
+            await close_retired(rt)
+            await asyncio.sleep(every)
+
+    task = asyncio.get_running_loop().create_task(housekeeping_rounds())
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
     await rt.cancel_probes()
-    if rt.background:
-        await asyncio.wait(rt.background, timeout=10)
-    if rt.unsettled:
-        # Last chance for settlements kept while the ledger was down.
-        await retry_unsettled(rt)
-    if rt.unsettled:
-        log.error(
-            "%d settlements could not reach the ledger before shutdown and are lost: %s",
-            len(rt.unsettled),
-            ", ".join(f"{p.row.request_id} ${p.row.cost}" for p in list(rt.unsettled)[:50]),
-        )
     await close_retired(rt, everything=True)
 
 
@@ -286,14 +224,11 @@ async def reconfigure(app: web.Application, new: Settings) -> list[str]:
             upstreams[name] = open_upstream(name, upstream_settings, new)
             if upstream_settings.kind == "llamacpp":
                 rt.probe(read_llamacpp_context(upstreams[name], app[METRICS]))
-    if new.webhook != old.webhook:
-        rt.retired.append((time.monotonic() + RETIRE_AFTER_S, rt.webhook.close))
-        rt.webhook = WebhookSender(new.webhook)
-    # One assignment each, no await in between: a request sees the old set or the new one.
-    rt.prices = PriceTable.shipped().merged(price_overrides(new))
-    rt.keyring = KeyRing(new.keys)
-    rt.upstreams = upstreams
-    rt.settings = new
+    close_old_webhook = rt.spend.set_webhook(new.webhook)
+    if close_old_webhook is not None:
+        rt.retired.append((time.monotonic() + RETIRE_AFTER_S, close_old_webhook))
+    # One assignment: a request sees the old policy or the new one, never a mix.
+    rt.policy = Policy.of(new, upstreams)
     return kept
 
 

@@ -19,7 +19,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any
 
-from proxy.budgets import (
+from proxy.spend.budgets import (
     TEMPLATE,
     BudgetRule,
     format_usd,
@@ -30,8 +30,8 @@ from proxy.budgets import (
 )
 from proxy.errors import ConfigError
 from proxy.keys import generate_key, hash_key
-from proxy.ledger import Ledger, LedgerError, open_ledger
-from proxy.ledger.base import GROUP_BY_FIELDS, check_group_by
+from proxy.spend.ledger import Ledger, LedgerError, open_ledger
+from proxy.spend.ledger.base import GROUP_BY_FIELDS, check_group_by
 from proxy.settings import Settings, collect_overrides, load_settings
 
 DEFAULT_CONFIG = "config/tollgate.yaml"

@@ -636,7 +636,7 @@ def render(report: DemoReport) -> str:
         f"Tollgate's own overhead per request: {_ms(_mean(overheads), 2)} ms mean.",
         f"Cost {total_cost:f} USD (by hand at the demo's prices: {expected:f}); "
         f"the SDK received exactly the generated text: {'yes' if text_ok else 'NO'}.",
-        f"Prices (USD per 1M tokens, input/output): "
+        "Prices (USD per 1M tokens, input/output): "
         + ", ".join(f"{m} {i}/{p}" for m, (i, p) in PRICES.items()),
         "",
         f"Models listed through Tollgate:  {', '.join(report.models_listed)}",

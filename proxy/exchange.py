@@ -1,4 +1,4 @@
-"""The per-request record, and the observers that watch it.
+"""The per-request record: what was asked, where it went, and what was measured.
 
 An `Exchange` is created when a request has been fully received (t0) and is finished exactly
 once, on every path: success, upstream error, client gone, refused. All timestamps are
@@ -7,17 +7,14 @@ once, on every path: success, upstream error, client gone, refused. All timestam
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from proxy.usage import Usage
-
-log = logging.getLogger("tollgate.exchange")
 
 # The endpoints the proxy understands; everything else under /v1 is "other" and passes through.
 Endpoint = Literal["chat.completions", "completions", "embeddings", "responses", "models", "other"]
@@ -118,13 +115,20 @@ class Exchange:
     user: str | None = None
     key_name: str | None = None
     traceparent: str | None = None
+    tracestate: str | None = None
 
     # route
     upstream: str | None = None
     upstream_kind: str | None = None
     upstream_model: str | None = None
     route_model: str | None = None  # the configured name used as the bounded `model` label
+    upstream_url: str | None = None  # the upstream's API base: the span's server.address
     usage_injected: bool = False
+    # Why a path Tollgate cannot meter went through: the passthrough glob, or "unguarded".
+    unmetered: str | None = None
+
+    # admit: ok, warn, clamped:<budget>, refused:<budget>, unchecked, ledger_unavailable
+    budget_verdict: str | None = None
 
     # forward / relay (perf_counter_ns)
     t_upstream_sent_ns: int | None = None
@@ -155,8 +159,11 @@ class Exchange:
     llamacpp_timings: dict[str, float] | None = None
     cost: Decimal | None = None
     priced: bool = True
+    # Measuring or accounting raised (a bug): the record is kept with what was known.
+    measure_failed: bool = False
+    account_failed: bool = False
+    started: bool = False  # observers' on_start has fired
     finished: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def operation(self) -> str:
@@ -212,51 +219,3 @@ class Exchange:
         ordered = sorted(gaps)
         rank = max(0, -(-95 * len(ordered) // 100) - 1)
         return sum(gaps) / len(gaps) / 1e9, ordered[rank] / 1e9
-
-
-class Observer(Protocol):
-    """Watches exchanges. Hooks are named after the moment they fire.
-
-    Observers run on the request's task, so they must be quick and must not block; an
-    exception raised by one is logged and counted by `Observers`, never propagated.
-    """
-
-    def on_start(self, ex: Exchange) -> None: ...
-
-    def on_first_token(self, ex: Exchange) -> None: ...
-
-    def on_finish(self, ex: Exchange) -> None: ...
-
-
-class Observers:
-    """Fans hooks out to every observer, containing each one's failures."""
-
-    def __init__(self, observers: list[Observer] | None = None) -> None:
-        self.observers: list[Observer] = list(observers or [])
-        self.failures = 0
-        self.on_failure: list[Any] = []  # callables(name: str) -> None, e.g. a metric counter
-
-    def add(self, observer: Observer) -> None:
-        self.observers.append(observer)
-
-    def _call(self, hook: str, ex: Exchange) -> None:
-        for obs in self.observers:
-            try:
-                getattr(obs, hook)(ex)
-            except Exception:  # noqa: BLE001 - measuring must never break forwarding
-                self.failures += 1
-                log.exception("observer %s failed in %s", type(obs).__name__, hook)
-                for cb in self.on_failure:
-                    try:
-                        cb(type(obs).__name__)
-                    except Exception:  # noqa: BLE001
-                        log.exception("observer failure callback failed")
-
-    def on_start(self, ex: Exchange) -> None:
-        self._call("on_start", ex)
-
-    def on_first_token(self, ex: Exchange) -> None:
-        self._call("on_first_token", ex)
-
-    def on_finish(self, ex: Exchange) -> None:
-        self._call("on_finish", ex)

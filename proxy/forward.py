@@ -10,22 +10,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
-from aiohttp.connector import Connection
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import UpstreamError, translate_upstream_exception
 from proxy.exchange import Exchange
 from proxy.measure import BodyKeeper, StreamTap, UsageStripper
-from proxy.settings import Settings
-from proxy.settings import Upstream as UpstreamSettings
+from proxy.observer import Observers
+from proxy.upstream import _ATTEMPT, Upstream, _Attempt
 
 log = logging.getLogger("tollgate.forward")
 
@@ -50,109 +45,13 @@ _NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "
 _NOT_RELAYED_DOWN = HOP_BY_HOP | {"content-length", "content-encoding", "server", "date"}
 
 
-@dataclass(slots=True)
-class Upstream:
-    """One configured upstream and its pooled session (created in the app's lifecycle)."""
-
-    name: str
-    settings: UpstreamSettings
-    session: aiohttp.ClientSession
-    api_base: str
-    idle_timeout: float
-    # llama-server's context size (n_ctx from /props), once read: how far a request with
-    # no output cap can run.
-    context_size: int | None = None
-
-    @property
-    def closed(self) -> bool:
-        return self.session.closed
-
-
 # How many times a request is sent again after a reused pooled connection turned out
 # closed (each attempt discards one stale connection).
 STALE_CONNECTION_RETRIES = 3
 
 
-class _Attempt:
-    """One send of a request: whether it went out on a pooled keep-alive connection."""
-
-    __slots__ = ("reused",)
-
-    def __init__(self) -> None:
-        self.reused = False
-
-
-# The attempt in flight on this task: connect() runs inside session.request(), on the task
-# that awaits it, so the connector can tell send() about the connection it handed out.
-_ATTEMPT: ContextVar[_Attempt | None] = ContextVar("tollgate_upstream_attempt", default=None)
-
-
-class ReuseAwareConnector(aiohttp.TCPConnector):
-    """A TCPConnector that tells the request in flight whether its connection was pooled.
-
-    A connection handed out before is a reused keep-alive one. (A TraceConfig's
-    on_connection_reuseconn says the same, but any TraceConfig makes aiohttp run its trace
-    machinery on every request.)"""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._handed_out: weakref.WeakSet[Any] = weakref.WeakSet()
-
-    async def connect(
-        self, req: aiohttp.ClientRequest, traces: list[Any], timeout: aiohttp.ClientTimeout
-    ) -> Connection:
-        while True:
-            conn = await super().connect(req, traces, timeout)
-            proto = conn.protocol
-            if proto is None:
-                return conn
-            if proto not in self._handed_out:
-                self._handed_out.add(proto)
-                return conn
-            # A pooled keep-alive connection. aiohttp re-arms a connection's read timer on
-            # any bytes it receives, pooled or not, so stray bytes after a response (a
-            # trailing CRLF some servers send) leave a timer running that belongs to no
-            # request: if it fired while pooled, the connection holds a timeout error and
-            # the next request on it would fail at once with a 504 for time it never spent.
-            if proto.exception() is not None or proto.should_close:
-                conn.close()  # went bad while pooled: try the next one, or a fresh one
-                continue
-            proto.read_timeout = None
-            proto.start_timeout()  # with no read timeout: cancels the stray timer
-            attempt = _ATTEMPT.get()
-            if attempt is not None:
-                attempt.reused = True
-            return conn
-
-
-def open_upstream(name: str, settings: UpstreamSettings, global_settings: Settings) -> Upstream:
-    timeouts = settings.effective_timeouts(global_settings.timeouts)
-    connector = ReuseAwareConnector(
-        limit=settings.max_connections,
-        limit_per_host=settings.max_connections,
-        keepalive_timeout=30,
-        enable_cleanup_closed=True,
-    )
-    session = aiohttp.ClientSession(
-        connector=connector,
-        # first_byte bounds the wait for headers; idle replaces it once they arrive (relay()).
-        timeout=aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=timeouts.connect, sock_read=timeouts.first_byte
-        ),
-        auto_decompress=True,
-        skip_auto_headers=("User-Agent", "Content-Type"),
-    )
-    return Upstream(
-        name=name,
-        settings=settings,
-        session=session,
-        api_base=settings.api_base,
-        idle_timeout=timeouts.idle,
-    )
-
-
 def upstream_headers(
-    incoming: Mapping[str, str], upstream: Upstream, ex: Exchange | None, *, drop_client_auth: bool
+    incoming: Mapping[str, str], upstream: Upstream, ex: Exchange, *, drop_client_auth: bool
 ) -> CIMultiDict[str]:
     """Headers sent upstream: the client's minus hop-by-hop, with credentials from config."""
     out: CIMultiDict[str] = CIMultiDict()
@@ -170,12 +69,7 @@ def upstream_headers(
         out.popall("Authorization", None)
     for name, value in upstream.settings.headers.items():
         out[name] = value
-    if ex is not None:
-        trace = ex.extra.get("trace_headers")
-        if trace:
-            for name, value in trace.items():
-                out[name] = value
-        out["X-Request-Id"] = ex.request_id
+    out["X-Request-Id"] = ex.request_id
     return out
 
 
@@ -250,7 +144,8 @@ async def relay(
     resp: aiohttp.ClientResponse,
     upstream: Upstream,
     ex: Exchange,
-    on_first_token: Callable[[Exchange], None],
+    admission_headers: Mapping[str, str],
+    observers: Observers,
     complete: Callable[[], Awaitable[None]],
 ) -> web.StreamResponse:
     """Relay the upstream response to the client as it arrives; fill the Exchange on the way.
@@ -268,19 +163,19 @@ async def relay(
     out = web.StreamResponse(status=resp.status, reason=resp.reason)
     out.headers.update(relayed_headers(resp.headers))
     out.headers["X-Request-Id"] = ex.request_id
-    extra = ex.extra.get("response_headers")
-    if extra:
-        out.headers.update(extra)
+    if admission_headers:
+        out.headers.update(admission_headers)
     if is_sse:
         out.headers["X-Accel-Buffering"] = "no"
         out.headers.setdefault("Cache-Control", "no-cache")
     elif "Content-Length" in resp.headers and "Content-Encoding" not in resp.headers:
         out.content_length = int(resp.headers["Content-Length"])
     expected_length = out.content_length
+    observers.on_response_headers(ex, out.headers)
     _set_idle_timeout(resp, upstream.idle_timeout)
 
     content = resp.content
-    tap = StreamTap(ex, on_first_token) if is_sse else None
+    tap = StreamTap(ex, observers.on_first_token) if is_sse else None
     stripper = UsageStripper() if (is_sse and ex.usage_injected) else None
     body = None if is_sse else BodyKeeper()
     started = False
@@ -373,30 +268,3 @@ async def relay(
         if body is not None:
             body.measure(ex)
     return out
-
-
-class ContextSink(Protocol):
-    def set_llamacpp_context(self, upstream: str, n_ctx: int) -> None: ...
-
-
-async def read_llamacpp_context(upstream: Upstream, metrics: ContextSink, attempts: int = 30) -> None:
-    """Read n_ctx from llama-server's /props (retrying while it loads) into the metrics."""
-    url = upstream.settings.root_url + "/props"
-    headers = upstream_headers({}, upstream, None, drop_client_auth=True)
-    for attempt in range(attempts):
-        try:
-            async with upstream.session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                if resp.status == 200:
-                    props = await resp.json(content_type=None)
-                    settings = props.get("default_generation_settings") or {}
-                    n_ctx = settings.get("n_ctx", props.get("n_ctx"))
-                    if isinstance(n_ctx, int):
-                        upstream.context_size = n_ctx
-                        metrics.set_llamacpp_context(upstream.name, n_ctx)
-                        return
-                    log.warning("llama-server %s: no n_ctx in /props", upstream.name)
-                    return
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            log.debug("llama-server %s /props not readable yet: %s", upstream.name, exc)
-        await asyncio.sleep(min(10.0, 0.5 * (attempt + 1)))
-    log.warning("llama-server %s: gave up reading n_ctx from /props", upstream.name)

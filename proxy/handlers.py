@@ -1,48 +1,43 @@
-"""The HTTP handlers: each walks a request down accept → route → admit → forward → relay → finish."""
+"""The HTTP handlers. A model request walks the pipeline top to bottom, one stage each:
+
+    accept   → Accepted    target, key, body (proxy.accept)
+    route    → Routed      upstream by model, key's model allow-list (proxy.route)
+    admit    → Admission   budgets reserved, with its Hold (proxy.spend.admission)
+    forward  → response    sent upstream, relayed as it arrives (proxy.forward)
+    finish                 usage, cost, observers, the hold settled or released (proxy.finish)
+
+Every stage reads the one `Policy` the request captured when it arrived.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal
-from urllib.parse import unquote
 
 import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.accept import accept_body, new_exchange, parse_json_object, read_body
-from proxy.admit import authenticate, check_model_allowed, identify_user, reserve
-from proxy.errors import (
-    ClientError,
-    HttpError,
-    InvalidApiKey,
-    InvalidRequest,
-    MethodNotAllowed,
-    NotFound,
-    PermissionDenied,
-    UpstreamUnreachable,
-)
-from proxy.budgets import buckets_for
-from proxy.keys import parse_bearer
+from proxy.accept import Accepted, accept, authenticate, new_exchange
+from proxy.errors import ClientError, HttpError, InvalidApiKey, MethodNotAllowed, NotFound, PermissionDenied
 from proxy.exchange import Endpoint, Exchange
 from proxy.finish import complete, finish, started
 from proxy.forward import relay, send, upstream_headers
-from proxy.route import outgoing_body, route_exchange
+from proxy.keys import parse_bearer
+from proxy.paths import CANONICAL, MODEL_PATHS, metered_endpoint
+from proxy.policy import Policy
+from proxy.route import Routed, outgoing_body, route, route_unmetered
+from proxy.spend.admission import OutputLimits, admit
+from proxy.spend.hold import NOT_ADMITTED, Admission
 from proxy.state import RUNTIME, Runtime
 
 log = logging.getLogger("tollgate.handlers")
 
-MODEL_PATHS: dict[str, Endpoint] = {
-    "/v1/chat/completions": "chat.completions",
-    "/v1/completions": "completions",
-    "/v1/embeddings": "embeddings",
-    "/v1/responses": "responses",
-}
+__all__ = ["MODEL_PATHS", "model_endpoint", "passthrough"]
 
 
 def error_response(err: HttpError, ex: Exchange | None = None) -> web.Response:
@@ -67,52 +62,24 @@ def _refused(ex: Exchange, err: HttpError) -> web.Response:
     return error_response(err, ex)
 
 
-async def _forward_and_relay(
-    request: web.Request, rt: Runtime, ex: Exchange, body: bytes | None, upstream_path: str | None = None
-) -> web.StreamResponse:
-    upstream = rt.upstreams.get(ex.upstream or "")
-    if upstream is None:
-        # A SIGHUP reload removed this upstream between routing and forwarding.
-        raise UpstreamUnreachable(f"Upstream '{ex.upstream}' is no longer configured.")
-    started(ex, rt)
-    # With virtual keys on, the client's Authorization is a Tollgate key: never forwarded.
-    headers = upstream_headers(request.headers, upstream, ex, drop_client_auth=rt.keyring.enabled)
-    # The proxy serves /v1/...; the upstream's API base already ends where /v1 does. Built
-    # from the parsed target, so an absolute-form request line cannot smuggle in a host.
-    path_qs = request.rel_url.raw_path_qs[3:] if upstream_path is None else upstream_path
-    resp = await send(upstream, request.method, path_qs, headers, body, ex)
-    return await relay(
-        request, resp, upstream, ex, rt.observers.on_first_token, lambda: complete(ex, rt)
-    )
-
-
 async def _run(request: web.Request, endpoint: Endpoint, upstream_path: str | None = None) -> web.StreamResponse:
     """`upstream_path`: the path (after /v1) and query to send upstream, when not the
     client's own (a model endpoint under another spelling goes out under its own)."""
     rt = request.app[RUNTIME]
-    settings = rt.settings
-    ex = new_exchange(request, endpoint, settings.server.request_id_header)
+    policy = rt.policy  # this request's configuration, whatever a reload does meanwhile
+    ex = new_exchange(request, endpoint, policy.settings.server.request_id_header)
+    admission = NOT_ADMITTED
     try:
-        check_request_target(request)
-        authenticate(request, ex, rt)
-        body = await read_body(request, settings.server.max_body_bytes)
-        ex.t0_ns = time.perf_counter_ns()
-        if endpoint == "other":
-            if settings.default_upstream is None:
-                raise NotFound(f"Invalid URL ({request.method} {request.path})")
-            ex.upstream = settings.default_upstream
-            ex.upstream_kind = settings.upstreams[ex.upstream].kind
-            check_unmetered(request, ex, rt, body)
-            return await _forward_and_relay(request, rt, ex, body or None)
-        payload = parse_json_object(body)
-        accept_body(ex, payload)
-        identify_user(request, ex, rt)
-        route_exchange(ex, settings)
-        check_model_allowed(ex, rt)
-        ex.extra["response_headers"] = await reserve(ex, rt, payload)
-        inject = settings.upstreams[ex.upstream].inject_stream_usage  # type: ignore[index]  # this request's snapshot
-        out_body = outgoing_body(ex, body, payload, inject, ex.extra.get("cap_override"))
-        return await _forward_and_relay(request, rt, ex, out_body, upstream_path)
+        accepted = await accept(request, ex, policy)
+        if accepted.payload is None:
+            routed = route_unmetered(request, ex, policy, accepted, rt.clock())
+            body = accepted.body or None
+        else:
+            routed = route(ex, policy, accepted)
+            limits = OutputLimits(routed.default_output_cap, routed.upstream.context_size)
+            admission = await admit(rt.spend, ex, policy, accepted.payload, limits)
+            body = _outgoing(ex, policy, routed, accepted, admission)
+        return await _forward(request, rt, policy, ex, routed, admission, body, upstream_path)
     except HttpError as err:
         return _refused(ex, err)
     except asyncio.CancelledError:
@@ -123,7 +90,43 @@ async def _run(request: web.Request, endpoint: Endpoint, upstream_path: str | No
         ex.error_type = "internal_error"
         return _refused(ex, HttpError("The proxy failed to handle the request.", code="internal_error"))
     finally:
-        finish(ex, rt)
+        finish(ex, policy, admission, rt)
+
+
+def _outgoing(ex: Exchange, policy: Policy, routed: Routed, accepted: Accepted, admission: Admission) -> bytes:
+    assert accepted.payload is not None
+    inject = policy.settings.upstreams[routed.upstream.name].inject_stream_usage
+    return outgoing_body(ex, accepted.body, accepted.payload, inject, admission.cap_override)
+
+
+async def _forward(
+    request: web.Request,
+    rt: Runtime,
+    policy: Policy,
+    ex: Exchange,
+    routed: Routed,
+    admission: Admission,
+    body: bytes | None,
+    upstream_path: str | None,
+) -> web.StreamResponse:
+    upstream = routed.upstream
+    started(ex, rt)
+    # With virtual keys on, the client's Authorization is a Tollgate key: never forwarded.
+    headers = upstream_headers(request.headers, upstream, ex, drop_client_auth=policy.keyring.enabled)
+    rt.observers.on_request_headers(ex, headers)
+    # The proxy serves /v1/...; the upstream's API base already ends where /v1 does. Built
+    # from the parsed target, so an absolute-form request line cannot smuggle in a host.
+    path_qs = request.rel_url.raw_path_qs[3:] if upstream_path is None else upstream_path
+    resp = await send(upstream, request.method, path_qs, headers, body, ex)
+    return await relay(
+        request,
+        resp,
+        upstream,
+        ex,
+        admission.headers,
+        rt.observers,
+        lambda: complete(ex, policy, admission, rt),
+    )
 
 
 def model_endpoint(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -132,40 +135,6 @@ def model_endpoint(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.
 
     handler.__name__ = endpoint.replace(".", "_")
     return handler
-
-
-def escapes_api_base(raw_path: str) -> bool:
-    """Whether a path could leave the upstream's API base once the upstream URL is built.
-
-    The upstream URL is the configured base plus the client's path, and URL normalisation
-    resolves dot segments: `/v1/../props` would reach `<root>/props` on the upstream host,
-    with the upstream's credentials attached. Percent-encoding is undone until it is stable
-    (`%2e%2e`, `..%2f`, double encoding), since the upstream, or anything in front of it,
-    may decode again.
-    """
-    path = raw_path.split("?", 1)[0].split("#", 1)[0]
-    for _ in range(4):
-        decoded = unquote(path)
-        if decoded == path:
-            break
-        path = decoded
-    if "\\" in path or "\x00" in path:
-        return True
-    return any(segment in (".", "..") for segment in path.split("/"))
-
-
-def check_request_target(request: web.Request) -> None:
-    """The upstream URL is the configured API base plus the client's raw path, so only a
-    plain path that stays under the base may be forwarded. An absolute-form target
-    (`POST http://host/v1/...`) has a raw path that is a URL: appended to the base it would
-    give a mangled path, and with dot segments one outside the base."""
-    raw = request.raw_path
-    if not raw.startswith("/"):
-        raise InvalidRequest(
-            "The request target must be a path such as /v1/chat/completions, not an absolute URL."
-        )
-    if escapes_api_base(raw):
-        raise NotFound(f"Invalid URL ({request.method} {request.path})")
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
@@ -178,55 +147,8 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
                 MethodNotAllowed(f"Method {request.method} is not allowed for {request.path}; use POST.")
             )
         query = request.rel_url.raw_query_string
-        return await _run(request, endpoint, _CANONICAL[endpoint] + (f"?{query}" if query else ""))
+        return await _run(request, endpoint, CANONICAL[endpoint] + (f"?{query}" if query else ""))
     return await _run(request, "other")
-
-
-# The path after /v1 each model endpoint is sent upstream under.
-_CANONICAL: dict[Endpoint, str] = {endpoint: path[3:] for path, endpoint in MODEL_PATHS.items()}
-
-
-def metered_endpoint(raw_path: str) -> Endpoint | None:
-    """The model endpoint a path names under any spelling an upstream might accept: any
-    case, repeated or trailing slashes, `.` segments, `;parameters`, percent-encoding.
-    Such a request is metered (and budgeted) as that endpoint, never passed through."""
-    path = raw_path.split("?", 1)[0]
-    for _ in range(4):
-        decoded = unquote(path)
-        if decoded == path:
-            break
-        path = decoded
-    segments = [seg.split(";", 1)[0].lower() for seg in path.split("/")]
-    canonical = "/" + "/".join(seg for seg in segments if seg not in ("", "."))
-    return MODEL_PATHS.get(canonical)
-
-
-def check_unmetered(request: web.Request, ex: Exchange, rt: Runtime, body: bytes) -> None:
-    """A path Tollgate cannot meter goes through only where nothing it guards applies, or
-    where the config lets that path through unmetered by name. A body that names a model
-    is held to the key's model allow-list all the same."""
-    settings = rt.settings
-    allowed_by = settings.passthrough.allows(request.path)
-    if allowed_by is None:
-        header = settings.user_header
-        user = request.headers.get(header) if header else None
-        guarded = rt.keyring.enabled or bool(buckets_for(settings.budgets, ex.key_name, user, "", rt.clock()))
-        if guarded:
-            raise PermissionDenied(
-                f"{request.method} {request.path} cannot be metered, and keys or budgets apply to it here, "
-                "so it was not forwarded. An operator can let it through unmetered with "
-                "passthrough.allow_unmetered.",
-                code="unmetered_path",
-            )
-    if body and request.content_type == "application/json":
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            payload = None
-        if isinstance(payload, dict) and isinstance(payload.get("model"), str):
-            ex.requested_model = payload["model"]
-            check_model_allowed(ex, rt)
-    ex.extra["unmetered"] = allowed_by or "unguarded"
 
 
 async def not_found(request: web.Request) -> web.Response:
@@ -236,10 +158,10 @@ async def not_found(request: web.Request) -> web.Response:
 async def list_models(request: web.Request) -> web.Response:
     """The models the route table can serve: aliases, plus each upstream's own list filtered
     through the routes (an upstream model is listed only if a request for it would reach it)."""
-    rt = request.app[RUNTIME]
-    settings = rt.settings
+    policy = request.app[RUNTIME].policy
+    settings = policy.settings
     try:
-        authenticate(request, new_exchange(request, "models", settings.server.request_id_header), rt)
+        authenticate(request, new_exchange(request, "models", settings.server.request_id_header), policy.keyring)
     except HttpError as err:
         return error_response(err)
     seen: dict[str, dict[str, object]] = {}
@@ -247,9 +169,9 @@ async def list_models(request: web.Request) -> web.Response:
         seen[alias] = {"id": alias, "object": "model", "created": 0, "owned_by": "tollgate"}
 
     async def fetch(name: str) -> list[dict[str, object]]:
-        upstream = rt.upstreams[name]
-        headers = upstream_headers({}, upstream, None, drop_client_auth=True)
-        if upstream.settings.api_key is None and not rt.keyring.enabled and "Authorization" in request.headers:
+        upstream = policy.upstreams[name]
+        headers = upstream.own_headers()
+        if upstream.settings.api_key is None and not policy.keyring.enabled and "Authorization" in request.headers:
             headers["Authorization"] = request.headers["Authorization"]
         try:
             async with upstream.session.get(
@@ -263,7 +185,7 @@ async def list_models(request: web.Request) -> web.Response:
             log.warning("listing models of upstream %s failed: %s", name, exc)
             return []
 
-    names = sorted(rt.upstreams)
+    names = sorted(policy.upstreams)
     for name, models in zip(names, await asyncio.gather(*(fetch(n) for n in names))):
         for model in models:
             mid = str(model["id"])

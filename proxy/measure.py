@@ -285,7 +285,7 @@ class StreamTap:
 
     def _failed(self) -> None:
         self.healthy = False
-        self.ex.extra["measure_failed"] = True
+        self.ex.measure_failed = True
         log.exception("measuring stream %s failed; relaying on unmeasured", self.ex.request_id)
 
     def on_events(self, events: list[SSEEvent]) -> bool:

@@ -254,3 +254,12 @@ class PriceTable:
 def _shipped() -> PriceTable:
     text = importlib.resources.files("proxy").joinpath("data").joinpath("pricing.yaml").read_text("utf-8")
     return PriceTable.from_yaml_text(text, source="proxy/data/pricing.yaml")
+
+
+def price_of_exchange(prices: PriceTable, upstream_model: str | None, requested_model: str | None) -> Price | None:
+    """The price of what the upstream runs; an alias's own entry if the real id has none."""
+    model = upstream_model or requested_model or ""
+    price = prices.lookup(model)
+    if price is None and requested_model and requested_model != model:
+        price = prices.lookup(requested_model)
+    return price

@@ -110,31 +110,12 @@ async def serve(
     `reuse_port`, the API and metrics sockets are bound with SO_REUSEPORT so several
     processes can share their ports. `reload` reads the configuration again, for SIGHUP
     (without it, SIGHUP is logged and ignored)."""
-    from proxy.app import METRICS, METRICS_RUNNER, make_app
-    from proxy.ledger import LedgerError
-    from proxy.observers.metrics import metrics_handler
-    from proxy.observers.otel_env import tracing_requested
-    from proxy.state import RUNTIME
+    from proxy.app import METRICS_RUNNER, make_app
     from proxy.encodings import EncodingDataError
+    from proxy.spend.ledger import LedgerError
+    from proxy.state import RUNTIME
 
-    built: list[web.Application] = []
-
-    def dropped_span() -> None:
-        # From the exporter's thread, once the app (and its metrics) exist.
-        if built:
-            built[0][METRICS].count_dropped_span()
-
-    tracer_provider = None
-    if tracing_requested(os.environ):
-        from proxy.observers.tracing import make_tracer_provider
-
-        tracer_provider = make_tracer_provider(on_drop=dropped_span)
-    # app.py binds the metrics port without SO_REUSEPORT, which a second worker could not
-    # share; in that case the app is told metrics are off and the port is bound here.
-    own_metrics = reuse_port and settings.metrics.enabled
-    app_settings = _with_section(settings, "metrics", {"enabled": False}) if own_metrics else settings
-    app = make_app(app_settings, tracer_provider=tracer_provider)
-    built.append(app)
+    app = make_app(settings, trace_from_env=True, reuse_port=reuse_port)
     # handler_cancellation: a client that disconnects cancels its handler at once, which is
     # how the upstream request gets cancelled while the upstream is still thinking.
     grace = shutdown_grace()
@@ -166,16 +147,7 @@ async def serve(
         await runner.cleanup()
         raise SystemExit(1) from None
 
-    metrics_runner: web.AppRunner | None = None
-    if own_metrics:
-        cfg = settings.metrics
-        metrics_app = web.Application()
-        metrics_app.router.add_get(cfg.path, metrics_handler(app[METRICS].registry))
-        metrics_runner = web.AppRunner(metrics_app, access_log=None)
-        await metrics_runner.setup()
-        await web.TCPSite(metrics_runner, cfg.host, cfg.port, reuse_address=True, reuse_port=True).start()
-    elif settings.metrics.enabled:
-        metrics_runner = app[METRICS_RUNNER]
+    metrics_runner = app[METRICS_RUNNER] if settings.metrics.enabled else None
 
     # What start-up built lives as long as the process: frozen, the cyclic GC stops walking
     # it on every full collection (the CLI turned the GC off for the start, see __main__).
@@ -215,10 +187,6 @@ async def serve(
     log.info("shutting down%s: draining requests in flight (grace %.0f s)", who, grace)
     app[RUNTIME].drain_deadline = time.monotonic() + grace
     await runner.cleanup()
-    if own_metrics and metrics_runner is not None:
-        await metrics_runner.cleanup()
-    if tracer_provider is not None:
-        tracer_provider.shutdown()  # exports what the batch processor still holds
     log.info("stopped%s", who)
 
 
@@ -237,20 +205,17 @@ async def reload_config(app: web.Application, reload: Callable[[], Settings] | N
         new = reload()
     except ConfigError as exc:
         log.error("config reload rejected, the old configuration keeps serving: %s", str(exc).replace("\n", " "))
-        if rt.faults is not None:
-            rt.faults.reloads.labels("rejected").inc()
+        rt.faults.reloads.labels("rejected").inc()
         return False
     except Exception as exc:  # noqa: BLE001 - a reload must never take the server down
         log.error("config reload failed, the old configuration keeps serving: %s", exc)
-        if rt.faults is not None:
-            rt.faults.reloads.labels("rejected").inc()
+        rt.faults.reloads.labels("rejected").inc()
         return False
     kept = await reconfigure(app, new)
     if kept:
         log.warning("config reloaded, but changes to %s need a restart and were not applied", ", ".join(kept))
     log.info("config reloaded: %d upstreams, %d routes, %d budgets", len(new.upstreams), len(new.routes), len(new.budgets))
-    if rt.faults is not None:
-        rt.faults.reloads.labels("applied").inc()
+    rt.faults.reloads.labels("applied").inc()
     return True
 
 
@@ -263,13 +228,6 @@ def settings_loader(path: str | Path, overrides: tuple[Override, ...] = ()) -> C
         return load_settings(path, overrides=overrides)
 
     return load
-
-
-def _with_section(settings: Settings, section: str, changes: dict[str, object]) -> Settings:
-    # Validated again rather than model_copy'd: settings keep derived lookup tables.
-    data = settings.model_dump()
-    data[section] = {**data[section], **changes}
-    return Settings.model_validate(data)
 
 
 def _reserve_port(host: str) -> socket.socket:

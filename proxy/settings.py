@@ -46,7 +46,7 @@ from pydantic import (
     model_validator,
 )
 
-from proxy.budgets import BudgetRules, LedgerSettings, WebhookSettings
+from proxy.spend.budgets import BudgetRules, LedgerSettings, WebhookSettings
 from proxy.errors import ConfigError
 from proxy.globs import check_glob
 from proxy.keys import VirtualKeys

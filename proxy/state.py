@@ -1,26 +1,33 @@
-"""What the running app holds, under typed AppKeys (one Runtime per application)."""
+"""What the running app holds, under typed AppKeys (one Runtime per application).
+
+A request reads `policy` once (its configuration) and talks to `spend` (its budget
+lifecycle) and `observers` (its measurements); nothing else here is for a request.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from proxy.exchange import Observers
-from proxy.forward import Upstream
+from proxy.faults import FaultMetrics
 from proxy.keys import KeyRing
-from proxy.ledger import Ledger
-from proxy.observers.budget_metrics import BudgetMetrics
+from proxy.observer import Observers
+from proxy.policy import Policy
 from proxy.pricing import PriceTable
 from proxy.settings import Settings
-from proxy.webhook import WebhookSender
+from proxy.spend.hold import Hold
+from proxy.spend.ledger import Ledger
+from proxy.spend.lifecycle import Spend, Unsettled
+from proxy.spend.metrics import BudgetMetrics
+from proxy.spend.webhook import WebhookSender
+from proxy.upstream import Upstream
 
 log = logging.getLogger("tollgate")
 
@@ -29,116 +36,76 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class FaultMetrics:
-    """What the proxy counts about its own dependencies and lifecycle."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.ledger_unavailable = Counter(
-            "tollgate_ledger_unavailable_total",
-            "Ledger operations that failed because the ledger (Redis, the SQLite file) was "
-            "unavailable; mode is what admission did about it (fail_open, fail_closed, or "
-            "deferred for a settlement kept for retry).",
-            ("operation", "mode"),
-            registry=registry,
-        )
-        self.unsettled = Gauge(
-            "tollgate_ledger_unsettled",
-            "Settlements waiting for the ledger to come back (charged when it does).",
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        self.reconciled = Counter(
-            "tollgate_ledger_reconciled_total",
-            "Settlements charged late, after the ledger came back.",
-            registry=registry,
-        )
-        self.interrupted = Counter(
-            "tollgate_ledger_interrupted_total",
-            "Reservations whose process died with the request in flight (the lease ran out), "
-            "settled at their estimated input cost as outcome=interrupted spend rows.",
-            registry=registry,
-        )
-        self.reloads = Counter(
-            "tollgate_config_reloads_total",
-            "Configuration reloads (SIGHUP), by result (applied or rejected).",
-            ("result",),
-            registry=registry,
-        )
-        self.tasks = Gauge(
-            "tollgate_event_loop_tasks",
-            "Tasks alive on the event loop at the last scrape (flat under steady load; "
-            "growth means a leak).",
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-
-
 @dataclass(eq=False)
 class Runtime:
-    settings: Settings
-    prices: PriceTable
+    # Replaced whole by a reload (one assignment): a request captures it once.
+    policy: Policy
+    spend: Spend
     observers: Observers
-    keyring: KeyRing
-    budget_metrics: BudgetMetrics
-    webhook: WebhookSender
+    faults: FaultMetrics
     clock: Callable[[], datetime] = utc_now
-    upstreams: dict[str, Upstream] = field(default_factory=dict)
-    _ledger: Ledger | None = None
-    background: set[asyncio.Task[Any]] = field(default_factory=set)
     # Start-up look-ups (llama-server's /props) that nothing waits on: cancelled at
-    # shutdown, where `background` is drained.
+    # shutdown.
     probes: set[asyncio.Task[Any]] = field(default_factory=set)
-    # Ledger ids of this process's reservations not yet settled: their leases are renewed
-    # while they run, so a lease runs out only when the process holding it is gone.
-    live_reservations: set[str] = field(default_factory=set)
-    # Ledger ids of reservations refused because the ledger failed (timed out) mid-call:
-    # a hung Redis may still run them later, so they are abandoned once it answers.
-    abandoned: set[str] = field(default_factory=set)
     unpriced_warned: set[str] = field(default_factory=set)
     measure_failures: int = 0
-    # Settlements the ledger could not take (storage down): retried until it can, so a
-    # request that was served is charged once the ledger is back (see finish.settle).
-    unsettled: deque[Any] = field(default_factory=deque)
     # Resources a config reload replaced (old upstream sessions): closed at `deadline`
     # (monotonic), once requests still using them have had time to finish, or at shutdown.
     retired: list[tuple[float, Callable[[], Awaitable[None]]]] = field(default_factory=list)
-    faults: FaultMetrics | None = None
     # Set (monotonic) when SIGTERM starts a drain: requests still running at this moment
     # are cancelled by the server, and recorded as the proxy's doing, not the client's.
     drain_deadline: float | None = None
 
+    # The policy in force now, field by field (for what is not a request: chores, reports).
     @property
-    def ledger(self) -> Ledger:
-        if self._ledger is None:
-            raise RuntimeError("the ledger is opened in the app's startup")
-        return self._ledger
+    def settings(self) -> Settings:
+        return self.policy.settings
 
     @property
-    def lease_seconds(self) -> float:
-        return self.settings.ledger.lease_seconds
+    def prices(self) -> PriceTable:
+        return self.policy.prices
+
+    @property
+    def keyring(self) -> KeyRing:
+        return self.policy.keyring
+
+    @property
+    def upstreams(self) -> Mapping[str, Upstream]:
+        return self.policy.upstreams
+
+    # The spend lifecycle's state, for reports and tests.
+    @property
+    def ledger(self) -> Ledger:
+        return self.spend.ledger
+
+    @property
+    def unsettled(self) -> deque[Unsettled]:
+        return self.spend.outbox
+
+    @property
+    def abandoned(self) -> set[str]:
+        return self.spend.abandoned
+
+    @property
+    def live_reservations(self) -> dict[str, Hold]:
+        return self.spend.live
+
+    @property
+    def background(self) -> set[asyncio.Task[Any]]:
+        return self.spend.background
+
+    @property
+    def budget_metrics(self) -> BudgetMetrics:
+        return self.spend.metrics
+
+    @property
+    def webhook(self) -> WebhookSender:
+        return self.spend.webhook
 
     @property
     def ready(self) -> bool:
-        return (
-            self._ledger is not None
-            and bool(self.upstreams)
-            and not any(u.closed for u in self.upstreams.values())
-        )
-
-    def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> asyncio.Task[Any]:
-        """Run work that must outlive the request (e.g. after a client disconnect) and is
-        awaited at shutdown, so nothing is lost when the process drains."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self.background.add(task)
-
-        def done(t: asyncio.Task[Any]) -> None:
-            self.background.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                log.error("background %s failed", what, exc_info=t.exception())
-
-        task.add_done_callback(done)
-        return task
-
+        upstreams = self.policy.upstreams
+        return self.spend.opened and bool(upstreams) and not any(u.closed for u in upstreams.values())
 
     def probe(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a look-up that only informs (metrics) and may be cut short at shutdown: an

@@ -18,6 +18,7 @@ from typing import IO, Any, Literal
 import orjson
 
 from proxy.exchange import Exchange
+from proxy.observer import Observer
 
 PayloadMode = Literal["off", "truncated"]
 
@@ -105,7 +106,7 @@ def prompt_text(body: dict[str, Any] | None) -> str | None:
     return None
 
 
-class AccessLogObserver:
+class AccessLogObserver(Observer):
     def __init__(
         self,
         stream: IO[bytes] | None = None,
@@ -117,12 +118,6 @@ class AccessLogObserver:
         self.stream: IO[bytes] = stream if stream is not None else sys.stdout.buffer
         self.payloads = payloads
         self.payload_max_chars = payload_max_chars
-
-    def on_start(self, ex: Exchange) -> None:
-        return None
-
-    def on_first_token(self, ex: Exchange) -> None:
-        return None
 
     def on_finish(self, ex: Exchange) -> None:
         line = orjson.dumps(self.record(ex), default=str, option=orjson.OPT_APPEND_NEWLINE)
@@ -174,12 +169,12 @@ class AccessLogObserver:
         }
         if ex.error_detail is not None:
             rec["error_detail"] = ex.error_detail
-        unmetered = ex.extra.get("unmetered")
+        unmetered = ex.unmetered
         if unmetered is not None:
             rec["unmetered"] = unmetered
         if ex.body_measured != "whole":
             rec["body_measured"] = ex.body_measured
-        budget = ex.extra.get("budget_verdict")
+        budget = ex.budget_verdict
         if budget is not None:
             rec["budget"] = budget
         if ex.llamacpp_timings:

@@ -25,6 +25,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy.exchange import Exchange
+from proxy.observer import Observer
 
 # gen_ai.client.operation.duration (doubling from 10 ms to 81.92 s), extended for long
 # reasoning streams.
@@ -69,8 +70,6 @@ TOKENS_PER_SECOND_BUCKETS: tuple[float, ...] = (
 
 _FAILED_UPSTREAM_OUTCOMES = frozenset({"proxy_error", "upstream_error"})
 
-_INFLIGHT_KEY = "_metrics_in_flight"
-_STREAM_KEY = "_metrics_open_stream"
 
 M = TypeVar("M", Counter, Gauge, Histogram)
 
@@ -112,11 +111,14 @@ def _build_version() -> str:
         return "unknown"
 
 
-class MetricsObserver:
+class MetricsObserver(Observer):
     """Records every exchange into a Prometheus registry (injected, so tests use fresh ones)."""
 
     def __init__(self, registry: CollectorRegistry, version: str | None = None) -> None:
         self.registry = registry
+        # The in-flight (and open-stream) children each started exchange raised: lowered at
+        # on_finish on the same series, whatever the exchange learned in between.
+        self._raised: dict[Exchange, tuple[Any, Any]] = {}
 
         def counter(name: str, doc: str, labels: Sequence[str]) -> _Children[Counter]:
             return _Children(Counter(name, doc, labels, registry=registry))
@@ -279,23 +281,19 @@ class MetricsObserver:
         # change) after on_start, and the gauge must come back down on the same series.
         g = self.in_flight.get(upstream)
         g.inc()
-        ex.extra[_INFLIGHT_KEY] = g
+        s = None
         if ex.stream:
             s = self.open_streams.get(upstream)
             s.inc()
-            ex.extra[_STREAM_KEY] = s
-
-    def on_first_token(self, ex: Exchange) -> None:
-        # TTFT is observed once, at finish, together with everything else.
-        return None
+        self._raised[ex] = (g, s)
 
     def on_finish(self, ex: Exchange) -> None:
-        g = ex.extra.pop(_INFLIGHT_KEY, None)
-        if g is not None:
+        raised = self._raised.pop(ex, None)
+        if raised is not None:
+            g, s = raised
             g.dec()
-        s = ex.extra.pop(_STREAM_KEY, None)
-        if s is not None:
-            s.dec()
+            if s is not None:
+                s.dec()
 
         model = ex.model_label
         upstream = ex.upstream or "none"
@@ -303,7 +301,7 @@ class MetricsObserver:
         stream = "true" if ex.stream else "false"
 
         self.requests.get(model, upstream, endpoint, status_class(ex.status), stream).inc()
-        unmetered = ex.extra.get("unmetered")
+        unmetered = ex.unmetered
         if unmetered is not None:
             self.unmetered.get(unmetered).inc()
 
@@ -400,15 +398,21 @@ def metrics_handler(registry: CollectorRegistry) -> Callable[[web.Request], Any]
 
 
 async def start_metrics_server(
-    registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 9464, path: str = "/metrics"
+    registry: CollectorRegistry,
+    host: str = "127.0.0.1",
+    port: int = 9464,
+    path: str = "/metrics",
+    *,
+    reuse_port: bool = False,
 ) -> web.AppRunner:
     """Serve the text exposition on the running loop. Port 0 picks a free port; read it
-    back with `bound_port(runner)`. Stop with `await runner.cleanup()`."""
+    back with `bound_port(runner)`. Stop with `await runner.cleanup()`. `reuse_port` lets
+    several worker processes share the port (SO_REUSEPORT)."""
     app = web.Application()
     app.router.add_get(path, metrics_handler(registry))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, reuse_port=True if reuse_port else None)
     await site.start()
     return runner
 

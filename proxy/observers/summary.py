@@ -17,6 +17,7 @@ from decimal import Decimal
 from typing import Any
 
 from proxy.exchange import Exchange
+from proxy.observer import Observer
 from proxy.observers.access_log import iso_utc
 
 
@@ -95,7 +96,7 @@ class ModelSummary:
         }
 
 
-class SummaryObserver:
+class SummaryObserver(Observer):
     """Per model label: requests, errors (any outcome but "ok"), TTFT and duration
     p50/p95, tokens by kind, cost. Token kinds follow `tollgate_tokens_total`: they
     partition the total (input is uncached, output excludes reasoning)."""
@@ -103,12 +104,6 @@ class SummaryObserver:
     def __init__(self) -> None:
         self.started = time.time()
         self.models: dict[str, ModelSummary] = {}
-
-    def on_start(self, ex: Exchange) -> None:
-        return None
-
-    def on_first_token(self, ex: Exchange) -> None:
-        return None
 
     def on_finish(self, ex: Exchange) -> None:
         label = ex.model_label

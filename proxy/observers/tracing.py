@@ -1,7 +1,7 @@
 """OpenTelemetry traces: one CLIENT span per exchange, with GenAI semantic-convention attributes.
 
 The span continues the caller's W3C trace (`traceparent`), and its own context is handed to the
-relay (`ex.extra["trace_headers"]`) so the upstream continues ours. Attribute names follow the
+relay (the `on_request_headers` hook) so the upstream continues ours. Attribute names follow the
 GenAI semantic conventions (v1.41 registry, now in open-telemetry/semantic-conventions-genai);
 Tollgate's own measurements go under `tollgate.*`.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,6 +29,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.re import parse_env_headers
 
 from proxy.exchange import Exchange
+from proxy.observer import Observer
 from proxy.observers.otel_env import tracing_requested
 
 log = logging.getLogger("tollgate.tracing")
@@ -36,8 +37,6 @@ log = logging.getLogger("tollgate.tracing")
 FIRST_TOKEN_EVENT = "tollgate.first_token"
 TRACER_NAME = "tollgate"
 
-_SPAN_KEY = "_otel_span"
-_WALL0_KEY = "_otel_wall0_ns"
 
 _propagator = TraceContextTextMapPropagator()
 
@@ -90,21 +89,21 @@ def _wall_ns(ex: Exchange, t_ns: int | None) -> int | None:
     """A perf_counter_ns moment as wall-clock ns, anchored at the exchange's t0."""
     if t_ns is None:
         return None
-    wall0: int = ex.extra.get(_WALL0_KEY) or int(ex.wall_start * 1e9)
-    return wall0 + (t_ns - ex.t0_ns)
+    return int(ex.wall_start * 1e9) + (t_ns - ex.t0_ns)
 
 
-class TracingObserver:
+class TracingObserver(Observer):
     def __init__(self, tracer_provider: TracerProvider) -> None:
         self.tracer = tracer_provider.get_tracer(TRACER_NAME)
+        # The open span of each exchange between on_start and on_finish.
+        self._spans: dict[Exchange, Span] = {}
 
     def on_start(self, ex: Exchange) -> None:
         carrier: dict[str, str] = {}
         if ex.traceparent:
             carrier["traceparent"] = ex.traceparent
-            tracestate = ex.extra.get("tracestate")
-            if isinstance(tracestate, str) and tracestate:
-                carrier["tracestate"] = tracestate
+            if ex.tracestate:
+                carrier["tracestate"] = ex.tracestate
         parent = _propagator.extract(carrier) if carrier else None
 
         model = ex.requested_model
@@ -116,19 +115,18 @@ class TracingObserver:
         if provider:
             attrs["gen_ai.provider.name"] = provider
 
-        wall0 = int(ex.wall_start * 1e9)
-        ex.extra[_WALL0_KEY] = wall0
-        span = self.tracer.start_span(
-            name, context=parent, kind=SpanKind.CLIENT, attributes=attrs, start_time=wall0
+        self._spans[ex] = self.tracer.start_span(
+            name, context=parent, kind=SpanKind.CLIENT, attributes=attrs, start_time=int(ex.wall_start * 1e9)
         )
-        ex.extra[_SPAN_KEY] = span
 
-        headers: dict[str, str] = {}
-        _propagator.inject(headers, context=set_span_in_context(span))
-        ex.extra["trace_headers"] = headers
+    def on_request_headers(self, ex: Exchange, headers: MutableMapping[str, str]) -> None:
+        # The upstream continues our trace: its spans become children of this one.
+        span = self._spans.get(ex)
+        if span is not None:
+            _propagator.inject(headers, context=set_span_in_context(span))
 
     def on_first_token(self, ex: Exchange) -> None:
-        span: Span | None = ex.extra.get(_SPAN_KEY)
+        span = self._spans.get(ex)
         if span is None:
             return
         ttft = ex.ttft_s
@@ -140,7 +138,7 @@ class TracingObserver:
         )
 
     def on_finish(self, ex: Exchange) -> None:
-        span: Span | None = ex.extra.pop(_SPAN_KEY, None)
+        span = self._spans.pop(ex, None)
         if span is None:
             return
         if span.is_recording():
@@ -189,7 +187,7 @@ class TracingObserver:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     a[attr] = value
 
-        host, port = _server_address(ex.extra.get("upstream_address"))
+        host, port = _server_address(ex.upstream_url)
         if host:
             a["server.address"] = host
             if port is not None:

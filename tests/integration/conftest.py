@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from proxy.app import METRICS_RUNNER, make_app
-from proxy.exchange import Observer
+from proxy.observer import Observer
 from proxy.observers.metrics import bound_port
 from proxy.settings import Settings, parse_settings
 from proxy.state import RUNTIME, Runtime

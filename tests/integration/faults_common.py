@@ -25,7 +25,7 @@ from tests.integration.conftest import Proxy, proxy_yaml
 from tests.support.tollgate_process import Tollgate, start_tollgate
 
 # Tasks that live as long as the app does, by the name of their coroutine.
-_LONG_LIVED = frozenset({"ledger_chores", "retry_unsettled"})
+_LONG_LIVED = frozenset({"chores", "housekeeping_rounds", "retry_outbox"})
 
 
 async def drained(rt: Runtime, timeout: float = 5.0) -> None:

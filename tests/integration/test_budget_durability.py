@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from proxy.budgets import from_nanos
+from proxy.spend.budgets import from_nanos
 from tests.integration.budget_common import BODY, COST, budget_config, capped_reply
 from tests.support.fake_upstream import Reply
 from tests.support.procs import wait_until

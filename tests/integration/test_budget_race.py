@@ -20,8 +20,8 @@ from typing import Any
 
 import aiohttp
 
-from proxy.budgets import LedgerSettings
-from proxy.ledger import open_ledger
+from proxy.spend.budgets import LedgerSettings
+from proxy.spend.ledger import open_ledger
 from tests.integration.budget_common import BODY, budget_config, capped_reply
 from tests.support.redis_server import RedisServer
 from tests.support.tollgate_process import Tollgate, UpstreamThread, start_tollgate

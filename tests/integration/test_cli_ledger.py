@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from proxy.__main__ import main
-from proxy.budgets import buckets_for, charges
+from proxy.spend.budgets import buckets_for, charges
 from proxy.keys import hash_key
-from proxy.ledger import SpendRow
-from proxy.ledger.sqlite import SqliteLedger
+from proxy.spend.ledger import SpendRow
+from proxy.spend.ledger.sqlite import SqliteLedger
 from proxy.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.budgets import BucketState, Charge, LedgerSettings, charges
-from proxy.ledger import Ledger, LedgerError, SpendRow, open_ledger
-from proxy.ledger.redis import SETTLED_RETENTION_MS, RedisLedger
+from proxy.spend.budgets import BucketState, Charge, LedgerSettings, charges
+from proxy.spend.ledger import Ledger, LedgerError, SpendRow, open_ledger
+from proxy.spend.ledger.redis import SETTLED_RETENTION_MS, RedisLedger
 from tests.integration.test_ledger_sqlite import (  # noqa: F401 - collected here with redis fixtures
     LEASE,
     NOW,

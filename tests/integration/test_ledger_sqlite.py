@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from proxy.budgets import (
+from proxy.spend.budgets import (
     Bucket,
     BucketState,
     BudgetRule,
@@ -32,8 +32,8 @@ from proxy.budgets import (
     charges,
     threshold_crossed,
 )
-from proxy.ledger import DuplicateReservation, IfInterrupted, Ledger, SpendRow, admit_and_reserve, open_ledger
-from proxy.ledger.sqlite import OPEN_BUCKETS_SQL, SqliteLedger
+from proxy.spend.ledger import DuplicateReservation, IfInterrupted, Ledger, SpendRow, admit_and_reserve, open_ledger
+from proxy.spend.ledger.sqlite import OPEN_BUCKETS_SQL, SqliteLedger
 from proxy.usage import Usage
 
 D = Decimal

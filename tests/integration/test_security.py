@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy import keys as keys_module
 from proxy.app import make_app
-from proxy.handlers import escapes_api_base
+from proxy.paths import escapes_api_base
 from proxy.keys import KeyRing, VirtualKey, hash_key
 from proxy.settings import parse_settings
 from tests.integration.conftest import StartProxy, proxy_yaml

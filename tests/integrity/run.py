@@ -52,7 +52,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.budgets import from_nanos
+from proxy.spend.budgets import from_nanos
 from tests.support.procs import free_port, stop_process, wait_started
 from tests.support.redis_server import real_clock_env
 from tests.support.tollgate_process import Tollgate, start_tollgate

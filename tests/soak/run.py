@@ -40,7 +40,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy.budgets import spend_nanos
+from proxy.spend.budgets import spend_nanos
 from tests.integration.faults_common import (
     ServerProcess,
     server_yaml,

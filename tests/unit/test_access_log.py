@@ -45,7 +45,6 @@ def exchange(**kw: Any) -> Exchange:
             ],
             "api_key": SECRET_KEY,
         },
-        extra={"headers": {"authorization": f"Bearer {SECRET_KEY}"}},
         t_upstream_sent_ns=T0 + MS,
         t_first_byte_ns=T0 + 80 * MS,
         t_first_token_ns=T0 + 100 * MS,

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
-from proxy.budgets import (
+from proxy.spend.budgets import (
     EPOCH,
     HEADER_CLAMPED,
     HEADER_NAME,

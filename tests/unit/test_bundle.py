@@ -34,7 +34,7 @@ DEPLOY_CONFIG = ROOT / "deploy" / "tollgate.yaml"
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 DOCKERFILE = ROOT / "Dockerfile"
 
-# Announced names of the budget metrics (proxy/budgets.py exports them).
+# Announced names of the budget metrics (proxy/spend/budgets.py exports them).
 BUDGET_METRICS = frozenset(
     {
         "tollgate_budget_spent_usd",

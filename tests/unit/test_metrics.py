@@ -12,7 +12,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.exchange import Exchange, Observers
+from proxy.exchange import Exchange
+from proxy.observer import Observers
 from proxy.observers.metrics import (
     DURATION_BUCKETS,
     TTFT_BUCKETS,

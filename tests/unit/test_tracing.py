@@ -67,15 +67,19 @@ def finish_ok(ex: Exchange) -> None:
         output_source="estimated",
     )
     ex.cost = Decimal("0.0000123")
-    ex.extra["upstream_address"] = ("api.openai.com", 443)
+    ex.upstream_url = "https://api.openai.com/v1"
 
 
-def run(obs: TracingObserver, ex: Exchange, finish: Any = finish_ok) -> None:
+def run(obs: TracingObserver, ex: Exchange, finish: Any = finish_ok) -> dict[str, str]:
+    """Fires the hooks as the proxy does; returns the headers that went upstream."""
     obs.on_start(ex)
+    headers: dict[str, str] = {}
+    obs.on_request_headers(ex, headers)
     finish(ex)
     if ex.t_first_token_ns is not None:
         obs.on_first_token(ex)
     obs.on_finish(ex)
+    return headers
 
 
 @pytest.fixture
@@ -138,9 +142,10 @@ def test_trace_headers_carry_our_span(memory: tuple[TracerProvider, InMemorySpan
     provider, exporter = memory
     obs = TracingObserver(provider)
     ex = exchange(traceparent=TRACEPARENT)
-    ex.extra["tracestate"] = "vendor=abc"
+    ex.tracestate = "vendor=abc"
     obs.on_start(ex)
-    headers = ex.extra["trace_headers"]
+    headers: dict[str, str] = {}
+    obs.on_request_headers(ex, headers)
     version, trace_id, span_id, flags = headers["traceparent"].split("-")
     assert (version, trace_id, flags) == ("00", INCOMING_TRACE, "01")
     assert span_id != INCOMING_PARENT  # the upstream continues our span, not the caller's
@@ -155,11 +160,11 @@ def test_new_trace_without_traceparent(memory: tuple[TracerProvider, InMemorySpa
     provider, exporter = memory
     obs = TracingObserver(provider)
     ex = exchange(traceparent=None, requested_model=None, endpoint="models", stream=False)
-    run(obs, ex)
+    headers = run(obs, ex)
     (span,) = exporter.get_finished_spans()
     assert span.parent is None
     assert span.name == "list_models"  # no model: the operation alone
-    assert ex.extra["trace_headers"]["traceparent"].split("-")[1] == format(span.context.trace_id, "032x")
+    assert headers["traceparent"].split("-")[1] == format(span.context.trace_id, "032x")
 
 
 def test_failure_sets_error_type_and_status(memory: tuple[TracerProvider, InMemorySpanExporter]) -> None:

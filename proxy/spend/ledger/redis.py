@@ -55,8 +55,8 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from proxy.budgets import Bucket, BucketState, Charge, LimitKind, from_nanos, spend_nanos, to_nanos
-from proxy.ledger.base import (
+from proxy.spend.budgets import Bucket, BucketState, Charge, LimitKind, from_nanos, spend_nanos, to_nanos
+from proxy.spend.ledger.base import (
     DuplicateReservation,
     GroupBy,
     IfInterrupted,
@@ -65,7 +65,7 @@ from proxy.ledger.base import (
     Settled,
     SpendRow,
 )
-from proxy.ledger.sqlite import SpendLog, budget_row, epoch_ms
+from proxy.spend.ledger.sqlite import SpendLog, budget_row, epoch_ms
 
 BUCKET_EXPIRY_MARGIN_MS = 24 * 3600 * 1000
 SETTLED_RETENTION_MS = 7 * 24 * 3600 * 1000

@@ -16,7 +16,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from proxy.budgets import TEMPLATE, BudgetRule, window
+from proxy.spend.budgets import TEMPLATE, BudgetRule, window
 
 
 class BudgetMetrics:

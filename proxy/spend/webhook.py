@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy.budgets import WebhookSettings
+from proxy.spend.budgets import WebhookSettings
 
 log = logging.getLogger("tollgate.webhook")
 

@@ -17,7 +17,7 @@ or this process's thread), SQLite says SQLITE_BUSY at once and the transaction g
 thread, which waits on `busy_timeout` without blocking the loop. The loop connection never
 checkpoints (that fsyncs): the thread checkpoints the WAL every few hundred loop commits.
 
-Money is integer nano-USD (see proxy.budgets.to_nanos); times are integer epoch
+Money is integer nano-USD (see proxy.spend.budgets.to_nanos); times are integer epoch
 milliseconds (leases, windows) or ISO-8601 UTC text (the spend log, for people and CSV).
 """
 
@@ -35,7 +35,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
-from proxy.budgets import (
+from proxy.spend.budgets import (
     Bucket,
     BucketState,
     Charge,
@@ -45,7 +45,7 @@ from proxy.budgets import (
     spend_nanos,
     to_nanos,
 )
-from proxy.ledger.base import (
+from proxy.spend.ledger.base import (
     DuplicateReservation,
     GroupBy,
     IfInterrupted,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from proxy.budgets import LedgerSettings
-from proxy.ledger.base import (
+from proxy.spend.budgets import LedgerSettings
+from proxy.spend.ledger.base import (
     Admission,
     DuplicateReservation,
     GroupBy,
@@ -27,7 +27,7 @@ from proxy.ledger.base import (
 async def open_ledger(settings: LedgerSettings, now: datetime | None = None) -> Ledger:
     ledger: Ledger
     if settings.backend == "redis":
-        from proxy.ledger.redis import RedisLedger
+        from proxy.spend.ledger.redis import RedisLedger
 
         if settings.redis_url is None:  # the settings validator already insists
             raise LedgerError("redis_url is required when backend is redis")
@@ -37,7 +37,7 @@ async def open_ledger(settings: LedgerSettings, now: datetime | None = None) -> 
             pending_grace_seconds=settings.lease_seconds,
         )
     else:
-        from proxy.ledger.sqlite import SqliteLedger
+        from proxy.spend.ledger.sqlite import SqliteLedger
 
         ledger = await SqliteLedger.open(settings.path, settings.busy_timeout_seconds)
     await ledger.expire(now or datetime.now(timezone.utc))

@@ -4,13 +4,13 @@ Both backends (sqlite.py, redis.py) implement `Ledger`. Their contract:
 
 - `reserve` is all or nothing across every charge, and atomic across tasks, processes and
   (for Redis) instances: for each *block* bucket it checks spent + live reservations +
-  amount against the limits (`proxy.budgets.exceeds`), and only if all fit records the
+  amount against the limits (`proxy.spend.budgets.exceeds`), and only if all fit records the
   reservation on every bucket (warn buckets included, so their state shows what is in
   flight). A reservation lives until settled, released, or its lease ends.
 - `settle` replaces the reservation by the actual charges and writes the spend-log row,
   exactly once per request id (a second settle is a no-op returning []).
 - Money is stored as integer nano-USD (1e-9 USD); reservations are rounded up, actual
-  spend half-even (`proxy.budgets.to_nanos` / `spend_nanos`). Decimal in, Decimal out.
+  spend half-even (`proxy.spend.budgets.to_nanos` / `spend_nanos`). Decimal in, Decimal out.
 - All times are timezone-aware datetimes passed in by the caller (inject the clock).
 
 Request ids must be unique per admission: a client-chosen `x-request-id` can repeat, so the
@@ -27,7 +27,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from proxy.budgets import (
+from proxy.spend.budgets import (
     Bucket,
     BucketState,
     Charge,
