@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         # readiness (~30 ms); serve turns it back on once it listens, after freezing what
         # start-up left (see serve.serve).
         gc.disable()
-        return cmd_serve(args, started_at)
+        return int(cmd_serve(args, started_at))
     try:
         code = int(args.func(args))
         sys.stdout.flush()

@@ -130,7 +130,7 @@ async def upstream_sessions(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
     opened = {name: open_upstream(name, upstream, rt.settings) for name, upstream in rt.settings.upstreams.items()}
     rt.policy = rt.policy.with_upstreams(opened)
-    for name, upstream in opened.items():
+    for _name, upstream in opened.items():
         if upstream.settings.kind == "llamacpp":
             # In the background: a llama-server still loading must not delay readiness.
             rt.probe(read_llamacpp_context(upstream, app[METRICS]))

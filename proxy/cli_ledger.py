@@ -14,11 +14,14 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any
 
+from proxy.errors import ConfigError
+from proxy.keys import generate_key, hash_key
+from proxy.settings import Settings, collect_overrides, load_settings
 from proxy.spend.budgets import (
     TEMPLATE,
     BudgetRule,
@@ -28,16 +31,14 @@ from proxy.spend.budgets import (
     to_nanos,
     window,
 )
-from proxy.errors import ConfigError
-from proxy.keys import generate_key, hash_key
 from proxy.spend.ledger import Ledger, LedgerError, open_ledger
 from proxy.spend.ledger.base import GROUP_BY_FIELDS, check_group_by
-from proxy.settings import Settings, collect_overrides, load_settings
+from proxy.spend.money import report_value
 
 DEFAULT_CONFIG = "config/tollgate.yaml"
 # The spend log's whole range when no dates are given.
-_BEGINNING = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_END_OF_TIME = datetime(9999, 1, 1, tzinfo=timezone.utc)
+_BEGINNING = datetime(1970, 1, 1, tzinfo=UTC)
+_END_OF_TIME = datetime(9999, 1, 1, tzinfo=UTC)
 
 _SUM_COLUMNS = ("requests", "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens", "cost")
 
@@ -85,12 +86,12 @@ def _moment(text: str) -> _Moment:
     try:
         if len(text) == 10:
             day = date.fromisoformat(text)
-            return _Moment(datetime.combine(day, time(0), tzinfo=timezone.utc), True)
+            return _Moment(datetime.combine(day, time(0), tzinfo=UTC), True)
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date (2025-06-01) or ISO time") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return _Moment(moment, False)
 
 
@@ -266,19 +267,11 @@ def _usd(amount: Decimal | None) -> Decimal | None:
     return None if amount is None else from_nanos(to_nanos(amount))
 
 
-def jsonable(value: object) -> object:
-    if isinstance(value, Decimal):
-        return f"{value:f}"
-    if isinstance(value, datetime):
-        return iso_utc(value)
-    return value
-
-
 def cmd_budgets(args: argparse.Namespace) -> int:
     settings = _settings(args.config)
     if settings is None:
         return 2
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     report: list[dict[str, Any]] = []
     if settings.ledger.backend == "redis" or Path(settings.ledger.path).exists():
         try:
@@ -288,8 +281,8 @@ def cmd_budgets(args: argparse.Namespace) -> int:
             return 1
     rows = budget_rows(settings.budgets, report, now)
     if args.json:
-        data = [{k: jsonable(v) for k, v in r.items()} for r in rows]
-        json.dump({"object": "list", "now": iso_utc(now), "data": data}, sys.stdout, indent=2)
+        data = [{k: report_value(v) for k, v in r.items()} for r in rows]
+        json.dump({"object": "list", "now": report_value(now), "data": data}, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
     header = ["budget", "scope", "action", "spent", "reserved", "limit", "remaining", "resets"]

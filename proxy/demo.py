@@ -17,11 +17,11 @@ import asyncio
 import contextlib
 import io
 import logging
-import signal
 import os
+import signal
 import socket
-import tempfile
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from decimal import Decimal
@@ -354,7 +354,6 @@ async def run_demo(
 ) -> DemoReport:
     """Start everything, send the burst, gather the report; `on_report` runs while it is all up."""
     from proxy.app import METRICS_RUNNER
-
     from proxy.synthetic import SyntheticUpstream
 
     recorder = Recorder()
@@ -452,7 +451,7 @@ async def send(client: Any, rid: str, kind: Kind, i: int) -> str:
         return "".join(parts)
     if not kind.stream:
         done = await client.completions.create(model=CHAT_MODEL, prompt=_prompt(i), extra_headers=headers)
-        return done.choices[0].text
+        return str(done.choices[0].text)
     stream = await client.completions.create(model=CHAT_MODEL, prompt=_prompt(i), stream=True, extra_headers=headers)
     return "".join([c.choices[0].text async for c in stream if c.choices])
 

@@ -164,7 +164,7 @@ def _parse_ranks(data: bytes) -> dict[bytes, int]:
     fields = data.split()
     if len(fields) % 2:
         raise EncodingDataError("a BPE rank file line is not '<token> <rank>'")
-    return dict(zip(map(binascii.a2b_base64, fields[0::2]), map(int, fields[1::2])))
+    return dict(zip(map(binascii.a2b_base64, fields[0::2]), map(int, fields[1::2]), strict=False))
 
 
 # Parsed ranks are cached as marshal data keyed by the rank file's verified sha256: loading

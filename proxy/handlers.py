@@ -15,8 +15,6 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime
-from decimal import Decimal
 
 import aiohttp
 import orjson
@@ -33,6 +31,7 @@ from proxy.policy import Policy
 from proxy.route import Routed, outgoing_body, route, route_unmetered
 from proxy.spend.admission import OutputLimits, admit
 from proxy.spend.hold import NOT_ADMITTED, Admission
+from proxy.spend.money import report_value
 from proxy.state import RUNTIME, Runtime
 
 log = logging.getLogger("tollgate.handlers")
@@ -186,7 +185,7 @@ async def list_models(request: web.Request) -> web.Response:
             return []
 
     names = sorted(policy.upstreams)
-    for name, models in zip(names, await asyncio.gather(*(fetch(n) for n in names))):
+    for name, models in zip(names, await asyncio.gather(*(fetch(n) for n in names)), strict=False):
         for model in models:
             mid = str(model["id"])
             resolved = settings.route_for(mid)
@@ -233,14 +232,6 @@ def require_summary_reader(request: web.Request, rt: Runtime) -> None:
     require_admin(request, rt)
 
 
-def _jsonable(value: object) -> object:
-    if isinstance(value, Decimal):
-        return f"{value:f}"
-    if isinstance(value, datetime):
-        return value.isoformat().replace("+00:00", "Z")
-    return value
-
-
 async def budgets_report(request: web.Request) -> web.Response:
     """Each budget bucket's spent, reserved, limit and reset, from the shared ledger."""
     rt = request.app[RUNTIME]
@@ -252,7 +243,7 @@ async def budgets_report(request: web.Request) -> web.Response:
     rows = await rt.ledger.budget_report(now)
     return web.Response(
         body=orjson.dumps(
-            {"object": "list", "now": _jsonable(now), "data": [{k: _jsonable(v) for k, v in r.items()} for r in rows]}
+            {"object": "list", "now": report_value(now), "data": [{k: report_value(v) for k, v in r.items()} for r in rows]}
         ),
         content_type="application/json",
     )

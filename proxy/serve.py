@@ -294,7 +294,7 @@ def _worker_main(
     # in the parent before PROMETHEUS_MULTIPROC_DIR was set: pick again, now that it is.
     from prometheus_client import values
 
-    values.ValueClass = values.get_value_class()
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
     def on_ready() -> None:
         ready.send(os.getpid())
@@ -364,7 +364,7 @@ def serve_workers(
                 slot = sentinels[obj]  # type: ignore[index]
                 dead = slots[slot]
                 dead.join()
-                mark_process_dead(dead.pid, mp_dir)
+                mark_process_dead(dead.pid, mp_dir)  # type: ignore[no-untyped-call]
                 ready_pids.discard(dead.pid or -1)
                 if stopping:
                     continue
@@ -394,7 +394,7 @@ def serve_workers(
         _stop_all(list(slots.values()))
         for proc in slots.values():
             if proc.pid is not None:
-                mark_process_dead(proc.pid, mp_dir)
+                mark_process_dead(proc.pid, mp_dir)  # type: ignore[no-untyped-call]
         for sock in held:
             sock.close()
         shutil.rmtree(mp_dir, ignore_errors=True)

@@ -46,11 +46,11 @@ from pydantic import (
     model_validator,
 )
 
-from proxy.spend.budgets import BudgetRules, LedgerSettings, WebhookSettings
 from proxy.errors import ConfigError
 from proxy.globs import check_glob
 from proxy.keys import VirtualKeys
 from proxy.pricing import usd_per_million
+from proxy.spend.budgets import BudgetRules, LedgerSettings, WebhookSettings
 
 __all__ = [
     "AdminSettings",

@@ -54,7 +54,7 @@ class SSEEvent:
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not SSEEvent:
             return NotImplemented
-        return self._key() == other._key()  # type: ignore[attr-defined]
+        return self._key() == other._key()
 
     def __hash__(self) -> int:
         return hash(self._key())

@@ -147,7 +147,7 @@ async def read_llamacpp_context(upstream: Upstream, metrics: ContextSink, attemp
                         return
                     log.warning("llama-server %s: no n_ctx in /props", upstream.name)
                     return
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             log.debug("llama-server %s /props not readable yet: %s", upstream.name, exc)
         await asyncio.sleep(min(10.0, 0.5 * (attempt + 1)))
     log.warning("llama-server %s: gave up reading n_ctx from /props", upstream.name)

@@ -4,7 +4,7 @@ and an in-process summary. Each implements the `proxy.exchange.Observer` hooks.
 OpenTelemetry spans live in `proxy.observers.tracing`, imported only when tracing is on
 (`otel_env.tracing_requested`): the SDK is too heavy to load for a proxy that exports none."""
 
-from proxy.observers.access_log import AccessLogObserver, iso_utc, prompt_text
+from proxy.observers.access_log import AccessLogObserver, prompt_text, wall_iso_ms
 from proxy.observers.metrics import (
     MetricsObserver,
     bound_port,
@@ -20,7 +20,7 @@ __all__ = [
     "MetricsObserver",
     "SummaryObserver",
     "bound_port",
-    "iso_utc",
+    "wall_iso_ms",
     "metrics_handler",
     "prompt_text",
     "start_metrics_server",

@@ -23,7 +23,7 @@ from proxy.observer import Observer
 PayloadMode = Literal["off", "truncated"]
 
 
-def iso_utc(wall: float) -> str:
+def wall_iso_ms(wall: float) -> str:
     """ISO-8601 UTC with milliseconds and a `Z` suffix."""
     # What datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds") gives (it
     # rounds to microseconds half-even, then cuts to milliseconds), with the text up to
@@ -139,7 +139,7 @@ class AccessLogObserver(Observer):
                 "output_source": usage.output_source,
             }
         rec: dict[str, Any] = {
-            "ts": iso_utc(ex.wall_start),
+            "ts": wall_iso_ms(ex.wall_start),
             "request_id": ex.request_id,
             "key": ex.key_name,
             "model": ex.requested_model,

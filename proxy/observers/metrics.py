@@ -381,7 +381,7 @@ def _scrape_registry(registry: CollectorRegistry) -> CollectorRegistry:
     one that aggregates every worker's mmap files (prometheus_client's documented way)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"):
         merged = CollectorRegistry()
-        MultiProcessCollector(merged)
+        MultiProcessCollector(merged)  # type: ignore[no-untyped-call]  # prometheus_client is untyped here
         return merged
     return registry
 

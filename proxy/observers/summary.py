@@ -18,7 +18,7 @@ from typing import Any
 
 from proxy.exchange import Exchange
 from proxy.observer import Observer
-from proxy.observers.access_log import iso_utc
+from proxy.observers.access_log import wall_iso_ms
 
 
 class LogHistogram:
@@ -139,7 +139,7 @@ class SummaryObserver(Observer):
         """JSON-ready: Decimals as strings, latencies in seconds (None when no samples)."""
         total_cost = sum((s.cost for s in self.models.values()), Decimal(0))
         return {
-            "since": iso_utc(self.started),
+            "since": wall_iso_ms(self.started),
             "uptime_s": time.time() - self.started,
             "requests": sum(s.requests for s in self.models.values()),
             "errors": sum(s.errors for s in self.models.values()),

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-
 from proxy.spend.money import format_usd, quantize_up
 from proxy.spend.rules import (
     HEADER_CLAMPED,

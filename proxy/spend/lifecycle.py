@@ -26,8 +26,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from proxy.spend.budgets import BudgetRule, Charge, Crossing, charges, threshold_crossed, webhook_payload
 from proxy.faults import FaultMetrics
+from proxy.spend.budgets import BudgetRule, Charge, Crossing, charges, threshold_crossed, webhook_payload
 from proxy.spend.hold import Hold, ledger_down, new_ledger_id
 from proxy.spend.ledger import Ledger, LedgerError, Settled, SpendRow, open_ledger
 from proxy.spend.metrics import BudgetMetrics

@@ -8,7 +8,6 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 
-
 from proxy.spend.buckets import Bucket, BucketState, Crossing, bucket_state
 from proxy.spend.money import format_usd, iso_utc
 from proxy.spend.rules import HEADER_NAME, HEADER_REMAINING, HEADER_RESET, LimitKind

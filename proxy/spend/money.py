@@ -3,12 +3,10 @@ elsewhere. A reservation is rounded *up* so it never under-reserves."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
 
-
-
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 NANOS_PER_USD = 10**9
 
 
@@ -47,4 +45,14 @@ def format_usd(amount: Decimal) -> str:
 
 def iso_utc(moment: datetime) -> str:
     """ISO-8601 in UTC with a `Z`, to the second: what messages and headers show."""
-    return moment.astimezone(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def report_value(value: object) -> object:
+    """A budget or spend report's value as JSON shows it, in the API and the CLI alike:
+    money as a plain decimal string (exact, never 1E-7), instants as `iso_utc`."""
+    if isinstance(value, Decimal):
+        return f"{value:f}"
+    if isinstance(value, datetime):
+        return iso_utc(value)
+    return value

@@ -4,7 +4,7 @@ windows a rule resolves to at an instant. Pure; the clock is passed in."""
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from decimal import Decimal
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -176,7 +176,7 @@ def _zone(tz: str | tzinfo) -> tzinfo:
 
 
 def _local_midnight(year: int, month: int, day: int, zone: tzinfo) -> datetime:
-    return datetime(year, month, day, tzinfo=zone).astimezone(timezone.utc)
+    return datetime(year, month, day, tzinfo=zone).astimezone(UTC)
 
 
 def window(period: Period, now: datetime, tz: str | tzinfo = "UTC") -> tuple[datetime, datetime | None]:
@@ -194,7 +194,7 @@ def window(period: Period, now: datetime, tz: str | tzinfo = "UTC") -> tuple[dat
     zone = _zone(tz)
     local = now.astimezone(zone)
     if period == "hourly":
-        start = now.astimezone(timezone.utc) - timedelta(
+        start = now.astimezone(UTC) - timedelta(
             minutes=local.minute, seconds=local.second, microseconds=local.microsecond
         )
         return start, start + timedelta(hours=1)

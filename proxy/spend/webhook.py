@@ -45,7 +45,7 @@ class WebhookSender:
                         log.error("budget webhook refused with HTTP %d; not retrying", resp.status)
                         break
                     log.warning("budget webhook got HTTP %d (attempt %d)", resp.status, attempt + 1)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 log.warning("budget webhook failed (attempt %d): %s", attempt + 1, exc)
             if attempt < self.settings.max_retries:
                 await asyncio.sleep(delay)

@@ -17,6 +17,7 @@ from tests.support.fake_upstream import Reply
 from tests.support.procs import wait_until
 from tests.support.tollgate_process import Tollgate, UpstreamThread, start_tollgate
 
+
 def reply(delay: float = 0.0) -> Reply:
     return capped_reply("chatcmpl-d", delay)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,7 @@ async def final_state(settings: LedgerSettings, timeout: float = 10.0) -> dict[s
     ledger = await open_ledger(settings)
     try:
         while True:
-            rows = await ledger.budget_report(datetime.now(timezone.utc))
+            rows = await ledger.budget_report(datetime.now(UTC))
             if rows and rows[0]["requests"] == ADMITS and rows[0]["reserved"] == 0:
                 return rows[0]
             assert time.monotonic() < deadline, rows
@@ -140,7 +140,7 @@ async def test_race_redis_two_instances(tmp_path: Path) -> None:
     for i in range(2):
         log = await open_ledger(LedgerSettings(path=str(tmp_path / f"spend-{i}.db")))
         try:
-            total = await log.spend_report(datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(9999, 1, 1, tzinfo=timezone.utc), [])
+            total = await log.spend_report(datetime(1970, 1, 1, tzinfo=UTC), datetime(9999, 1, 1, tzinfo=UTC), [])
             shares.append(int(total[0]["requests"]) if total else 0)
         finally:
             await log.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -37,10 +37,10 @@ D = Decimal
 KEY_ALPHA = "tg-alpha-0123456789"
 KEY_BETA = "tg-beta-9876543210"
 ADMIN = "adm-secret-42"
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-FAR = datetime(9999, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+FAR = datetime(9999, 1, 1, tzinfo=UTC)
 # A Sunday evening: the daily window ends in 4 hours.
-T0 = datetime(2025, 6, 15, 20, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2025, 6, 15, 20, 0, 0, tzinfo=UTC)
 
 PRICING = """
 pricing:
@@ -607,7 +607,7 @@ async def test_hourly_and_monthly_budgets_roll_over_with_the_clock(
     limit_usd: 0.01
     scope: {model: "gpt-other"}
 """
-    clock = Clock(datetime(2025, 1, 31, 23, 59, 30, tzinfo=timezone.utc))
+    clock = Clock(datetime(2025, 1, 31, 23, 59, 30, tzinfo=UTC))
     proxy = await start_proxy(config(fake_openai.api_base, extra=budget_yaml(rules)), clock=clock)
     for model in ("gpt-test", "gpt-other"):
         assert (await post(proxy, {**ask(8), "model": model}))[0] == 200
@@ -618,7 +618,7 @@ async def test_hourly_and_monthly_budgets_roll_over_with_the_clock(
     status, body, headers = await post(proxy, {**ask(8), "model": "gpt-other"})
     assert status == 429 and headers["retry-after"] == "30"
 
-    clock.now = datetime(2025, 2, 1, 0, 0, 0, tzinfo=timezone.utc)  # a new hour and a new month
+    clock.now = datetime(2025, 2, 1, 0, 0, 0, tzinfo=UTC)  # a new hour and a new month
     for model in ("gpt-test", "gpt-other"):
         assert (await post(proxy, {**ask(8), "model": model}))[0] == 200
     report = await settled(proxy, 4)
@@ -626,9 +626,9 @@ async def test_hourly_and_monthly_budgets_roll_over_with_the_clock(
         ("hourly", D("0.008"), clock.now),
         ("monthly", D("0.008"), clock.now),
     ]
-    clock.now = datetime(2025, 2, 1, 0, 59, 59, tzinfo=timezone.utc)  # same hour, same month
+    clock.now = datetime(2025, 2, 1, 0, 59, 59, tzinfo=UTC)  # same hour, same month
     assert (await post(proxy, ask(8)))[0] == 429
-    clock.now = datetime(2025, 2, 1, 1, 0, 0, tzinfo=timezone.utc)  # next hour, same month
+    clock.now = datetime(2025, 2, 1, 1, 0, 0, tzinfo=UTC)  # next hour, same month
     assert (await post(proxy, ask(8)))[0] == 200
     status, _, headers = await post(proxy, {**ask(8), "model": "gpt-other"})
     assert status == 429 and headers["retry-after"] == str(27 * 24 * 3600 + 23 * 3600)
@@ -697,7 +697,7 @@ async def test_budget_gauges_and_the_admin_endpoint(start_proxy: StartProxy, fak
     assert gauge(metrics, "tollgate_budget_bucket_spent_max_usd", "daily-cap") == 0.008
     assert gauge(metrics, "tollgate_budget_remaining_usd", "per-user") == pytest.approx(0.005)  # bob's
     assert gauge(metrics, "tollgate_budget_reset_timestamp_seconds", "daily-cap") == datetime(
-        2025, 6, 16, tzinfo=timezone.utc
+        2025, 6, 16, tzinfo=UTC
     ).timestamp()
 
     url = proxy.base_url + "/tollgate/budgets"

@@ -7,18 +7,18 @@ import io
 import json
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from proxy.__main__ import main
-from proxy.spend.budgets import buckets_for, charges
 from proxy.keys import hash_key
+from proxy.settings import load_settings
+from proxy.spend.budgets import buckets_for, charges
 from proxy.spend.ledger import SpendRow
 from proxy.spend.ledger.sqlite import SqliteLedger
-from proxy.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 D = Decimal
@@ -53,15 +53,15 @@ def seed(cfg: Path) -> None:
     """Three settled requests on two days (spend log), and today's budgets touched by them."""
     settings = load_settings(cfg, env={})
     rows = [
-        ("r1", datetime(2025, 6, 1, 10, tzinfo=timezone.utc), "alpha", "alice", "gpt-5-nano", D("0.25")),
-        ("r2", datetime(2025, 6, 1, 23, tzinfo=timezone.utc), "alpha", "bob", "gpt-5-nano", D("0.5")),
-        ("r3", datetime(2025, 6, 2, 1, tzinfo=timezone.utc), "beta", None, "gpt-5", D("1.125")),
+        ("r1", datetime(2025, 6, 1, 10, tzinfo=UTC), "alpha", "alice", "gpt-5-nano", D("0.25")),
+        ("r2", datetime(2025, 6, 1, 23, tzinfo=UTC), "alpha", "bob", "gpt-5-nano", D("0.5")),
+        ("r3", datetime(2025, 6, 2, 1, tzinfo=UTC), "beta", None, "gpt-5", D("1.125")),
     ]
 
     async def run() -> None:
         ledger = await SqliteLedger.open(settings.ledger.path)
         try:
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             for rid, t, key, user, model, cost in rows:
                 buckets = buckets_for(settings.budgets, key, user, model, now)
                 assert (await ledger.reserve(rid, charges(buckets, cost), 60, now)).ok

@@ -19,8 +19,8 @@ import orjson
 import pytest
 
 from proxy import demo
-from proxy.synthetic import WORDS, SyntheticUpstream, completion_words
 from proxy.estimate import count_text_tokens, estimate_prompt_tokens
+from proxy.synthetic import WORDS, SyntheticUpstream, completion_words
 
 ROOT = Path(__file__).resolve().parents[2]
 TTFT_MS, GAP_MS, TOKENS = 60.0, 5.0, 8

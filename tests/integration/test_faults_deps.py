@@ -5,8 +5,8 @@ collector that is not there."""
 from __future__ import annotations
 
 import asyncio
-import signal
 import resource
+import signal
 import socket
 import time
 from decimal import Decimal

@@ -11,9 +11,9 @@ import zlib
 from collections.abc import Awaitable, Callable
 
 import aiohttp
-import pytest
 import openai
 import orjson
+import pytest
 
 from tests.integration.conftest import StartProxy, proxy_yaml
 from tests.integration.faults_common import recorded, sample, sse_events

@@ -26,9 +26,9 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
+from proxy.encodings import encoding_for
 from proxy.exchange import Exchange
 from proxy.sse import SSEParser
-from proxy.encodings import encoding_for
 from tests.integration.conftest import Proxy, StartProxy, proxy_yaml
 from tests.support.cassettes import llamacpp_capture, openai_capture
 from tests.support.fake_upstream import (

@@ -11,7 +11,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -43,13 +43,13 @@ from tests.integration.test_ledger_sqlite import (  # noqa: F401 - collected her
     test_contract_ledger_agrees_with_admit,
     test_contract_period_rolls_over_with_the_clock,
     test_contract_refusal_reports_the_bucket_and_its_state,
-    test_contract_reserve_settle_release,
     test_contract_renewed_leases_outlive_their_first_end,
+    test_contract_reserve_settle_release,
     test_contract_restart_keeps_spend_and_open_reservations,
     test_contract_settle_is_idempotent,
     test_contract_settled_before_after_finds_each_threshold_once,
-    test_contract_spend_rows_are_keyed_by_the_settlement_not_the_clients_request_id,
     test_contract_spend_report_groups,
+    test_contract_spend_rows_are_keyed_by_the_settlement_not_the_clients_request_id,
     test_contract_token_and_request_limits,
 )
 from tests.support.redis_server import RedisServer
@@ -135,7 +135,7 @@ async def test_a_host_clock_off_redis_keeps_its_keys_and_leases(
     Redis only ever gets durations, so the margin that protects a bucket is its whole
     remaining window plus a day, on the host's own clock, whatever Redis's clock says.
     """
-    host_now = datetime.now(timezone.utc) + skew
+    host_now = datetime.now(UTC) + skew
     one_instance, other_instance = await make_ledger(), await make_ledger()
     b = one(rule(limit_usd="1"), now=host_now)
     assert (await one_instance.reserve("held", [Charge(b, D("0.4"))], LEASE, host_now)).ok

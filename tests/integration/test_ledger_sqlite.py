@@ -12,7 +12,7 @@ import random
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from proxy.spend.ledger.sqlite import OPEN_BUCKETS_SQL, SqliteLedger
 from proxy.usage import Usage
 
 D = Decimal
-UTC = timezone.utc
+UTC = UTC
 NOW = datetime(2026, 11, 23, 15, 30, tzinfo=UTC)
 LEASE = 60.0
 

@@ -34,8 +34,8 @@ from prometheus_client import CollectorRegistry
 
 from proxy import keys as keys_module
 from proxy.app import make_app
-from proxy.paths import escapes_api_base
 from proxy.keys import KeyRing, VirtualKey, hash_key
+from proxy.paths import escapes_api_base
 from proxy.settings import parse_settings
 from tests.integration.conftest import StartProxy, proxy_yaml
 from tests.integration.test_bad_input import body_of, http, raw_exchange, status_of

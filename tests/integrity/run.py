@@ -310,7 +310,7 @@ async def one(session: aiohttp.ClientSession, bases: list[str], kind: str, rng: 
                 out.unexpected.append(f"unmeterable path answered {r.status}")
             elif r.status not in (200, 429, 503, 403):
                 out.unexpected.append(f"{kind}: status {r.status}")
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         out.statuses[type(exc).__name__] += 1  # a killed proxy: expected while it restarts
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
-import socket
 import json
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace

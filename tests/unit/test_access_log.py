@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.exchange import Exchange, OutputText
-from proxy.observers.access_log import AccessLogObserver, iso_utc, prompt_text
+from proxy.observers.access_log import AccessLogObserver, prompt_text, wall_iso_ms
 from proxy.usage import Usage
 from tests.support.exchanges import chat_exchange
 
@@ -177,13 +177,13 @@ def test_flushes_each_line_and_rejects_bad_mode() -> None:
     assert buf.getvalue().count(b"\n") == 2
     with pytest.raises(ValueError):
         AccessLogObserver(buf, payloads="full")  # type: ignore[arg-type]
-    assert iso_utc(0.0) == "1970-01-01T00:00:00.000Z"
+    assert wall_iso_ms(0.0) == "1970-01-01T00:00:00.000Z"
 
 
 @settings(deadline=None, max_examples=2000)
 @given(wall=st.floats(min_value=-1e10, max_value=2e10, allow_nan=False) | st.integers(0, 2_000_000_000).map(lambda s: s + 0.9995))
 def test_iso_utc_is_datetimes_own_rendering(wall: float) -> None:
-    # iso_utc caches the text up to the second; it must still say what datetime says.
+    # wall_iso_ms caches the text up to the second; it must still say what datetime says.
     expected = datetime.fromtimestamp(wall, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    assert iso_utc(wall) == expected
-    assert iso_utc(wall) == expected  # the cached second gives the same
+    assert wall_iso_ms(wall) == expected
+    assert wall_iso_ms(wall) == expected  # the cached second gives the same

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -24,8 +24,8 @@ from proxy.spend.budgets import (
     WebhookSettings,
     admit,
     bucket_for,
-    budget_headers,
     buckets_for,
+    budget_headers,
     clamp_header,
     format_usd,
     from_nanos,
@@ -38,7 +38,7 @@ from proxy.spend.budgets import (
     window,
 )
 
-UTC = timezone.utc
+UTC = UTC
 D = Decimal
 
 

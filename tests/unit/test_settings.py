@@ -8,7 +8,9 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings as hyp_settings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from proxy.errors import ConfigError

@@ -7,7 +7,7 @@ reservations once at start (a crashed instance's leases); the app should call
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from proxy.spend.budgets import LedgerSettings
 from proxy.spend.ledger.base import (
@@ -40,7 +40,7 @@ async def open_ledger(settings: LedgerSettings, now: datetime | None = None) -> 
         from proxy.spend.ledger.sqlite import SqliteLedger
 
         ledger = await SqliteLedger.open(settings.path, settings.busy_timeout_seconds)
-    await ledger.expire(now or datetime.now(timezone.utc))
+    await ledger.expire(now or datetime.now(UTC))
     return ledger
 
 

@@ -30,7 +30,7 @@ import sqlite3
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
@@ -153,7 +153,7 @@ def epoch_ms(moment: datetime) -> int:
 
 
 def from_ms(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
 def log_time(moment: datetime) -> str:
@@ -162,7 +162,7 @@ def log_time(moment: datetime) -> str:
         raise ValueError("spend-log times must be timezone-aware")
     # isoformat with explicit microseconds is strftime's "%Y-%m-%dT%H:%M:%S.%f" plus
     # "+00:00" for a UTC time, at a fraction of the cost (a spend row per request).
-    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")[:-6] + "Z"
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 # Loop commits between two WAL checkpoints run on the ledger thread (SQLite's own default
