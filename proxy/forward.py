@@ -285,6 +285,15 @@ async def relay(
     body = None if is_sse else BodyKeeper()
     started = False
     perf = time.perf_counter_ns
+    # Overhead (README "What is measured"): pre-send time plus the relay delay of one chunk:
+    # the first output chunk of a stream (the first chunk relayed until one comes), the
+    # chunk that ends a plain body.
+    presend = 0 if ex.t_upstream_sent_ns is None else ex.t_upstream_sent_ns - ex.t0_ns
+    first_output_counted = False
+
+    def relay_delay(delay: int) -> None:
+        ex.relay_delay_ns = delay
+        ex.overhead_ns = presend + delay
 
     async def completing() -> None:
         if body is not None:
@@ -315,15 +324,19 @@ async def relay(
                 body.add(chunk)
                 if expected_length is not None and body.size >= expected_length:
                     # The client will take this piece as the end of the body.
-                    ex.overhead_ns += perf() - t_read
                     await completing()
-                    t_read = perf()
             await out.write(chunk)
             t_written = perf()
-            ex.overhead_ns += t_written - t_read
             ex.bytes_out += len(chunk)
             if tap is not None and stripper is None:
                 tap.tap(chunk, t_read)
+            if tap is None:
+                relay_delay(t_written - t_read)  # the last piece's counts: it ends the body
+            elif not first_output_counted:
+                # The tap has seen this chunk by now (before the write when stripping).
+                first_output_counted = ex.t_first_token_ns == t_read
+                if first_output_counted or ex.relay_delay_ns is None:
+                    relay_delay(t_written - t_read)
         if tap is not None:
             tail = tap.finish(perf())
             if stripper is not None and tail:
@@ -339,6 +352,10 @@ async def relay(
         if ex.outcome is None:
             await completing()
         await out.write_eof()
+        if body is not None and expected_length is None:
+            # A chunked body ends for the client with write_eof, after the upstream's end
+            # was read (t_read) and the exchange accounted.
+            relay_delay(perf() - t_read)
     except UpstreamError as err:
         ex.error_type = err.kind
         ex.error_message = err.message

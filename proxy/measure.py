@@ -32,62 +32,113 @@ class TextSink(Protocol):
     def append(self, text: str, /) -> None: ...
 
 
-def _text_of_chat_delta(delta: dict[str, Any], parts: TextSink) -> bool:
-    """Collect the output a chat delta carries; True if it carries any."""
-    carries = False
-    for field in ("content", "refusal", "reasoning_content", "reasoning"):
+# What a stream event carried, as bit flags; 0 is nothing (a role-only chunk, an empty
+# delta, metadata). Any of them makes the event's chunk an output chunk (TTFT, gaps, TPOT).
+VISIBLE = 1  # content, refusal, a tool call or function call, audio: what the user sees
+REASONING = 2  # reasoning text itself (chat reasoning_content / reasoning, Responses reasoning_text)
+SUMMARY = 4  # a Responses reasoning summary: output, but the reasoning tokens stay hidden
+
+
+def _text_of_chat_delta(delta: dict[str, Any], parts: TextSink) -> int:
+    """Collect the output text a chat delta (or message) carries; the flags of what it carries.
+
+    A tool call counts from its first chunk, the one with its id and name and `arguments: ""`:
+    the model has produced those tokens, though no argument text has come yet. Audio counts
+    when it carries data or a transcript. What goes to `parts` (the local output estimate)
+    is as before: content, refusal, reasoning and call argument text.
+    """
+    carries = 0
+    for field in ("content", "refusal"):
         value = delta.get(field)
         if isinstance(value, str) and value:
             parts.append(value)
-            carries = True
+            carries |= VISIBLE
+    for field in ("reasoning_content", "reasoning"):
+        value = delta.get(field)
+        if isinstance(value, str) and value:
+            parts.append(value)
+            carries |= REASONING
     tool_calls = delta.get("tool_calls")
     if isinstance(tool_calls, list):
         for call in tool_calls:
-            fn = call.get("function") if isinstance(call, dict) else None
-            if isinstance(fn, dict):
-                args = fn.get("arguments")
-                if isinstance(args, str) and args:
-                    parts.append(args)
-                    carries = True
+            if not isinstance(call, dict):
+                continue
+            if call.get("id"):
+                carries |= VISIBLE
+            for kind, text_key in (("function", "arguments"), ("custom", "input")):
+                fn = call.get(kind)
+                if isinstance(fn, dict):
+                    if fn.get("name"):
+                        carries |= VISIBLE
+                    args = fn.get(text_key)
+                    if isinstance(args, str) and args:
+                        parts.append(args)
+                        carries |= VISIBLE
     fn_call = delta.get("function_call")
     if isinstance(fn_call, dict):
+        if fn_call.get("name"):
+            carries |= VISIBLE
         args = fn_call.get("arguments")
         if isinstance(args, str) and args:
             parts.append(args)
-            carries = True
+            carries |= VISIBLE
+    audio = delta.get("audio")
+    if isinstance(audio, dict) and (audio.get("data") or audio.get("transcript")):
+        carries |= VISIBLE
     return carries
 
 
-def output_of_payload(endpoint: str, event_name: str | None, payload: dict[str, Any], parts: TextSink) -> bool:
-    """Append the output text of one stream event to `parts`; True if the event carries output.
+def _responses_delta_kind(kind: str) -> int:
+    if "reasoning_summary" in kind:
+        return SUMMARY
+    if "reasoning" in kind:
+        return REASONING
+    return VISIBLE
+
+
+def output_of_payload(endpoint: str, event_name: str | None, payload: dict[str, Any], parts: TextSink) -> int:
+    """Append the output text of one stream event to `parts`; the flags of the output it
+    carries (0: none).
 
     The role-only first chat chunk (`{"role": "assistant", "content": ""}`) carries none.
+    Responses: every non-empty `*.delta` event (text, refusal, function-call arguments, audio
+    and its transcript, reasoning text and summaries), and `response.output_item.added` for
+    a tool call item (`function_call`, `custom_tool_call`, hosted `*_call`s), the
+    counterpart of chat's first tool-call chunk.
     """
     if endpoint == "responses":
         kind = payload.get("type") or event_name or ""
-        if isinstance(kind, str) and kind.endswith(".delta"):
+        if not isinstance(kind, str):
+            return 0
+        if kind.endswith(".delta"):
             delta = payload.get("delta")
             if isinstance(delta, str):
                 if delta:
                     parts.append(delta)
-                    return True
-                return False
-            return delta is not None
-        return False
+                    return _responses_delta_kind(kind)
+                return 0
+            return 0 if delta is None else _responses_delta_kind(kind)
+        if kind == "response.output_item.added":
+            item = payload.get("item")
+            if isinstance(item, dict):
+                item_type = item.get("type")
+                if isinstance(item_type, str) and item_type.endswith("_call"):
+                    return VISIBLE
+        return 0
     choices = payload.get("choices")
     if not isinstance(choices, list):
-        return False
-    carries = False
+        return 0
+    carries = 0
     for choice in choices:
         if not isinstance(choice, dict):
             continue
         delta = choice.get("delta")
         if isinstance(delta, dict):
-            carries = _text_of_chat_delta(delta, parts) or carries
+            carries |= _text_of_chat_delta(delta, parts)
         text = choice.get("text")
         if isinstance(text, str) and text:
             parts.append(text)
-            carries = True
+            carries |= VISIBLE
     return carries
 
 
@@ -236,12 +287,12 @@ class StreamTap:
         self, items: list[list[SSEEvent] | re.Match[bytes]], t_ns: int, prefix_id: str, prefix_model: str
     ) -> None:
         ex = self.ex
-        carried = False
+        carried = 0
         try:
             for item in items:
                 if isinstance(item, list):
-                    if item and self.on_events(item):
-                        carried = True
+                    if item:
+                        carried |= self.on_events(item)
                     continue
                 try:
                     content = orjson.loads(item.group(1))
@@ -249,17 +300,21 @@ class StreamTap:
                     continue  # then the whole chunk is not JSON either: relayed, not measured
                 if content:
                     self.parts.append(content)
-                    carried = True
+                    carried |= VISIBLE
                 ex.response_id = prefix_id
                 ex.response_model = prefix_model
             if carried:
-                self._carried(t_ns)
+                self._carried(t_ns, carried)
         except Exception:  # noqa: BLE001 - as _measure: never reach the relay
             self._failed()
 
-    def _carried(self, t_ns: int) -> None:
+    def _carried(self, t_ns: int, flags: int) -> None:
         ex = self.ex
         ex.output_events += 1
+        if flags & VISIBLE and ex.t_first_content_ns is None:
+            ex.t_first_content_ns = t_ns
+        if flags & REASONING:
+            ex.reasoning_streamed = True
         if ex.t_first_token_ns is None:
             ex.t_first_token_ns = t_ns
             self._first_token_cb(ex)
@@ -278,8 +333,9 @@ class StreamTap:
         # A bug or a surprise in measuring must never reach the relay: stop measuring this
         # stream, say so once, and let the bytes flow on.
         try:
-            if self.on_events(events):
-                self._carried(t_ns)
+            flags = self.on_events(events)
+            if flags:
+                self._carried(t_ns, flags)
         except Exception:  # noqa: BLE001
             self._failed()
 
@@ -288,10 +344,10 @@ class StreamTap:
         self.ex.extra["measure_failed"] = True
         log.exception("measuring stream %s failed; relaying on unmeasured", self.ex.request_id)
 
-    def on_events(self, events: list[SSEEvent]) -> bool:
-        """Measure the events; True if any carries output (timing is the caller's)."""
+    def on_events(self, events: list[SSEEvent]) -> int:
+        """Measure the events; the flags of the output they carry (timing is the caller's)."""
         ex = self.ex
-        carried = False
+        carried = 0
         chat = ex.endpoint != "responses"
         for ev in events:
             data = ev.data
@@ -319,7 +375,7 @@ class StreamTap:
                         continue  # then the whole chunk is not JSON either
                     if content:
                         self.parts.append(content)
-                        carried = True
+                        carried |= VISIBLE
                     ex.response_id = self._prefix_id
                     ex.response_model = self._prefix_model
                     continue
@@ -329,8 +385,7 @@ class StreamTap:
                 continue  # relayed unchanged; nothing to measure in it
             if not isinstance(payload, dict):
                 continue
-            if output_of_payload(ex.endpoint, ev.event, payload, self.parts):
-                carried = True
+            carried |= output_of_payload(ex.endpoint, ev.event, payload, self.parts)
             self._note_metadata(payload)
         return carried
 
