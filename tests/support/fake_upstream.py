@@ -63,6 +63,7 @@ class ChunkWrite:
     index: int  # position of the chunk in its Reply
     t_ns: int  # perf_counter_ns just before the chunk was handed to the transport
     data: bytes
+    request_no: int = -1  # which request it answers: its position in FakeUpstream.requests
 
 
 @dataclass
@@ -247,9 +248,9 @@ class FakeUpstream:
             json=parsed,
             t_ns=time.perf_counter_ns(),
         )
+        state = _Progress(request_no=len(self.requests))
         self.requests.append(recorded)
         await self._notify()
-        state = _Progress()
         try:
             return await self._respond(request, recorded, state)
         except asyncio.CancelledError:
@@ -283,7 +284,7 @@ class FakeUpstream:
                 if delay > 0 and not await self._sleep(request, delay):
                     self._gone(recorded, state, "poll")
                     return response
-                self.writes.append(ChunkWrite(recorded.path, i, time.perf_counter_ns(), chunk))
+                self.writes.append(ChunkWrite(recorded.path, i, time.perf_counter_ns(), chunk, state.request_no))
                 await response.write(chunk)
                 state.chunks_sent += 1
             await response.write_eof()
@@ -337,6 +338,7 @@ class FakeUpstream:
 class _Progress:
     chunks_sent: int = 0
     finished: bool = False
+    request_no: int = -1
 
 
 def _client_gone(request: web.Request) -> bool:
