@@ -4,6 +4,15 @@ It never decides what the client receives, with one exception the caller opts in
 Tollgate itself injected `stream_options.include_usage`, `UsageStripper` rewrites each event so
 the client gets the bytes it would have got without the option.
 
+What counts as output (README "What is measured, exactly"): a chunk carrying non-empty content,
+refusal, reasoning text (`reasoning_content`, `reasoning`), completions `text`, a tool call from
+its first chunk (id and name, even with `arguments: ""`) on, a legacy `function_call`, or audio
+(data or transcript); for the Responses API a non-empty `*.delta` event or the
+`response.output_item.added` of a tool call item. The role-only chunk is not output. The first
+output chunk is TTFT's moment; the first one that is not reasoning is time to first content's;
+a chunk with reasoning text marks the reasoning as streamed, which keeps its tokens in TPOT's
+divisor (hidden reasoning is left out: `Exchange.emitted_output_tokens`).
+
 Everything here is synchronous and pure over (bytes, timestamps); forward.py calls it.
 """
 
