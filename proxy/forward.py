@@ -286,9 +286,10 @@ async def relay(
     started = False
     perf = time.perf_counter_ns
     # Overhead (README "What is measured"): pre-send time plus the relay delay of one chunk:
-    # the first output chunk of a stream (the first chunk relayed until one comes), the
-    # chunk that ends a plain body.
+    # the first output chunk of a stream (the first chunk relayed until one comes), or a
+    # plain body's end read until it is measured, just before the exchange is accounted.
     presend = 0 if ex.t_upstream_sent_ns is None else ex.t_upstream_sent_ns - ex.t0_ns
+    ex.overhead_ns = presend
     first_output_counted = False
 
     def relay_delay(delay: int) -> None:
@@ -298,6 +299,9 @@ async def relay(
     async def completing() -> None:
         if body is not None:
             body.measure(ex)
+            # Since the end of the body was read (t_read: its last piece, or the upstream's
+            # end of a chunked body): observers see the overhead from here on.
+            relay_delay(perf() - t_read)
         ex.outcome = "ok" if resp.status < 400 else "upstream_error"
         await complete()
 
@@ -330,9 +334,7 @@ async def relay(
             ex.bytes_out += len(chunk)
             if tap is not None and stripper is None:
                 tap.tap(chunk, t_read)
-            if tap is None:
-                relay_delay(t_written - t_read)  # the last piece's counts: it ends the body
-            elif not first_output_counted:
+            if tap is not None and not first_output_counted:
                 # The tap has seen this chunk by now (before the write when stripping).
                 first_output_counted = ex.t_first_token_ns == t_read
                 if first_output_counted or ex.relay_delay_ns is None:
@@ -352,10 +354,6 @@ async def relay(
         if ex.outcome is None:
             await completing()
         await out.write_eof()
-        if body is not None and expected_length is None:
-            # A chunked body ends for the client with write_eof, after the upstream's end
-            # was read (t_read) and the exchange accounted.
-            relay_delay(perf() - t_read)
     except UpstreamError as err:
         ex.error_type = err.kind
         ex.error_message = err.message

@@ -189,7 +189,8 @@ class MetricsObserver:
             "Latency the proxy added for the client on a forwarded request: received to "
             "upstream request sent (parse, admit, reserve), plus upstream read to client "
             "write done for the first output chunk of a stream (the first chunk if none "
-            "carries output) or the last piece of a plain body. Not a sum over chunks.",
+            "carries output), or a plain body's end read to its accounting. Not a sum over "
+            "chunks.",
             ("upstream", "endpoint", "stream"),
             OVERHEAD_BUCKETS,
         )
