@@ -134,12 +134,19 @@ class Exchange:
     t_upstream_sent_ns: int | None = None
     t_headers_ns: int | None = None
     t_first_byte_ns: int | None = None
-    t_first_token_ns: int | None = None
+    t_first_token_ns: int | None = None  # first output chunk, any channel (measure.py)
+    t_first_content_ns: int | None = None  # first visible output chunk: not reasoning
     t_last_token_ns: int | None = None
     t_end_ns: int | None = None
     gaps_ns: list[int] = field(default_factory=list)
     output_events: int = 0
+    # A chunk carried reasoning text itself: its reasoning tokens were emitted as chunks, so
+    # they are in TPOT's divisor (hidden reasoning is not).
+    reasoning_streamed: bool = False
+    # Latency Tollgate added for the client (see `overhead_s`): pre-send time plus
+    # `relay_delay_ns`, the relay delay of the one chunk that counts.
     overhead_ns: int = 0
+    relay_delay_ns: int | None = None
     bytes_out: int = 0
 
     # result
@@ -186,6 +193,12 @@ class Exchange:
         return self._since_t0(self.t_first_token_ns)
 
     @property
+    def ttfc_s(self) -> float | None:
+        """Time to first visible content: as TTFT, counting only content, refusal, a tool or
+        function call and audio (not reasoning). Equals TTFT unless reasoning came first."""
+        return self._since_t0(self.t_first_content_ns)
+
+    @property
     def upstream_ttft_s(self) -> float | None:
         if self.t_first_token_ns is None or self.t_upstream_sent_ns is None:
             return None
@@ -196,14 +209,27 @@ class Exchange:
         return self._since_t0(self.t_end_ns)
 
     @property
-    def tpot_s(self) -> float | None:
-        """(last output chunk - first output chunk) / (output tokens - 1), as DESIGN.md defines
-        it. For models with hidden reasoning this understates the visible-token pace, since
-        reasoning tokens are produced before the first chunk."""
-        if self.t_first_token_ns is None or self.t_last_token_ns is None or self.usage is None:
+    def emitted_output_tokens(self) -> int | None:
+        """Output tokens that came as chunks: all output tokens, less reasoning tokens the
+        upstream reported but never streamed (OpenAI reasoning models think before the first
+        chunk and report it only in usage). None without usage."""
+        usage = self.usage
+        if usage is None:
             return None
-        n = self.usage.output_tokens
-        if n < 2:
+        n = usage.output_tokens
+        if usage.reasoning_tokens and not self.reasoning_streamed:
+            n -= usage.reasoning_tokens
+        return n
+
+    @property
+    def tpot_s(self) -> float | None:
+        """(last output chunk - first output chunk) / (output tokens emitted after the first
+        chunk), as README defines it: the divisor is `emitted_output_tokens - 1`, so hidden
+        reasoning, produced before the first chunk, does not make the pace look faster."""
+        if self.t_first_token_ns is None or self.t_last_token_ns is None:
+            return None
+        n = self.emitted_output_tokens
+        if n is None or n < 2:
             return None
         return (self.t_last_token_ns - self.t_first_token_ns) / 1e9 / (n - 1)
 

@@ -180,10 +180,23 @@ async def relay(
     body = None if is_sse else BodyKeeper()
     started = False
     perf = time.perf_counter_ns
+    # Overhead (README "What is measured"): pre-send time plus the relay delay of one chunk:
+    # the first output chunk of a stream (the first chunk relayed until one comes), or a
+    # plain body's end read until it is measured, just before the exchange is accounted.
+    presend = 0 if ex.t_upstream_sent_ns is None else ex.t_upstream_sent_ns - ex.t0_ns
+    ex.overhead_ns = presend
+    first_output_counted = False
+
+    def relay_delay(delay: int) -> None:
+        ex.relay_delay_ns = delay
+        ex.overhead_ns = presend + delay
 
     async def completing() -> None:
         if body is not None:
             body.measure(ex)
+            # Since the end of the body was read (t_read: its last piece, or the upstream's
+            # end of a chunked body): observers see the overhead from here on.
+            relay_delay(perf() - t_read)
         ex.outcome = "ok" if resp.status < 400 else "upstream_error"
         await complete()
 
@@ -210,15 +223,17 @@ async def relay(
                 body.add(chunk)
                 if expected_length is not None and body.size >= expected_length:
                     # The client will take this piece as the end of the body.
-                    ex.overhead_ns += perf() - t_read
                     await completing()
-                    t_read = perf()
             await out.write(chunk)
             t_written = perf()
-            ex.overhead_ns += t_written - t_read
             ex.bytes_out += len(chunk)
             if tap is not None and stripper is None:
                 tap.tap(chunk, t_read)
+            if tap is not None and not first_output_counted:
+                # The tap has seen this chunk by now (before the write when stripping).
+                first_output_counted = ex.t_first_token_ns == t_read
+                if first_output_counted or ex.relay_delay_ns is None:
+                    relay_delay(t_written - t_read)
         if tap is not None:
             tail = tap.finish(perf())
             if stripper is not None and tail:

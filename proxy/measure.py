@@ -4,6 +4,15 @@ It never decides what the client receives, with one exception the caller opts in
 Tollgate itself injected `stream_options.include_usage`, `UsageStripper` rewrites each event so
 the client gets the bytes it would have got without the option.
 
+What counts as output (README "What is measured, exactly"): a chunk carrying non-empty content,
+refusal, reasoning text (`reasoning_content`, `reasoning`), completions `text`, a tool call from
+its first chunk (id and name, even with `arguments: ""`) on, a legacy `function_call`, or audio
+(data or transcript); for the Responses API a non-empty `*.delta` event or the
+`response.output_item.added` of a tool call item. The role-only chunk is not output. The first
+output chunk is TTFT's moment; the first one that is not reasoning is time to first content's;
+a chunk with reasoning text marks the reasoning as streamed, which keeps its tokens in TPOT's
+divisor (hidden reasoning is left out: `Exchange.emitted_output_tokens`).
+
 Everything here is synchronous and pure over (bytes, timestamps); forward.py calls it.
 """
 
@@ -32,62 +41,113 @@ class TextSink(Protocol):
     def append(self, text: str, /) -> None: ...
 
 
-def _text_of_chat_delta(delta: dict[str, Any], parts: TextSink) -> bool:
-    """Collect the output a chat delta carries; True if it carries any."""
-    carries = False
-    for field in ("content", "refusal", "reasoning_content", "reasoning"):
+# What a stream event carried, as bit flags; 0 is nothing (a role-only chunk, an empty
+# delta, metadata). Any of them makes the event's chunk an output chunk (TTFT, gaps, TPOT).
+VISIBLE = 1  # content, refusal, a tool call or function call, audio: what the user sees
+REASONING = 2  # reasoning text itself (chat reasoning_content / reasoning, Responses reasoning_text)
+SUMMARY = 4  # a Responses reasoning summary: output, but the reasoning tokens stay hidden
+
+
+def _text_of_chat_delta(delta: dict[str, Any], parts: TextSink) -> int:
+    """Collect the output text a chat delta (or message) carries; the flags of what it carries.
+
+    A tool call counts from its first chunk, the one with its id and name and `arguments: ""`:
+    the model has produced those tokens, though no argument text has come yet. Audio counts
+    when it carries data or a transcript. What goes to `parts` (the local output estimate)
+    is as before: content, refusal, reasoning and call argument text.
+    """
+    carries = 0
+    for field in ("content", "refusal"):
         value = delta.get(field)
         if isinstance(value, str) and value:
             parts.append(value)
-            carries = True
+            carries |= VISIBLE
+    for field in ("reasoning_content", "reasoning"):
+        value = delta.get(field)
+        if isinstance(value, str) and value:
+            parts.append(value)
+            carries |= REASONING
     tool_calls = delta.get("tool_calls")
     if isinstance(tool_calls, list):
         for call in tool_calls:
-            fn = call.get("function") if isinstance(call, dict) else None
-            if isinstance(fn, dict):
-                args = fn.get("arguments")
-                if isinstance(args, str) and args:
-                    parts.append(args)
-                    carries = True
+            if not isinstance(call, dict):
+                continue
+            if call.get("id"):
+                carries |= VISIBLE
+            for kind, text_key in (("function", "arguments"), ("custom", "input")):
+                fn = call.get(kind)
+                if isinstance(fn, dict):
+                    if fn.get("name"):
+                        carries |= VISIBLE
+                    args = fn.get(text_key)
+                    if isinstance(args, str) and args:
+                        parts.append(args)
+                        carries |= VISIBLE
     fn_call = delta.get("function_call")
     if isinstance(fn_call, dict):
+        if fn_call.get("name"):
+            carries |= VISIBLE
         args = fn_call.get("arguments")
         if isinstance(args, str) and args:
             parts.append(args)
-            carries = True
+            carries |= VISIBLE
+    audio = delta.get("audio")
+    if isinstance(audio, dict) and (audio.get("data") or audio.get("transcript")):
+        carries |= VISIBLE
     return carries
 
 
-def output_of_payload(endpoint: str, event_name: str | None, payload: dict[str, Any], parts: TextSink) -> bool:
-    """Append the output text of one stream event to `parts`; True if the event carries output.
+def _responses_delta_kind(kind: str) -> int:
+    if "reasoning_summary" in kind:
+        return SUMMARY
+    if "reasoning" in kind:
+        return REASONING
+    return VISIBLE
+
+
+def output_of_payload(endpoint: str, event_name: str | None, payload: dict[str, Any], parts: TextSink) -> int:
+    """Append the output text of one stream event to `parts`; the flags of the output it
+    carries (0: none).
 
     The role-only first chat chunk (`{"role": "assistant", "content": ""}`) carries none.
+    Responses: every non-empty `*.delta` event (text, refusal, function-call arguments, audio
+    and its transcript, reasoning text and summaries), and `response.output_item.added` for
+    a tool call item (`function_call`, `custom_tool_call`, hosted `*_call`s), the
+    counterpart of chat's first tool-call chunk.
     """
     if endpoint == "responses":
         kind = payload.get("type") or event_name or ""
-        if isinstance(kind, str) and kind.endswith(".delta"):
+        if not isinstance(kind, str):
+            return 0
+        if kind.endswith(".delta"):
             delta = payload.get("delta")
             if isinstance(delta, str):
                 if delta:
                     parts.append(delta)
-                    return True
-                return False
-            return delta is not None
-        return False
+                    return _responses_delta_kind(kind)
+                return 0
+            return 0 if delta is None else _responses_delta_kind(kind)
+        if kind == "response.output_item.added":
+            item = payload.get("item")
+            if isinstance(item, dict):
+                item_type = item.get("type")
+                if isinstance(item_type, str) and item_type.endswith("_call"):
+                    return VISIBLE
+        return 0
     choices = payload.get("choices")
     if not isinstance(choices, list):
-        return False
-    carries = False
+        return 0
+    carries = 0
     for choice in choices:
         if not isinstance(choice, dict):
             continue
         delta = choice.get("delta")
         if isinstance(delta, dict):
-            carries = _text_of_chat_delta(delta, parts) or carries
+            carries |= _text_of_chat_delta(delta, parts)
         text = choice.get("text")
         if isinstance(text, str) and text:
             parts.append(text)
-            carries = True
+            carries |= VISIBLE
     return carries
 
 
@@ -236,12 +296,12 @@ class StreamTap:
         self, items: list[list[SSEEvent] | re.Match[bytes]], t_ns: int, prefix_id: str, prefix_model: str
     ) -> None:
         ex = self.ex
-        carried = False
+        carried = 0
         try:
             for item in items:
                 if isinstance(item, list):
-                    if item and self.on_events(item):
-                        carried = True
+                    if item:
+                        carried |= self.on_events(item)
                     continue
                 try:
                     content = orjson.loads(item.group(1))
@@ -249,17 +309,21 @@ class StreamTap:
                     continue  # then the whole chunk is not JSON either: relayed, not measured
                 if content:
                     self.parts.append(content)
-                    carried = True
+                    carried |= VISIBLE
                 ex.response_id = prefix_id
                 ex.response_model = prefix_model
             if carried:
-                self._carried(t_ns)
+                self._carried(t_ns, carried)
         except Exception:  # noqa: BLE001 - as _measure: never reach the relay
             self._failed()
 
-    def _carried(self, t_ns: int) -> None:
+    def _carried(self, t_ns: int, flags: int) -> None:
         ex = self.ex
         ex.output_events += 1
+        if flags & VISIBLE and ex.t_first_content_ns is None:
+            ex.t_first_content_ns = t_ns
+        if flags & REASONING:
+            ex.reasoning_streamed = True
         if ex.t_first_token_ns is None:
             ex.t_first_token_ns = t_ns
             self._first_token_cb(ex)
@@ -278,8 +342,9 @@ class StreamTap:
         # A bug or a surprise in measuring must never reach the relay: stop measuring this
         # stream, say so once, and let the bytes flow on.
         try:
-            if self.on_events(events):
-                self._carried(t_ns)
+            flags = self.on_events(events)
+            if flags:
+                self._carried(t_ns, flags)
         except Exception:  # noqa: BLE001
             self._failed()
 
@@ -288,10 +353,10 @@ class StreamTap:
         self.ex.measure_failed = True
         log.exception("measuring stream %s failed; relaying on unmeasured", self.ex.request_id)
 
-    def on_events(self, events: list[SSEEvent]) -> bool:
-        """Measure the events; True if any carries output (timing is the caller's)."""
+    def on_events(self, events: list[SSEEvent]) -> int:
+        """Measure the events; the flags of the output they carry (timing is the caller's)."""
         ex = self.ex
-        carried = False
+        carried = 0
         chat = ex.endpoint != "responses"
         for ev in events:
             data = ev.data
@@ -319,7 +384,7 @@ class StreamTap:
                         continue  # then the whole chunk is not JSON either
                     if content:
                         self.parts.append(content)
-                        carried = True
+                        carried |= VISIBLE
                     ex.response_id = self._prefix_id
                     ex.response_model = self._prefix_model
                     continue
@@ -329,8 +394,7 @@ class StreamTap:
                 continue  # relayed unchanged; nothing to measure in it
             if not isinstance(payload, dict):
                 continue
-            if output_of_payload(ex.endpoint, ev.event, payload, self.parts):
-                carried = True
+            carried |= output_of_payload(ex.endpoint, ev.event, payload, self.parts)
             self._note_metadata(payload)
         return carried
 
@@ -362,45 +426,171 @@ class StreamTap:
 class UsageStripper:
     """Undoes what Tollgate's own `include_usage` injection did to a chat/completions stream.
 
-    With the option, OpenAI adds `"usage":null` to every chunk and one extra chunk with
-    `"choices":[]` and the usage before `[DONE]`. Removing exactly those gives the client the
-    bytes a direct call without the option returns. Works on whole events, so the relay holds
-    at most one partial event while injection is on.
+    With the option, an upstream adds a final usage-only chunk (`"choices": []` and the usage)
+    before `[DONE]`, and OpenAI also adds `"usage":null` to every other chunk. Removing exactly
+    those gives the client the bytes a direct call without the option returns.
+
+    It works on the event's meaning, not on OpenAI's byte formatting: the data is decoded as
+    JSON, so spaces after `:` and `,`, any key order, pretty-printed JSON over several `data:`
+    lines, `data:` without a space, CRLF or CR line endings and comment or `retry:` lines in
+    the block all strip alike. A chunk is usage-only when its top-level `usage` is an object
+    and its `choices` is `[]` or absent; the whole block goes (comments and all: the upstream
+    would not have sent it). A top-level `"usage": null` member is cut out of the raw bytes
+    together with one adjacent comma (and, for pretty-printed JSON, a data line left empty by
+    the cut), so the rest of the block stays byte for byte. Anything it cannot read (not
+    JSON, not an object, no top-level usage) is relayed unchanged. Works on whole events, so
+    the relay holds at most one partial event while injection is on.
     """
 
     __slots__ = ()
 
     def rewrite(self, ev: SSEEvent) -> bytes:
         data = ev.data
-        if data is None or data == b"[DONE]":
-            return ev.raw
-        if b'"usage":' not in data:
-            return ev.raw
-        if self._is_usage_only(data):
-            return b""
         raw = ev.raw
-        # Cut the first occurrence (as bytes.replace(..., 1) would) with one search, not two.
-        at = raw.find(b',"usage":null')
-        if at >= 0:
-            return raw[:at] + raw[at + 13 :]
-        at = raw.find(b'"usage":null,')
-        if at >= 0:
-            return raw[:at] + raw[at + 13 :]
-        return raw
-
-    @staticmethod
-    def _is_usage_only(data: bytes) -> bool:
-        if b'"choices":[]' not in data:
-            return False
+        if data is None or data == b"[DONE]":
+            return raw
+        # Cheap rejection for the chunks that cannot carry a usage key (a JSON key may be
+        # written with \u escapes, so those are decoded too).
+        if b"usage" not in data and b"\\u" not in data:
+            return raw
         try:
             payload = orjson.loads(data)
         except orjson.JSONDecodeError:
-            return False
-        return (
-            isinstance(payload, dict)
-            and payload.get("choices") == []
-            and isinstance(payload.get("usage"), dict)
-        )
+            return raw
+        if not isinstance(payload, dict) or "usage" not in payload:
+            return raw
+        usage = payload["usage"]
+        if isinstance(usage, dict) and payload.get("choices", []) == []:
+            # The carried LF of a CRLF split across reads belongs to the previous block.
+            return b"\n" if raw[:1] == b"\n" and len(raw) > 1 else b""
+        if usage is not None:
+            return raw  # a real usage on a content chunk: not what the option added alone
+        # OpenAI's own bytes: the only "usage" is the top-level key, written compactly.
+        if data.count(b'"usage"') == 1:
+            at = raw.find(b',"usage":null')
+            if at >= 0:
+                return raw[:at] + raw[at + 13 :]
+        return _cut_usage_null(raw, data, payload)
+
+
+# JSON tokens that matter for finding a top-level member: strings (so that nothing inside one
+# is taken for structure) and the structural characters. Numbers, literals and whitespace
+# are skipped over.
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\],]', re.S)
+_BOM = b"\xef\xbb\xbf"
+
+
+def _usage_null_span(data: bytes) -> tuple[int, int] | None:
+    """The bytes of `data` (a JSON object) to cut to remove its top-level `usage` member, with
+    one adjacent comma: `, "usage": null` after the previous member, or `"usage": null, ` as
+    the first. Whitespace is cut so that compact, spaced and pretty-printed JSON each come
+    out as the upstream would have written them without the member. None if not found."""
+    depth = 0
+    key_next = False
+    open_end = -1
+    prev_value_end = -1  # end of the previous member's value; -1 while at the first member
+    member_start = -1
+    is_usage = False
+    for m in _JSON_TOKEN.finditer(data):
+        c = data[m.start()]
+        if c == 0x22:  # a string
+            if depth == 1 and key_next:
+                key_next = False
+                member_start = m.start()
+                tok = m.group()
+                is_usage = tok == b'"usage"' or (b"\\" in tok and orjson.loads(tok) == "usage")
+            continue
+        if c == 0x7B or c == 0x5B:  # { [
+            depth += 1
+            if depth == 1:
+                if c != 0x7B:
+                    return None
+                open_end = m.end()
+                key_next = True
+            continue
+        if c == 0x2C and depth != 1:  # a comma inside a nested value
+            continue
+        if c != 0x2C and depth != 1:  # } ] closing a nested value
+            depth -= 1
+            continue
+        # A comma or the closing brace at the top level: the current member ends here.
+        value_end = len(data[: m.start()].rstrip())
+        if is_usage:
+            if not data[member_start:value_end].endswith(b"null"):
+                return None
+            if prev_value_end >= 0:
+                return prev_value_end, value_end
+            if c != 0x2C:
+                return member_start, value_end  # the only member
+            start = member_start
+            # Pretty-printed: the member's indentation goes with it (its line empties).
+            indent = len(data[open_end:start]) - len(data[open_end:start].rstrip(b" \t"))
+            if indent and data[start - indent - 1 : start - indent] in (b"\n", b"\r"):
+                start -= indent
+            end = m.end()
+            while end < len(data) and data[end] in b" \t":
+                end += 1
+            return start, end
+        if c != 0x2C:
+            return None  # the object closed without a usage member
+        prev_value_end = value_end
+        key_next = True
+    return None
+
+
+def _data_lines(raw: bytes) -> list[tuple[int, int, int, int]]:
+    """Each `data` line of one SSE block: (line start, value start, value end, next line)."""
+    lines: list[tuple[int, int, int, int]] = []
+    n = len(raw)
+    pos = len(_BOM) if raw.startswith(_BOM) else 0
+    while pos < n:
+        lf = raw.find(b"\n", pos)
+        cr = raw.find(b"\r", pos)
+        eol = n if lf < 0 and cr < 0 else (lf if cr < 0 or (0 <= lf < cr) else cr)
+        nxt = eol + 2 if raw[eol : eol + 2] == b"\r\n" else eol + 1
+        if raw.startswith(b"data", pos) and (eol == pos + 4 or raw[pos + 4] == 0x3A):
+            start = min(pos + 5, eol)
+            if start < eol and raw[start] == 0x20:
+                start += 1
+            lines.append((pos, start, eol, min(nxt, n)))
+        pos = nxt
+    return lines
+
+
+def _cut_usage_null(raw: bytes, data: bytes, payload: dict[str, Any]) -> bytes:
+    """`raw` without the top-level `"usage": null` member of its data, cut in place from the
+    data lines that hold it; `raw` unchanged whenever that cannot be done exactly."""
+    span = _usage_null_span(data)
+    if span is None:
+        return raw
+    lines = _data_lines(raw)
+    if b"\n".join([raw[s:e] for _, s, e, _ in lines]) != data:
+        return raw  # raw and data disagree (not a block the parser made): leave it
+    cut_a, cut_b = span
+    out: list[bytes] = []
+    kept = 0  # raw bytes before this offset are in `out` already
+    offset = 0  # where the current line's value starts in `data`
+    for line_start, start, end, _next in lines:
+        length = end - start
+        a, b = max(cut_a, offset), min(cut_b, offset + length)
+        if length and a <= offset and b >= offset + length:
+            out.append(raw[kept:line_start])  # the whole line goes
+            kept = _next
+        elif a < b:
+            out.append(raw[kept : start + a - offset])
+            kept = start + b - offset
+        offset += length + 1
+    out.append(raw[kept:])
+    result = b"".join(out)
+    # The guarantee, checked rather than argued: the block still parses to the same object
+    # without its usage member; anything else relays the upstream's bytes as they were.
+    try:
+        after = orjson.loads(b"\n".join([result[s:e] for _, s, e, _ in _data_lines(result)]))
+    except orjson.JSONDecodeError:
+        return raw
+    expected = dict(payload)
+    del expected["usage"]
+    return result if after == expected else raw
 
 
 # Of a body over MAX_PARSED_BODY, only this much of its end is kept: an OpenAI-shaped body

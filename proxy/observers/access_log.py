@@ -154,6 +154,7 @@ class AccessLogObserver(Observer):
             "outcome": ex.outcome,
             "ttfb_s": ex.ttfb_s,
             "ttft_s": ex.ttft_s,
+            "ttfc_s": ex.ttfc_s,
             "upstream_ttft_s": ex.upstream_ttft_s,
             "gap_mean_s": gap_mean,
             "gap_p95_s": gap_p95,

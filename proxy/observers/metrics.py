@@ -150,8 +150,18 @@ class MetricsObserver(Observer):
         )
         self.ttft = histogram(
             "tollgate_time_to_first_token_seconds",
-            "Request received to first output-carrying chunk relayed (role-only chunks "
-            "do not count). Buckets: gen_ai.server.time_to_first_token, extended to 600 s.",
+            "Request received to first output-carrying chunk relayed, any channel: content, "
+            "refusal, reasoning, a tool or function call (from its first chunk), audio; "
+            "role-only chunks do not count. Buckets: gen_ai.server.time_to_first_token, "
+            "extended to 600 s.",
+            route,
+            TTFT_BUCKETS,
+        )
+        self.ttfc = histogram(
+            "tollgate_time_to_first_content_seconds",
+            "Request received to first visible output chunk relayed: content, refusal, a "
+            "tool or function call, audio; not reasoning. Equals TTFT unless a reasoning "
+            "model streamed its reasoning first. Buckets as TTFT.",
             route,
             TTFT_BUCKETS,
         )
@@ -169,15 +179,20 @@ class MetricsObserver(Observer):
         )
         self.tpot = histogram(
             "tollgate_time_per_output_token_seconds",
-            "(last output chunk - first output chunk) / (output tokens - 1), per request. "
+            "(last output chunk - first output chunk) / (output tokens emitted after the "
+            "first chunk), per request; hidden reasoning tokens, produced before the first "
+            "chunk, are not in the divisor. "
             "Buckets: gen_ai.server.time_per_output_token, refined below 10 ms.",
             ("model", "upstream"),
             TPOT_BUCKETS,
         )
         self.overhead = histogram(
             "tollgate_proxy_overhead_seconds",
-            "Time the proxy itself spent on a forwarded request: received to upstream "
-            "request sent, plus, per chunk, upstream read to client write done.",
+            "Latency the proxy added for the client on a forwarded request: received to "
+            "upstream request sent (parse, admit, reserve), plus upstream read to client "
+            "write done for the first output chunk of a stream (the first chunk if none "
+            "carries output), or a plain body's end read to its accounting. Not a sum over "
+            "chunks.",
             ("upstream", "endpoint", "stream"),
             OVERHEAD_BUCKETS,
         )
@@ -314,6 +329,9 @@ class MetricsObserver(Observer):
         ttft = ex.ttft_s
         if ttft is not None:
             self.ttft.get(model, upstream, endpoint, stream).observe(ttft)
+        ttfc = ex.ttfc_s
+        if ttfc is not None:
+            self.ttfc.get(model, upstream, endpoint, stream).observe(ttfc)
         up_ttft = ex.upstream_ttft_s
         if up_ttft is not None:
             self.upstream_ttft.get(model, upstream).observe(up_ttft)

@@ -210,6 +210,7 @@ class TracingObserver(Observer):
             a["tollgate.ttft_s"] = ttft
         for attr, value in (
             ("tollgate.ttfb_s", ex.ttfb_s),
+            ("tollgate.ttfc_s", ex.ttfc_s),
             ("tollgate.upstream_ttft_s", ex.upstream_ttft_s),
             ("tollgate.duration_s", ex.duration_s),
             ("tollgate.tpot_s", ex.tpot_s),

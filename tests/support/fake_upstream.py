@@ -63,6 +63,7 @@ class ChunkWrite:
     index: int  # position of the chunk in its Reply
     t_ns: int  # perf_counter_ns just before the chunk was handed to the transport
     data: bytes
+    request_no: int = -1  # which request it answers: its position in FakeUpstream.requests
 
 
 @dataclass
@@ -247,9 +248,9 @@ class FakeUpstream:
             json=parsed,
             t_ns=time.perf_counter_ns(),
         )
+        state = _Progress(request_no=len(self.requests))
         self.requests.append(recorded)
         await self._notify()
-        state = _Progress()
         try:
             return await self._respond(request, recorded, state)
         except asyncio.CancelledError:
@@ -283,7 +284,7 @@ class FakeUpstream:
                 if delay > 0 and not await self._sleep(request, delay):
                     self._gone(recorded, state, "poll")
                     return response
-                self.writes.append(ChunkWrite(recorded.path, i, time.perf_counter_ns(), chunk))
+                self.writes.append(ChunkWrite(recorded.path, i, time.perf_counter_ns(), chunk, state.request_no))
                 await response.write(chunk)
                 state.chunks_sent += 1
             await response.write_eof()
@@ -337,6 +338,7 @@ class FakeUpstream:
 class _Progress:
     chunks_sent: int = 0
     finished: bool = False
+    request_no: int = -1
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -432,6 +434,80 @@ def openai_usage_aware(
 
     def handler(request: RecordedRequest) -> Reply:
         return with_usage if include_usage_requested(request) else plain
+
+    return handler
+
+
+# --- OpenAI-compatible servers that format their streams their own way ------------------------------
+
+
+@dataclass(frozen=True)
+class StreamDialect:
+    """How an OpenAI-compatible server (vLLM, SGLang, TGI, Ollama, LM Studio, Azure...) may
+    write the same chat stream: the chunks mean what OpenAI's mean, the bytes differ."""
+
+    separators: tuple[str, str] = (",", ":")  # json.dumps default is (", ", ": ")
+    indent: int | None = None  # pretty-printed: one chunk over several `data:` lines
+    usage_first: bool = False  # "usage" as the first key, the other keys reversed
+    usage_null: bool = True  # "usage": null in every chunk once usage is asked for
+    eol: str = "\n"  # line ending: "\n", "\r\n" or "\r"
+    data_prefix: str = "data: "  # or "data:" (the space is optional)
+    comments: bool = False  # `: ping` keep-alive blocks, and a comment line in the usage block
+    retry: bool = False  # a `retry:` line in the first block
+
+
+def _dialect_json(obj: dict[str, Any], dialect: StreamDialect) -> str:
+    if dialect.usage_first and "usage" in obj:
+        obj = {"usage": obj["usage"], **dict(reversed([(k, v) for k, v in obj.items() if k != "usage"]))}
+    elif dialect.usage_first:
+        obj = dict(reversed(list(obj.items())))
+    return json.dumps(obj, separators=dialect.separators, indent=dialect.indent)
+
+
+def _dialect_block(text: str, dialect: StreamDialect, head: str = "") -> bytes:
+    eol = dialect.eol
+    lines = head + "".join(dialect.data_prefix + line + eol for line in text.split("\n"))
+    return (lines + eol).encode()
+
+
+def dialect_stream(
+    cap: Capture, dialect: StreamDialect, usage: dict[str, Any] | None = None
+) -> bytes:
+    """`cap`'s chat stream as a server of `dialect` writes it; with `usage`, as it writes it
+    when asked for stream_options.include_usage (the usage chunk before [DONE], and
+    `"usage": null` in every chunk if the dialect does that)."""
+    parser = SSEParser()
+    chunks = [json.loads(e.data) for e in parser.feed(cap.body) + parser.flush() if e.data and not e.is_done]
+    eol = dialect.eol
+    ping = f": ping{eol}{eol}".encode() if dialect.comments else b""
+    out: list[bytes] = []
+    for i, chunk in enumerate(chunks):
+        if usage is not None and dialect.usage_null:
+            chunk = {**chunk, "usage": None}
+        head = f"retry: 3000{eol}" if dialect.retry and i == 0 else ""
+        out.append(_dialect_block(_dialect_json(chunk, dialect), dialect, head) + ping)
+    if usage is not None:
+        final = {**chunks[-1], "choices": [], "usage": usage}
+        head = f": usage follows{eol}" if dialect.comments else ""
+        out.append(_dialect_block(_dialect_json(final, dialect), dialect, head))
+    out.append(_dialect_block("[DONE]", dialect))
+    return b"".join(out)
+
+
+def dialect_usage_aware(
+    cap: Capture, dialect: StreamDialect, usage: dict[str, Any], *, byte_chunk: int | None = None
+) -> Callable[[RecordedRequest], Reply]:
+    """Route handler: `cap` in `dialect`, with usage when the request asked for it; whole
+    events per write, or `byte_chunk` bytes per write."""
+
+    def handler(request: RecordedRequest) -> Reply:
+        body = dialect_stream(cap, dialect, usage if include_usage_requested(request) else None)
+        if byte_chunk is None:
+            parser = SSEParser()
+            chunks = [e.raw for e in parser.feed(body) + parser.flush()]
+        else:
+            chunks = [body[i : i + byte_chunk] for i in range(0, len(body), byte_chunk)]
+        return Reply(status=200, headers=strip_framing_headers(cap.headers), chunks=chunks)
 
     return handler
 
@@ -660,6 +736,9 @@ __all__ = [
     "FakeUpstream",
     "RecordedRequest",
     "Reply",
+    "StreamDialect",
+    "dialect_stream",
+    "dialect_usage_aware",
     "include_usage_requested",
     "openai_error_body",
     "openai_stream_with_usage",

@@ -93,7 +93,9 @@ def test_one_line_with_measurements() -> None:
     assert rec["ttft_s"] == pytest.approx(0.1)
     assert rec["gap_mean_s"] == pytest.approx((19 * 0.01 + 0.2) / 20)
     assert rec["gap_p95_s"] == pytest.approx(0.01)  # nearest rank 19 of 20
-    assert rec["tpot_s"] == pytest.approx(0.01)
+    # 21 output tokens of which 4 hidden reasoning (no reasoning chunk was seen): 17 came as
+    # chunks, 16 after the first.
+    assert rec["tpot_s"] == pytest.approx(0.2 / 16)
     assert rec["duration_s"] == pytest.approx(0.32)
     assert rec["overhead_s"] == pytest.approx(0.00025)
     assert rec["tokens"] == {

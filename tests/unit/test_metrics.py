@@ -49,6 +49,7 @@ def finished_stream(**kw: Any) -> Exchange:
         t_upstream_sent_ns=T0 + 1 * MS,
         t_first_byte_ns=T0 + 200 * MS,
         t_first_token_ns=T0 + 300 * MS,
+        t_first_content_ns=T0 + 350 * MS,
         t_last_token_ns=T0 + 500 * MS,
         t_end_ns=T0 + 510 * MS,
         gaps_ns=[50 * MS, 50 * MS, 100 * MS],
@@ -158,8 +159,10 @@ def test_one_streamed_request_all_histograms() -> None:
     assert sample(reg, "tollgate_upstream_time_to_first_token_seconds_sum", **mu) == pytest.approx(0.299)
     assert sample(reg, "tollgate_inter_token_gap_seconds_count", **mu) == 3.0
     assert sample(reg, "tollgate_inter_token_gap_seconds_sum", **mu) == pytest.approx(0.2)
-    # TPOT = (500 - 300) ms / (21 - 1)
-    assert sample(reg, "tollgate_time_per_output_token_seconds_sum", **mu) == pytest.approx(0.01)
+    assert sample(reg, "tollgate_time_to_first_content_seconds_sum", **route) == pytest.approx(0.35)
+    # TPOT = (500 - 300) ms / (21 - 5 - 1): the 5 reasoning tokens were never streamed
+    # (hidden), so they came before the first chunk and are not in the divisor.
+    assert sample(reg, "tollgate_time_per_output_token_seconds_sum", **mu) == pytest.approx(0.2 / 15)
     assert sample(
         reg, "tollgate_proxy_overhead_seconds_sum", upstream="openai", endpoint="chat.completions", stream="true"
     ) == pytest.approx(0.0003)

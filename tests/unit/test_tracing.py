@@ -51,6 +51,7 @@ def finish_ok(ex: Exchange) -> None:
     ex.t_upstream_sent_ns = T0 + 1 * MS
     ex.t_first_byte_ns = T0 + 100 * MS
     ex.t_first_token_ns = T0 + 150 * MS
+    ex.t_first_content_ns = T0 + 150 * MS
     ex.t_last_token_ns = T0 + 350 * MS
     ex.t_end_ns = T0 + 400 * MS
     ex.gaps_ns = [100 * MS, 100 * MS]
@@ -122,7 +123,9 @@ def test_span_details_in_memory(memory: tuple[TracerProvider, InMemorySpanExport
     assert a["server.address"] == "api.openai.com" and a["server.port"] == 443
     assert a["tollgate.ttft_s"] == pytest.approx(0.15)
     assert a["tollgate.duration_s"] == pytest.approx(0.4)
-    assert a["tollgate.tpot_s"] == pytest.approx(0.02)
+    # 200 ms over 11 output tokens less 2 hidden reasoning tokens, less the first: 8.
+    assert a["tollgate.tpot_s"] == pytest.approx(0.2 / 8)
+    assert a["tollgate.ttfc_s"] == pytest.approx(0.15)
     assert a["tollgate.gap_mean_s"] == pytest.approx(0.1)
     assert a["tollgate.gap_p95_s"] == pytest.approx(0.1)
     assert a["tollgate.cost_usd"] == "0.0000123"
