@@ -51,7 +51,6 @@ from proxy.sse import SSEParser
 from tests.integration.conftest import Proxy, StartProxy, proxy_yaml
 from tests.integration.test_fidelity import (
     DONE,
-    SSE_HEADERS,
     LoopLag,
     Scripted,
     chat_event,
