@@ -97,7 +97,7 @@ async def test_sdk_never_sees_the_injected_usage_chunk(
     assert (u.input_tokens, u.cached_input_tokens, u.output_tokens) == (8, 3, 26)
     assert (u.input_source, u.output_source) == ("upstream", "upstream")
     assert ex.output_text.text() == contents["direct"]
-    assert not ex.extra.get("measure_failed")
+    assert not ex.measure_failed
 
     # Byte for byte what the upstream sends when usage is not asked for.
     raw = await _raw(proxy.base_url + "/chat/completions", body)
