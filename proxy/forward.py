@@ -16,10 +16,12 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.body import BodyKeeper
 from proxy.errors import UpstreamError, translate_upstream_exception
 from proxy.exchange import Exchange
-from proxy.measure import BodyKeeper, StreamTap, UsageStripper
+from proxy.measure import StreamTap
 from proxy.observer import Observers
+from proxy.strip import UsageStripper
 from proxy.upstream import _ATTEMPT, Upstream, _Attempt
 
 log = logging.getLogger("tollgate.forward")
@@ -139,6 +141,41 @@ def _set_idle_timeout(resp: aiohttp.ClientResponse, idle: float) -> None:
         conn.protocol.start_timeout()  # re-arm now, not at the next data_received
 
 
+def client_response(
+    resp: aiohttp.ClientResponse, ex: Exchange, admission_headers: Mapping[str, str], is_sse: bool
+) -> web.StreamResponse:
+    """The client's response, not yet prepared: the upstream's status and headers (less
+    hop-by-hop ones), our request id, admission's headers, and what keeps a stream flowing
+    through buffering proxies in front of us."""
+    out = web.StreamResponse(status=resp.status, reason=resp.reason)
+    out.headers.update(relayed_headers(resp.headers))
+    out.headers["X-Request-Id"] = ex.request_id
+    if admission_headers:
+        out.headers.update(admission_headers)
+    if is_sse:
+        out.headers["X-Accel-Buffering"] = "no"
+        out.headers.setdefault("Cache-Control", "no-cache")
+    elif "Content-Length" in resp.headers and "Content-Encoding" not in resp.headers:
+        out.content_length = int(resp.headers["Content-Length"])
+    return out
+
+
+async def _fail_started(
+    request: web.Request, out: web.StreamResponse, ex: Exchange, err: UpstreamError, is_sse: bool
+) -> None:
+    """The upstream failed after the client's response began: say so in the stream (SSE),
+    or cut the connection so a plain body cannot look complete."""
+    ex.outcome = "proxy_error"
+    if is_sse:
+        try:
+            await out.write(err.to_sse(ex.request_id))
+            await out.write_eof()
+        except (ConnectionError, RuntimeError):
+            ex.outcome = "client_gone"
+    elif request.transport is not None:
+        request.transport.close()
+
+
 async def relay(
     request: web.Request,
     resp: aiohttp.ClientResponse,
@@ -158,18 +195,8 @@ async def relay(
     the client in-stream (SSE) or by closing the connection (plain bodies), and recorded.
     """
     ex.status = resp.status
-    content_type = resp.headers.get("Content-Type", "")
-    is_sse = content_type.startswith("text/event-stream")
-    out = web.StreamResponse(status=resp.status, reason=resp.reason)
-    out.headers.update(relayed_headers(resp.headers))
-    out.headers["X-Request-Id"] = ex.request_id
-    if admission_headers:
-        out.headers.update(admission_headers)
-    if is_sse:
-        out.headers["X-Accel-Buffering"] = "no"
-        out.headers.setdefault("Cache-Control", "no-cache")
-    elif "Content-Length" in resp.headers and "Content-Encoding" not in resp.headers:
-        out.content_length = int(resp.headers["Content-Length"])
+    is_sse = resp.headers.get("Content-Type", "").startswith("text/event-stream")
+    out = client_response(resp, ex, admission_headers, is_sse)
     expected_length = out.content_length
     observers.on_response_headers(ex, out.headers)
     _set_idle_timeout(resp, upstream.idle_timeout)
@@ -255,17 +282,7 @@ async def relay(
         ex.error_detail = err.detail
         if not started:
             raise
-        ex.outcome = "proxy_error"
-        if is_sse:
-            try:
-                await out.write(err.to_sse(ex.request_id))
-                await out.write_eof()
-            except (ConnectionError, RuntimeError):
-                ex.outcome = "client_gone"
-        else:
-            # A plain body cut short must not look complete to the client.
-            if request.transport is not None:
-                request.transport.close()
+        await _fail_started(request, out, ex, err, is_sse)
     except asyncio.CancelledError:
         # The client left (aiohttp cancels the handler): drop the upstream connection now
         # so the upstream stops generating.

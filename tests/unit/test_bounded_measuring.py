@@ -8,9 +8,9 @@ import orjson
 import pytest
 
 from proxy import measure
+from proxy.body import BODY_TAIL_BYTES, BodyKeeper, measure_body_tail
 from proxy.estimate import estimate_output_tokens
 from proxy.exchange import KEPT_OUTPUT_CHARS, Exchange, OutputText
-from proxy.measure import BODY_TAIL_BYTES, BodyKeeper, measure_body_tail
 from proxy.usage import Usage
 
 

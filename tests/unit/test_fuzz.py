@@ -33,12 +33,14 @@ from hypothesis import strategies as st
 from proxy import estimate as estimating
 from proxy import usage as usage_json
 from proxy.accept import MAX_JSON_DEPTH, accept_body, json_depth, parse_json_object
+from proxy.body import measure_body
 from proxy.errors import InvalidRequest
 from proxy.exchange import Exchange
-from proxy.measure import StreamTap, UsageStripper, measure_body
+from proxy.measure import StreamTap
 from proxy.pricing import Price, PriceTable, cost, worst_case_cost
 from proxy.route import outgoing_body
 from proxy.sse import SSEEvent
+from proxy.strip import UsageStripper
 from proxy.usage import Usage
 
 _LONG = os.environ.get("TOLLGATE_FUZZ_EXAMPLES")
