@@ -7,7 +7,7 @@ import math
 import orjson
 import pytest
 
-from proxy import measure
+from proxy import body as body_module
 from proxy.body import BODY_TAIL_BYTES, BodyKeeper, measure_body_tail
 from proxy.estimate import estimate_output_tokens
 from proxy.exchange import KEPT_OUTPUT_CHARS, Exchange, OutputText
@@ -59,7 +59,7 @@ def test_a_body_under_the_limit_is_measured_whole() -> None:
 
 
 def test_a_body_over_the_limit_keeps_only_its_tail_and_finds_the_usage_there(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(measure, "MAX_PARSED_BODY", 1 << 20)
+    monkeypatch.setattr(body_module, "MAX_PARSED_BODY", 1 << 20)
     ex = exchange()
     keeper = BodyKeeper()
     # A string holding braces and an escaped quote before the usage must not confuse the scan.
