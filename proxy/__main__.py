@@ -82,6 +82,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from proxy.settings import config_json_schema
+
+    print(json.dumps(config_json_schema(), indent=2))
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -121,6 +130,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
     if command in ("serve", "check-config"):
         return parser
+    schema = sub.add_parser(
+        "schema", help="print the config's JSON schema (for editors; config/tollgate.schema.json is this output)"
+    )
+    schema.set_defaults(func=cmd_schema)
 
     from proxy import demo
 
