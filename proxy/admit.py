@@ -114,6 +114,7 @@ def authenticate(request: web.Request, ex: Exchange, rt: Runtime) -> None:
             else "You didn't provide an API key. Send a Tollgate virtual key as 'Authorization: Bearer <key>'."
         )
     ex.key_name = key.name
+    ex.key_metadata = key.metadata or None
     ex.extra["virtual_key"] = key
 
 
@@ -189,7 +190,7 @@ async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[st
         )
     now = rt.clock()
     model = ex.upstream_model or ex.requested_model or ""
-    buckets = buckets_for(rt.settings.budgets, ex.key_name, ex.user, model, now)
+    buckets = buckets_for(rt.settings.budgets, ex.key_name, ex.user, model, now, ex.team)
     if not buckets:
         return {}
     assert ex.body is not None
@@ -208,6 +209,7 @@ async def reserve(ex: Exchange, rt: Runtime, payload: dict[str, Any]) -> dict[st
             quantize_up(worst_case_cost(prompt_tokens, 0, price)),
             time=now, request_id=ex.request_id, key=ex.key_name, user=ex.user, model=model,
             upstream=ex.upstream, endpoint=ex.endpoint, outcome="interrupted", status=None,
+            team=ex.team, key_metadata=ex.key_metadata,
         ),
         prompt_tokens,
     )

@@ -101,16 +101,19 @@ def _check_timezone(name: str) -> str:
 
 
 class BudgetScope(BaseModel):
-    """Who a rule applies to. Empty scope = global. `"*"` for key or user is a template:
-    one bucket per key (per user) seen in requests; a fixed value matches that one only."""
+    """Who a rule applies to. Empty scope = global. `"*"` for key, user or team is a
+    template: one bucket per key (user, team) seen in requests; a fixed value matches that
+    one only. A request's team is its virtual key's `metadata.team`: the keys of one team
+    share its budget, whichever of them is used."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     key: str | None = None
     user: str | None = None
     model: str | None = None  # glob, e.g. "gpt-4o*"
+    team: str | None = None
 
-    @field_validator("key", "user", "model")
+    @field_validator("key", "user", "model", "team")
     @classmethod
     def _not_empty(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
@@ -281,6 +284,7 @@ class Bucket:
     end: datetime | None
     key: str | None = None
     user: str | None = None
+    team: str | None = None
 
     @property
     def name(self) -> str:
@@ -309,6 +313,8 @@ class Bucket:
             parts.append(f"key {self.key}")
         if self.rule.scope.user is not None:
             parts.append(f"user {self.user}")
+        if self.rule.scope.team is not None:
+            parts.append(f"team {self.team}")
         if self.rule.scope.model is not None:
             parts.append(f"model {self.rule.scope.model}")
         return f"'{self.name}'" + (f" ({', '.join(parts)})" if parts else "")
@@ -356,12 +362,18 @@ def _resolve(pattern: str | None, value: str | None) -> tuple[bool, str | None]:
 
 
 def bucket_for(
-    rule: BudgetRule, key_name: str | None, user: str | None, model: str | None, now: datetime
+    rule: BudgetRule,
+    key_name: str | None,
+    user: str | None,
+    model: str | None,
+    now: datetime,
+    team: str | None = None,
 ) -> Bucket | None:
     """The bucket of `rule` for this request, or None when the rule does not apply."""
     key_ok, key = _resolve(rule.scope.key, key_name)
     user_ok, usr = _resolve(rule.scope.user, user)
-    if not (key_ok and user_ok):
+    team_ok, tm = _resolve(rule.scope.team, team)
+    if not (key_ok and user_ok and team_ok):
         return None
     if rule.scope.model is not None and (model is None or not fnmatch.fnmatchcase(model, rule.scope.model)):
         return None
@@ -371,8 +383,10 @@ def bucket_for(
         parts.append(f"key={_escape(key)}")
     if usr is not None:
         parts.append(f"user={_escape(usr)}")
+    if tm is not None:
+        parts.append(f"team={_escape(tm)}")
     parts.append(start_text)
-    return Bucket(id="|".join(parts), rule=rule, start=start, end=end, key=key, user=usr)
+    return Bucket(id="|".join(parts), rule=rule, start=start, end=end, key=key, user=usr, team=tm)
 
 
 # The last window computed per (period, timezone), with its start as text: every request
@@ -394,12 +408,17 @@ def _window_of(period: Period, tz: str, now: datetime) -> tuple[datetime, dateti
 
 
 def buckets_for(
-    rules: Sequence[BudgetRule], key_name: str | None, user: str | None, model: str | None, now: datetime
+    rules: Sequence[BudgetRule],
+    key_name: str | None,
+    user: str | None,
+    model: str | None,
+    now: datetime,
+    team: str | None = None,
 ) -> list[Bucket]:
-    """Every bucket that applies to a request by `key_name`/`user` for `model` at `now`."""
+    """Every bucket that applies to a request by `key_name`/`user`/`team` for `model` at `now`."""
     out = []
     for rule in rules:
-        bucket = bucket_for(rule, key_name, user, model, now)
+        bucket = bucket_for(rule, key_name, user, model, now, team)
         if bucket is not None:
             out.append(bucket)
     return out
@@ -720,6 +739,7 @@ def webhook_payload(crossing: Crossing, now: datetime) -> dict[str, object]:
         "action": b.rule.action,
         "key": b.key,
         "user": b.user,
+        "team": b.team,
         "threshold": crossing.threshold,
         "spent_usd": f"{crossing.used:f}",
         "limit_usd": f"{crossing.limit:f}",

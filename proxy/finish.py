@@ -140,6 +140,8 @@ async def settle(ex: Exchange, rt: Runtime) -> None:
         endpoint=ex.endpoint,
         outcome=ex.outcome,
         status=ex.status,
+        team=ex.team,
+        key_metadata=ex.key_metadata,
     )
     if hold is not None and (hold.reserved or hold.charge_on_settle):
         ledger_id, actual = hold.ledger_id, charges(hold.buckets, spent, tokens)

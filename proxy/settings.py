@@ -576,6 +576,13 @@ class Settings(_Section):
             if key is not None and key != "*" and key not in key_names:
                 known = ", ".join(sorted(key_names)) or "none configured"
                 problems.append(f"budgets[{i}].scope.key: {key!r} is not a configured key (have: {known})")
+        teams = {k.metadata["team"] for k in self.keys if "team" in k.metadata}
+        for i, rule in enumerate(self.budgets):
+            team = rule.scope.team
+            if team is not None and team != "*" and team not in teams:
+                # It would never apply: a request's team is its key's metadata.team.
+                known = ", ".join(sorted(teams)) or "no key has metadata.team"
+                problems.append(f"budgets[{i}].scope.team: {team!r} is not the metadata.team of any configured key (have: {known})")
 
         exposure = self._anonymous_exposure()
         if exposure is not None:

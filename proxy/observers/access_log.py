@@ -147,6 +147,10 @@ class AccessLogObserver:
             "ts": iso_utc(ex.wall_start),
             "request_id": ex.request_id,
             "key": ex.key_name,
+            # The end user (the configured user header, else the body's `user`), and the
+            # key's team: who spent, beside which key they used.
+            "user": ex.user,
+            "team": ex.team,
             "model": ex.requested_model,
             "route_model": ex.model_label,
             "upstream_model": ex.upstream_model,
@@ -172,6 +176,8 @@ class AccessLogObserver:
             "finish_reasons": ex.finish_reasons or None,
             "error_type": ex.error_type,
         }
+        if ex.key_metadata:
+            rec["key_metadata"] = ex.key_metadata
         if ex.error_detail is not None:
             rec["error_detail"] = ex.error_detail
         unmetered = ex.extra.get("unmetered")
