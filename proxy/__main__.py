@@ -79,6 +79,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"{args.config}: ok ({len(settings.upstreams)} upstreams, {routes} routes, "
         f"default upstream: {settings.default_upstream or 'none'})"
     )
+    from datetime import UTC, datetime
+
+    from proxy.pricing import shipped_prices_date, stale_prices_warning
+
+    # The real clock, at run time: the table ages after it ships. A warning, not an error:
+    # the config is valid, and its own pricing entries may already cover what it serves.
+    stale = stale_prices_warning(shipped_prices_date(), datetime.now(UTC).date())
+    if stale is not None:
+        print(stale, file=sys.stderr)
     return 0
 
 
