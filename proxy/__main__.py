@@ -19,12 +19,22 @@ DEFAULT_CONFIG = "config/tollgate.yaml"
 log = logging.getLogger("tollgate")
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _configure_logging(level: str, json_lines: bool = False) -> None:
+    """stderr, for Tollgate's and every library's records. `json_lines` when the access log
+    (JSON on stdout) is on: one format for everything the process writes, so a collector
+    parses every line alike; otherwise plain text for a person at a terminal."""
+    handler = logging.StreamHandler(sys.stderr)
+    if json_lines:
+        from proxy.observers.access_log import JsonLogFormatter
+
+        handler.setFormatter(JsonLogFormatter())
+        # What would otherwise reach stderr outside logging: warnings, and an uncaught
+        # exception's traceback.
+        logging.captureWarnings(True)
+        sys.excepthook = lambda kind, value, tb: log.critical("uncaught exception", exc_info=(kind, value, tb))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def _overrides(args: argparse.Namespace) -> tuple[Override, ...]:
@@ -51,7 +61,7 @@ def cmd_serve(args: argparse.Namespace, started_at: float) -> int:
     except ConfigError as exc:  # also a flag or variable that makes a valid file unusable
         print(exc, file=sys.stderr)
         return 2
-    _configure_logging(settings.logging.level)
+    _configure_logging(settings.logging.level, json_lines=settings.logging.access_log)
     import asyncio
 
     from proxy.serve import install_uvloop, serve, serve_workers, settings_loader

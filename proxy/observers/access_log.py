@@ -10,6 +10,7 @@ a pipe or file takes it without waiting on anything but the kernel.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from datetime import UTC, datetime
@@ -195,3 +196,22 @@ class AccessLogObserver:
             rec["prompt"] = None if prompt is None else _truncate(prompt, self.payload_max_chars)
             rec["completion"] = _truncate(ex.output_text.text(), self.payload_max_chars)
         return rec
+
+
+class JsonLogFormatter(logging.Formatter):
+    """Tollgate's and its libraries' log records as one JSON object per line, in the access
+    log's shape (`ts` as there), so one parser reads both streams. A traceback stays inside
+    its record (`exc`), never spread over lines of its own."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        rec: dict[str, Any] = {
+            "ts": iso_utc(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            rec["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            rec["stack"] = self.formatStack(record.stack_info)
+        return orjson.dumps(rec, default=str).decode()
