@@ -19,12 +19,22 @@ DEFAULT_CONFIG = "config/tollgate.yaml"
 log = logging.getLogger("tollgate")
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _configure_logging(level: str, json_lines: bool = False) -> None:
+    """stderr, for Tollgate's and every library's records. `json_lines` when the access log
+    (JSON on stdout) is on: one format for everything the process writes, so a collector
+    parses every line alike; otherwise plain text for a person at a terminal."""
+    handler = logging.StreamHandler(sys.stderr)
+    if json_lines:
+        from proxy.observers.access_log import JsonLogFormatter
+
+        handler.setFormatter(JsonLogFormatter())
+        # What would otherwise reach stderr outside logging: warnings, and an uncaught
+        # exception's traceback.
+        logging.captureWarnings(True)
+        sys.excepthook = lambda kind, value, tb: log.critical("uncaught exception", exc_info=(kind, value, tb))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def _overrides(args: argparse.Namespace) -> tuple[Override, ...]:
@@ -51,7 +61,7 @@ def cmd_serve(args: argparse.Namespace, started_at: float) -> int:
     except ConfigError as exc:  # also a flag or variable that makes a valid file unusable
         print(exc, file=sys.stderr)
         return 2
-    _configure_logging(settings.logging.level)
+    _configure_logging(settings.logging.level, json_lines=settings.logging.access_log)
     import asyncio
 
     from proxy.serve import install_uvloop, serve, serve_workers, settings_loader
@@ -79,6 +89,24 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"{args.config}: ok ({len(settings.upstreams)} upstreams, {routes} routes, "
         f"default upstream: {settings.default_upstream or 'none'})"
     )
+    from datetime import UTC, datetime
+
+    from proxy.pricing import shipped_prices_date, stale_prices_warning
+
+    # The real clock, at run time: the table ages after it ships. A warning, not an error:
+    # the config is valid, and its own pricing entries may already cover what it serves.
+    stale = stale_prices_warning(shipped_prices_date(), datetime.now(UTC).date())
+    if stale is not None:
+        print(stale, file=sys.stderr)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from proxy.settings import config_json_schema
+
+    print(json.dumps(config_json_schema(), indent=2))
     return 0
 
 
@@ -121,6 +149,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
     if command in ("serve", "check-config"):
         return parser
+    schema = sub.add_parser(
+        "schema", help="print the config's JSON schema (for editors; config/tollgate.schema.json is this output)"
+    )
+    schema.set_defaults(func=cmd_schema)
 
     from proxy import demo
 

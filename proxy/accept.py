@@ -307,4 +307,5 @@ def authenticate(request: web.Request, ex: Exchange, keyring: KeyRing) -> Virtua
             else "You didn't provide an API key. Send a Tollgate virtual key as 'Authorization: Bearer <key>'."
         )
     ex.key_name = key.name
+    ex.key_metadata = key.metadata or None
     return key

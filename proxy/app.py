@@ -101,6 +101,8 @@ def make_app(
     for path, endpoint in handlers.MODEL_PATHS.items():
         app.router.add_post(path, handlers.model_endpoint(endpoint))
     app.router.add_get("/v1/models", handlers.list_models)
+    # Ids may hold '/' (llama-server's "models/x.gguf"), hence the greedy match.
+    app.router.add_get("/v1/models/{model:.+}", handlers.retrieve_model)
     app.router.add_get("/v1/tollgate/summary", summary_endpoint)
     app.router.add_get("/v1/tollgate/budgets", handlers.budgets_report)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.passthrough)

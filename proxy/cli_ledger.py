@@ -244,6 +244,7 @@ def budget_rows(rules: Sequence[BudgetRule], report: Sequence[dict[str, Any]], n
             "name": rule.name,
             "key": TEMPLATE if rule.scope.key == TEMPLATE else rule.scope.key,
             "user": TEMPLATE if rule.scope.user == TEMPLATE else rule.scope.user,
+            "team": TEMPLATE if rule.scope.team == TEMPLATE else rule.scope.team,
             "action": rule.action,
             "window_start": start,
             "window_end": end,
@@ -288,7 +289,7 @@ def cmd_budgets(args: argparse.Namespace) -> int:
     header = ["budget", "scope", "action", "spent", "reserved", "limit", "remaining", "resets"]
     lines = []
     for r in rows:
-        scope = ", ".join(f"{k} {r[k]}" for k in ("key", "user") if r[k] is not None) or "global"
+        scope = ", ".join(f"{k} {r[k]}" for k in ("key", "user", "team") if r.get(k) is not None) or "global"
         limit = r["limit_usd"]
         lines.append([
             r["name"], scope, r["action"], format_usd(r["spent"]), format_usd(r["reserved"]),

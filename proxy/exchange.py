@@ -114,6 +114,8 @@ class Exchange:
     output_cap: int | None = None
     user: str | None = None
     key_name: str | None = None
+    # The virtual key's `metadata` from the config (its `team` scopes team budgets).
+    key_metadata: dict[str, str] | None = None
     traceparent: str | None = None
     tracestate: str | None = None
 
@@ -171,6 +173,11 @@ class Exchange:
     account_failed: bool = False
     started: bool = False  # observers' on_start has fired
     finished: bool = False
+
+    @property
+    def team(self) -> str | None:
+        """The team of the request's virtual key (`metadata.team`), for team budgets."""
+        return None if self.key_metadata is None else self.key_metadata.get("team")
 
     @property
     def operation(self) -> str:

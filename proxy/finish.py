@@ -79,6 +79,8 @@ def spend_row(ex: Exchange, rt: Runtime) -> SpendRow:
         endpoint=ex.endpoint,
         outcome=ex.outcome,
         status=ex.status,
+        team=ex.team,
+        key_metadata=ex.key_metadata,
     )
 
 

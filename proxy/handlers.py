@@ -21,7 +21,15 @@ import orjson
 from aiohttp import web
 
 from proxy.accept import Accepted, accept, authenticate, new_exchange
-from proxy.errors import ClientError, HttpError, InvalidApiKey, MethodNotAllowed, NotFound, PermissionDenied
+from proxy.errors import (
+    ClientError,
+    HttpError,
+    InvalidApiKey,
+    MethodNotAllowed,
+    ModelNotFound,
+    NotFound,
+    PermissionDenied,
+)
 from proxy.exchange import Endpoint, Exchange
 from proxy.finish import complete, finish, started
 from proxy.forward import relay, send, upstream_headers
@@ -158,11 +166,42 @@ async def list_models(request: web.Request) -> web.Response:
     """The models the route table can serve: aliases, plus each upstream's own list filtered
     through the routes (an upstream model is listed only if a request for it would reach it)."""
     policy = request.app[RUNTIME].policy
-    settings = policy.settings
     try:
-        authenticate(request, new_exchange(request, "models", settings.server.request_id_header), policy.keyring)
+        authenticate(request, new_exchange(request, "models", policy.settings.server.request_id_header), policy.keyring)
     except HttpError as err:
         return error_response(err)
+    seen = await _served_models(request, policy)
+    return web.Response(
+        body=orjson.dumps({"object": "list", "data": list(seen.values())}),
+        content_type="application/json",
+    )
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id} (the SDK's `models.retrieve`): the entry `GET /v1/models` lists
+    for that id. An alias exists only here, so the upstream cannot answer for it: the same
+    list decides, so whatever the list shows can be retrieved, and nothing else."""
+    policy = request.app[RUNTIME].policy
+    try:
+        authenticate(request, new_exchange(request, "models", policy.settings.server.request_id_header), policy.keyring)
+    except HttpError as err:
+        return error_response(err)
+    model_id = request.match_info["model"]
+    found = (await _served_models(request, policy)).get(model_id)
+    if found is None:
+        return error_response(
+            ModelNotFound(
+                f"The model `{model_id}` does not exist or is not served by this proxy (see GET /v1/models).",
+                param="model",
+                code="model_not_found",
+            )
+        )
+    return web.Response(body=orjson.dumps(found), content_type="application/json")
+
+
+async def _served_models(request: web.Request, policy: Policy) -> dict[str, dict[str, object]]:
+    """id -> model object, in listing order: aliases first, then each upstream's own."""
+    settings = policy.settings
     seen: dict[str, dict[str, object]] = {}
     for alias in settings.exact_model_names():
         seen[alias] = {"id": alias, "object": "model", "created": 0, "owned_by": "tollgate"}
@@ -185,16 +224,13 @@ async def list_models(request: web.Request) -> web.Response:
             return []
 
     names = sorted(policy.upstreams)
-    for name, models in zip(names, await asyncio.gather(*(fetch(n) for n in names)), strict=False):
+    for name, models in zip(names, await asyncio.gather(*(fetch(n) for n in names)), strict=True):
         for model in models:
             mid = str(model["id"])
             resolved = settings.route_for(mid)
             if resolved is not None and resolved.upstream == name and resolved.upstream_model == mid:
                 seen.setdefault(mid, model)
-    return web.Response(
-        body=orjson.dumps({"object": "list", "data": list(seen.values())}),
-        content_type="application/json",
-    )
+    return seen
 
 
 async def healthz(request: web.Request) -> web.Response:

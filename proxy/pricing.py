@@ -21,6 +21,7 @@ import importlib.resources
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import date
 from decimal import Decimal, InvalidOperation
 
 import yaml
@@ -250,10 +251,39 @@ class PriceTable:
         return None
 
 
+# The shipped table's date: a comment line, so the file stays a plain model -> price mapping.
+_AS_OF = re.compile(r"^# prices-as-of: (\d{4}-\d{2}-\d{2})[ \t]*$", re.M)
+# Prices change; past this age `tollgate check-config` says the shipped ones may be stale.
+STALE_AFTER_DAYS = 90
+
+
+def _shipped_text() -> str:
+    return importlib.resources.files("proxy").joinpath("data").joinpath("pricing.yaml").read_text("utf-8")
+
+
+def shipped_prices_date() -> date:
+    """The date the shipped prices were read (`# prices-as-of:` in proxy/data/pricing.yaml)."""
+    found = _AS_OF.search(_shipped_text())
+    if found is None:
+        raise ValueError("proxy/data/pricing.yaml has no '# prices-as-of: YYYY-MM-DD' line")
+    return date.fromisoformat(found.group(1))
+
+
+def stale_prices_warning(as_of: date, today: date) -> str | None:
+    """What check-config prints when the shipped prices are over STALE_AFTER_DAYS old, else None."""
+    age = (today - as_of).days
+    if age <= STALE_AFTER_DAYS:
+        return None
+    return (
+        f"warning: the shipped prices date from {as_of.isoformat()}, {age} days ago (over "
+        f"{STALE_AFTER_DAYS}); OpenAI's prices may have changed since. Check them, and put the "
+        "current ones under pricing.models (they win over the shipped table), or upgrade Tollgate."
+    )
+
+
 @functools.cache
 def _shipped() -> PriceTable:
-    text = importlib.resources.files("proxy").joinpath("data").joinpath("pricing.yaml").read_text("utf-8")
-    return PriceTable.from_yaml_text(text, source="proxy/data/pricing.yaml")
+    return PriceTable.from_yaml_text(_shipped_text(), source="proxy/data/pricing.yaml")
 
 
 def price_of_exchange(prices: PriceTable, upstream_model: str | None, requested_model: str | None) -> Price | None:

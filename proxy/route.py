@@ -58,7 +58,7 @@ def route_unmetered(request: web.Request, ex: Exchange, policy: Policy, accepted
     if allowed_by is None:
         header = settings.user_header
         user = request_user(None, request.headers.get(header) if header else None)
-        guarded = policy.keyring.enabled or bool(buckets_for(settings.budgets, ex.key_name, user, "", now))
+        guarded = policy.keyring.enabled or bool(buckets_for(settings.budgets, ex.key_name, user, "", now, ex.team))
         if guarded:
             raise PermissionDenied(
                 f"{request.method} {request.path} cannot be metered, and keys or budgets apply to it here, "

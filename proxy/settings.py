@@ -68,6 +68,7 @@ __all__ = [
     "Timeouts",
     "Upstream",
     "collect_overrides",
+    "config_json_schema",
     "is_glob",
     "is_loopback",
     "load_settings",
@@ -169,7 +170,8 @@ def is_loopback(host: str) -> bool:
         return False  # any other name may resolve to a public interface
 
 
-Port = Annotated[int, AfterValidator(_check_port)]
+# The range is checked by _check_port (its message names the value); the schema states it too.
+Port = Annotated[int, AfterValidator(_check_port), Field(json_schema_extra={"minimum": 0, "maximum": 65535})]
 StrictBool = Annotated[bool, BeforeValidator(_strict_bool)]
 Host = Annotated[str, AfterValidator(_check_non_empty)]
 Seconds = Annotated[float, Field(gt=0)]
@@ -177,7 +179,8 @@ Count = Annotated[int, Field(gt=0)]
 HeaderName = Annotated[str, AfterValidator(_check_header_name)]
 UpstreamName = Annotated[str, AfterValidator(_check_upstream_name)]
 Pattern = Annotated[str, AfterValidator(_check_non_empty), AfterValidator(check_glob)]
-Price = Annotated[Decimal, PlainValidator(usd_per_million)]
+# json_schema_input_type: what the YAML may hold, for `tollgate schema` (see config_json_schema).
+Price = Annotated[Decimal, PlainValidator(usd_per_million, json_schema_input_type=Annotated[float, Field(ge=0)] | str)]
 Secret = Annotated[SecretStr | None, BeforeValidator(_empty_secret_is_none)]
 
 
@@ -304,7 +307,9 @@ def _one_pattern_is_a_list(value: Any) -> Any:
 
 
 class Route(_Section):
-    models: Annotated[tuple[Pattern, ...], BeforeValidator(_one_pattern_is_a_list)]
+    models: Annotated[
+        tuple[Pattern, ...], BeforeValidator(_one_pattern_is_a_list, json_schema_input_type=str | list[str])
+    ]
     upstream: str
     model: Annotated[str, AfterValidator(_check_non_empty)] | None = None
     default_max_tokens: Count | None = None
@@ -340,7 +345,10 @@ class ModelPrice(_Section):
 
 class Pricing(_Section):
     # Insertion order is kept: globs are tried in the order written.
-    models: dict[Pattern, Annotated[ModelPrice, BeforeValidator(_price_shorthand)]] = Field(
+    models: dict[
+        Pattern,
+        Annotated[ModelPrice, BeforeValidator(_price_shorthand, json_schema_input_type=ModelPrice | Price)],
+    ] = Field(
         default_factory=dict
     )
     unpriced: Literal["allow", "refuse"] = "allow"
@@ -568,6 +576,13 @@ class Settings(_Section):
             if key is not None and key != "*" and key not in key_names:
                 known = ", ".join(sorted(key_names)) or "none configured"
                 problems.append(f"budgets[{i}].scope.key: {key!r} is not a configured key (have: {known})")
+        teams = {k.metadata["team"] for k in self.keys if "team" in k.metadata}
+        for i, rule in enumerate(self.budgets):
+            team = rule.scope.team
+            if team is not None and team != "*" and team not in teams:
+                # It would never apply: a request's team is its key's metadata.team.
+                known = ", ".join(sorted(teams)) or "no key has metadata.team"
+                problems.append(f"budgets[{i}].scope.team: {team!r} is not the metadata.team of any configured key (have: {known})")
 
         exposure = self._anonymous_exposure()
         if exposure is not None:
@@ -870,6 +885,77 @@ def _blame(problems: list[str], overrides: tuple[Override, ...]) -> list[str]:
                 problem += f" (set by {o.origin})"
         out.append(problem)
     return out
+
+
+# --------------------------------------------------------------------------- JSON schema
+
+SCHEMA_ID = "https://github.com/tollgate/tollgate/config/tollgate.schema.json"
+# What `${VAR}` interpolation lets stand where YAML would otherwise need a number or a bool.
+_INTERPOLATED = {"type": "string", "pattern": r"\$\{"}
+
+
+def _sections(model: type[BaseModel], seen: dict[str, type[BaseModel]]) -> dict[str, type[BaseModel]]:
+    """Every model reachable from `model`'s fields, by the title its schema $def carries."""
+    if model.__name__ in seen:
+        return seen
+    seen[model.__name__] = model
+    for field in model.model_fields.values():
+        todo = [field.annotation]
+        while todo:
+            tp = todo.pop()
+            if isinstance(tp, type) and issubclass(tp, BaseModel):
+                _sections(tp, seen)
+            todo.extend(get_args(tp))
+    return seen
+
+
+_ANNOTATIONS = ("title", "description", "default")
+
+
+def _or(node: dict[str, Any], alternative: dict[str, Any]) -> dict[str, Any]:
+    """`node` or `alternative`, with node's title, description and default kept outermost,
+    where editors look for them."""
+    inner = {k: v for k, v in node.items() if k not in _ANNOTATIONS}
+    return {**{k: node[k] for k in _ANNOTATIONS if k in node}, "anyOf": [inner, alternative]}
+
+
+def _widen(node: Any) -> Any:
+    """Add to a generated schema what the loader accepts beyond the models' types: a
+    `${VAR}` string in place of a number or bool (interpolated before validation)."""
+    if isinstance(node, list):
+        return [_widen(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _widen(v) for k, v in node.items()}
+    if out.get("type") in ("integer", "number", "boolean"):
+        return _or(out, _INTERPOLATED)
+    return out
+
+
+def config_json_schema() -> dict[str, Any]:
+    """The JSON schema (draft 2020-12) of the YAML config, generated from the models above,
+    so it cannot drift from what the loader accepts. The loader is the authority: the schema
+    is what editors check as you type (unknown keys, types, enums, ranges), while
+    cross-references (a route naming a missing upstream), glob syntax, URLs and header names
+    are checked by `tollgate check-config` alone."""
+    schema = Settings.model_json_schema(mode="validation")
+    nullable = {name for name, m in _sections(Settings, {}).items() if issubclass(m, _Section)}
+    for name, definition in [("Settings", schema), *schema.get("$defs", {}).items()]:
+        if name not in nullable:
+            continue
+        # `_Section._null_means_default`: a key left empty takes its default.
+        required = set(definition.get("required", ()))
+        for key, prop in definition.get("properties", {}).items():
+            if key not in required:
+                definition["properties"][key] = _or(prop, {"type": "null"})
+    schema = _widen(schema)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
+        "title": "Tollgate configuration",
+        "description": "config/tollgate.yaml documents every key; `tollgate check-config` is the authority.",
+        **{k: v for k, v in schema.items() if k != "title"},
+    }
 
 
 # --------------------------------------------------------------------------- entry points

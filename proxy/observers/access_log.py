@@ -10,6 +10,7 @@ a pipe or file takes it without waiting on anything but the kernel.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from datetime import UTC, datetime
@@ -142,6 +143,10 @@ class AccessLogObserver(Observer):
             "ts": wall_iso_ms(ex.wall_start),
             "request_id": ex.request_id,
             "key": ex.key_name,
+            # The end user (the configured user header, else the body's `user`), and the
+            # key's team: who spent, beside which key they used.
+            "user": ex.user,
+            "team": ex.team,
             "model": ex.requested_model,
             "route_model": ex.model_label,
             "upstream_model": ex.upstream_model,
@@ -168,6 +173,8 @@ class AccessLogObserver(Observer):
             "finish_reasons": ex.finish_reasons or None,
             "error_type": ex.error_type,
         }
+        if ex.key_metadata:
+            rec["key_metadata"] = ex.key_metadata
         if ex.error_detail is not None:
             rec["error_detail"] = ex.error_detail
         unmetered = ex.unmetered
@@ -185,3 +192,22 @@ class AccessLogObserver(Observer):
             rec["prompt"] = None if prompt is None else _truncate(prompt, self.payload_max_chars)
             rec["completion"] = _truncate(ex.output_text.text(), self.payload_max_chars)
         return rec
+
+
+class JsonLogFormatter(logging.Formatter):
+    """Tollgate's and its libraries' log records as one JSON object per line, in the access
+    log's shape (`ts` as there), so one parser reads both streams. A traceback stays inside
+    its record (`exc`), never spread over lines of its own."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        rec: dict[str, Any] = {
+            "ts": wall_iso_ms(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            rec["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            rec["stack"] = self.formatStack(record.stack_info)
+        return orjson.dumps(rec, default=str).decode()

@@ -430,7 +430,10 @@ async def start_metrics_server(
     app.router.add_get(path, metrics_handler(registry))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=True if reuse_port else None)
+    # SO_REUSEADDR said out loud rather than left to the event loop's default: without it a
+    # restart right after SIGTERM cannot bind the port while the scrape connections the old
+    # process closed sit in TIME_WAIT.
+    site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=True if reuse_port else None)
     await site.start()
     return runner
 

@@ -88,6 +88,7 @@ def _if_interrupted(ex: Exchange, model: str, prompt_tokens: int, price: Price, 
             quantize_up(worst_case_cost(prompt_tokens, 0, price)),
             time=now, request_id=ex.request_id, key=ex.key_name, user=ex.user, model=model,
             upstream=ex.upstream, endpoint=ex.endpoint, outcome="interrupted", status=None,
+            team=ex.team, key_metadata=ex.key_metadata,
         ),
         prompt_tokens,
     )
@@ -106,7 +107,7 @@ async def admit(
         )
     now = spend.clock()
     model = ex.upstream_model or ex.requested_model or ""
-    buckets = buckets_for(policy.settings.budgets, ex.key_name, ex.user, model, now)
+    buckets = buckets_for(policy.settings.budgets, ex.key_name, ex.user, model, now, ex.team)
     if not buckets:
         return NOT_ADMITTED
     oc = output_cap_of(ex.endpoint, ex.upstream_kind or "openai", payload)

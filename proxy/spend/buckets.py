@@ -46,6 +46,7 @@ class Bucket:
     end: datetime | None
     key: str | None = None
     user: str | None = None
+    team: str | None = None
 
     @property
     def name(self) -> str:
@@ -74,6 +75,8 @@ class Bucket:
             parts.append(f"key {self.key}")
         if self.rule.scope.user is not None:
             parts.append(f"user {self.user}")
+        if self.rule.scope.team is not None:
+            parts.append(f"team {self.team}")
         if self.rule.scope.model is not None:
             parts.append(f"model {self.rule.scope.model}")
         return f"'{self.name}'" + (f" ({', '.join(parts)})" if parts else "")
@@ -121,12 +124,18 @@ def _resolve(pattern: str | None, value: str | None) -> tuple[bool, str | None]:
 
 
 def bucket_for(
-    rule: BudgetRule, key_name: str | None, user: str | None, model: str | None, now: datetime
+    rule: BudgetRule,
+    key_name: str | None,
+    user: str | None,
+    model: str | None,
+    now: datetime,
+    team: str | None = None,
 ) -> Bucket | None:
     """The bucket of `rule` for this request, or None when the rule does not apply."""
     key_ok, key = _resolve(rule.scope.key, key_name)
     user_ok, usr = _resolve(rule.scope.user, user)
-    if not (key_ok and user_ok):
+    team_ok, tm = _resolve(rule.scope.team, team)
+    if not (key_ok and user_ok and team_ok):
         return None
     if rule.scope.model is not None and (model is None or not fnmatch.fnmatchcase(model, rule.scope.model)):
         return None
@@ -136,8 +145,10 @@ def bucket_for(
         parts.append(f"key={_escape(key)}")
     if usr is not None:
         parts.append(f"user={_escape(usr)}")
+    if tm is not None:
+        parts.append(f"team={_escape(tm)}")
     parts.append(start_text)
-    return Bucket(id="|".join(parts), rule=rule, start=start, end=end, key=key, user=usr)
+    return Bucket(id="|".join(parts), rule=rule, start=start, end=end, key=key, user=usr, team=tm)
 
 
 # The last window computed per (period, timezone), with its start as text: every request
@@ -159,12 +170,17 @@ def _window_of(period: Period, tz: str, now: datetime) -> tuple[datetime, dateti
 
 
 def buckets_for(
-    rules: Sequence[BudgetRule], key_name: str | None, user: str | None, model: str | None, now: datetime
+    rules: Sequence[BudgetRule],
+    key_name: str | None,
+    user: str | None,
+    model: str | None,
+    now: datetime,
+    team: str | None = None,
 ) -> list[Bucket]:
-    """Every bucket that applies to a request by `key_name`/`user` for `model` at `now`."""
+    """Every bucket that applies to a request by `key_name`/`user`/`team` for `model` at `now`."""
     out = []
     for rule in rules:
-        bucket = bucket_for(rule, key_name, user, model, now)
+        bucket = bucket_for(rule, key_name, user, model, now, team)
         if bucket is not None:
             out.append(bucket)
     return out

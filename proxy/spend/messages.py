@@ -130,6 +130,7 @@ def webhook_payload(crossing: Crossing, now: datetime) -> dict[str, object]:
         "action": b.rule.action,
         "key": b.key,
         "user": b.user,
+        "team": b.team,
         "threshold": crossing.threshold,
         "spent_usd": f"{crossing.used:f}",
         "limit_usd": f"{crossing.limit:f}",

@@ -104,7 +104,7 @@ class BudgetMetrics:
                 continue
             self.limit.labels(rule.name).set(float(rule.limit_usd))
             per_bucket = [rule.limit_usd - Decimal(r["spent"]) - Decimal(r["reserved"]) for r in mine]
-            templated = TEMPLATE in (rule.scope.user, rule.scope.key)
+            templated = TEMPLATE in (rule.scope.user, rule.scope.key, rule.scope.team)
             if templated:
                 left = min(per_bucket) if per_bucket else rule.limit_usd
             else:

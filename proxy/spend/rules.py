@@ -49,16 +49,19 @@ def _check_timezone(name: str) -> str:
 
 
 class BudgetScope(BaseModel):
-    """Who a rule applies to. Empty scope = global. `"*"` for key or user is a template:
-    one bucket per key (per user) seen in requests; a fixed value matches that one only."""
+    """Who a rule applies to. Empty scope = global. `"*"` for key, user or team is a
+    template: one bucket per key (user, team) seen in requests; a fixed value matches that
+    one only. A request's team is its virtual key's `metadata.team`: the keys of one team
+    share its budget, whichever of them is used."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     key: str | None = None
     user: str | None = None
     model: str | None = None  # glob, e.g. "gpt-4o*"
+    team: str | None = None
 
-    @field_validator("key", "user", "model")
+    @field_validator("key", "user", "model", "team")
     @classmethod
     def _not_empty(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():

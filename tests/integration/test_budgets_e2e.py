@@ -788,3 +788,53 @@ async def test_a_request_without_max_tokens_learns_what_was_assumed_and_what_fit
     assert headers["x-tollgate-budget-fits-max-tokens"] == "1000"
     status, _, _ = await post(proxy, {**ask(), "max_completion_tokens": 1000})
     assert status == 200
+
+
+async def test_a_team_budget_is_shared_by_the_teams_keys_and_the_team_reaches_every_record(
+    start_proxy: StartProxy, fake_openai: FakeUpstream
+) -> None:
+    """Issue 15: key metadata `team` scopes a budget shared by that team's keys, and the
+    team, the key and the user are in the access log and the spend log."""
+    fake_openai.route("POST", "/v1/chat/completions", echo_cap)
+    gamma = "tg-gamma-5555555555"
+    keys = f"""
+keys:
+  - name: alpha
+    key_sha256: {hash_key(KEY_ALPHA)}
+    metadata: {{team: search, cost_center: "42"}}
+  - name: beta
+    key_sha256: {hash_key(KEY_BETA)}
+    metadata: {{team: search}}
+  - name: gamma
+    key_sha256: {hash_key(gamma)}
+    metadata: {{team: ads}}
+user_header: x-end-user
+"""
+    rules = budget_yaml("""  - name: per-team
+    scope: {team: "*"}
+    period: daily
+    limit_usd: 0.01
+""")
+    proxy = await start_proxy(config(fake_openai.api_base, extra=keys + rules), clock=Clock(T0))
+    await sdk(proxy, KEY_ALPHA).chat.completions.create(**ask(8), extra_headers={"x-end-user": "ann"})
+    await settled(proxy, 1)
+    # $0.008 of the search team's $0.01 is spent: beta, also search, cannot reserve $0.005 ...
+    with pytest.raises(openai.RateLimitError) as refused:
+        await sdk(proxy, KEY_BETA).chat.completions.create(**ask(5))
+    assert "'per-team' (team search)" in refused.value.message
+    # ... while ads has its own bucket.
+    await sdk(proxy, gamma).chat.completions.create(**ask(5))
+    report = await settled(proxy, 2)
+    assert sorted((r["team"], r["spent"]) for r in report if r["name"] == "per-team") == [
+        ("ads", D("0.005")), ("search", D("0.008")),
+    ]
+    by_team = await proxy.runtime.ledger.spend_report(EPOCH, FAR, ["team", "key", "user"])
+    assert [(r["team"], r["key"], r["user"], r["cost"]) for r in by_team] == [
+        ("ads", "gamma", None, D("0.005")), ("search", "alpha", "ann", D("0.008")),
+    ]
+    logged = [(r["key"], r["user"], r["team"], r.get("key_metadata"), r["budget"]) for r in log_records(proxy)]
+    assert logged == [
+        ("alpha", "ann", "search", {"team": "search", "cost_center": "42"}, "ok"),
+        ("beta", None, "search", {"team": "search"}, "refused:per-team"),
+        ("gamma", None, "ads", {"team": "ads"}, "ok"),
+    ]

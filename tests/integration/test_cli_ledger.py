@@ -138,8 +138,8 @@ def test_spend_table_is_aligned_with_a_total(tmp_path: Path, capsys: pytest.Capt
 def test_spend_rejects_bad_arguments_and_missing_ledger(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = write_config(tmp_path)
     with pytest.raises(SystemExit) as bad:
-        main(["spend", "--config", str(cfg), "--by", "team"])
-    assert bad.value.code == 2 and "cannot group spend by 'team'" in capsys.readouterr().err
+        main(["spend", "--config", str(cfg), "--by", "colour"])
+    assert bad.value.code == 2 and "cannot group spend by 'colour'" in capsys.readouterr().err
     code, _, err = run_main(["spend", "--config", str(cfg)], capsys)
     assert code == 1 and "no ledger at" in err
     assert not (tmp_path / "ledger.db").exists()  # a report never creates one

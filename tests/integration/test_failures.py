@@ -349,3 +349,30 @@ async def test_readyz_is_503_when_sessions_are_closed(start_proxy: StartProxy, f
     async with aiohttp.ClientSession() as s:
         async with s.get(proxy.url + "/readyz") as r:
             assert r.status == 503
+
+
+async def test_models_retrieve_answers_for_every_listed_model(start_proxy: StartProxy, fake_openai: FakeUpstream) -> None:
+    """Issue 15: `client.models.retrieve(id)` for an id `models.list()` shows. Aliases live
+    only in Tollgate (the upstream would 404 on them), ids may hold '/', and an id the list
+    does not show is an OpenAI-shaped 404 `model_not_found`, never forwarded."""
+    fake_openai.route(
+        "GET",
+        "/v1/models",
+        Reply.json({"object": "list", "data": [
+            {"id": "gpt-4o-mini", "object": "model", "created": 1, "owned_by": "system"},
+            {"id": "whisper-1", "object": "model", "created": 1, "owned_by": "system"},
+        ]}),
+    )
+    aliases = "routes:\n  - models: [fast, team/smart]\n    upstream: openai\n    model: gpt-4o-mini\n"
+    proxy = await start_proxy(proxy_yaml(fake_openai.api_base).replace("routes:\n", aliases, 1))
+    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-x", max_retries=0)
+    listed = [m async for m in client.models.list()]
+    assert [m.id for m in listed] == ["fast", "team/smart", "gpt-4o-mini"]
+    upstream_calls = len(fake_openai.requests)
+    for m in listed:
+        got = await client.models.retrieve(m.id)
+        assert got.id == m.id and got.object == "model" and got.owned_by == m.owned_by
+    with pytest.raises(openai.NotFoundError) as missing:
+        await client.models.retrieve("whisper-1")  # the upstream has it, but no route reaches it
+    assert missing.value.code == "model_not_found" and "whisper-1" in missing.value.message
+    assert all(r.path == "/v1/models" for r in fake_openai.requests[upstream_calls:])

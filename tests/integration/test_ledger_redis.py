@@ -50,6 +50,7 @@ from tests.integration.test_ledger_sqlite import (  # noqa: F401 - collected her
     test_contract_settled_before_after_finds_each_threshold_once,
     test_contract_spend_report_groups,
     test_contract_spend_rows_are_keyed_by_the_settlement_not_the_clients_request_id,
+    test_contract_team_buckets_budget_report_and_spend_by_team,
     test_contract_token_and_request_limits,
 )
 from tests.support.redis_server import RedisServer

@@ -58,13 +58,15 @@ def one(
 
 
 def row(request_id: str, *, time: datetime = NOW, key: str | None = "k1", user: str | None = "alice",
-        model: str = "gpt-4o-mini", cost: str = "0.01", output: int = 10) -> SpendRow:
+        model: str = "gpt-4o-mini", cost: str = "0.01", output: int = 10, team: str | None = None,
+        key_metadata: dict[str, str] | None = None) -> SpendRow:
     return SpendRow.from_usage(
         Usage(input_tokens=100, output_tokens=output, cached_input_tokens=20, reasoning_tokens=3,
               input_source="upstream", output_source="upstream"),
         D(cost),
         time=time, request_id=request_id, key=key, user=user, model=model,
         upstream="openai", endpoint="chat.completions", outcome="ok", status=200,
+        team=team, key_metadata=key_metadata,
     )
 
 
@@ -393,6 +395,36 @@ async def test_contract_budget_report(make_ledger: MakeLedger) -> None:
     assert [r["name"] for r in tomorrow] == ["lifetime"]
 
 
+async def test_contract_team_buckets_budget_report_and_spend_by_team(make_ledger: MakeLedger) -> None:
+    """Issue 15: a key's metadata.team scopes budgets (one bucket per team, shared by the
+    team's keys), shows in the budget report, and groups the spend log."""
+    ledger = await make_ledger()
+    per_team = rule(name="per-team", scope={"team": "*"}, limit_usd="1")
+    search_prod = buckets_for([per_team], "search-prod", "ann", None, NOW, "search")
+    search_batch = buckets_for([per_team], "search-batch", "bob", None, NOW, "search")
+    assert [b.id for b in search_prod] == [b.id for b in search_batch]
+    meta = {"team": "search", "cost_center": "7"}
+    first = row("r1", key="search-prod", team="search", key_metadata=meta, cost="0.75")
+    assert SpendRow.from_json(first.to_json()) == first  # Redis keeps pending rows as JSON
+    assert (await ledger.reserve("r1", charges(search_prod, D("0.8")), LEASE, NOW)).ok
+    await ledger.settle("r1", charges(search_prod, D("0.75")), first, NOW)
+    # The other key of the same team finds the team's budget spent.
+    refused = await ledger.reserve("r2", charges(search_batch, D("0.3")), LEASE, NOW)
+    assert not refused.ok and refused.refused is not None and refused.refused.team == "search"
+    ads = buckets_for([per_team], "ads", None, None, NOW, "ads")
+    assert (await ledger.reserve("r3", charges(ads, D("0.3")), LEASE, NOW)).ok
+    await ledger.settle("r3", charges(ads, D("0.25")), row("r3", key="ads", team="ads", cost="0.25"), NOW)
+    await ledger.settle("r4", [], row("r4", key="no-team", cost="0.5"), NOW)
+    report = await ledger.budget_report(NOW)
+    assert [(r["name"], r["team"], r["key"], r["spent"]) for r in report] == [
+        ("per-team", "ads", None, D("0.25")), ("per-team", "search", None, D("0.75")),
+    ]
+    by_team = await ledger.spend_report(NOW - timedelta(days=1), NOW + timedelta(days=1), ["team", "key"])
+    assert [(r["team"], r["key"], r["requests"], r["cost"]) for r in by_team] == [
+        (None, "no-team", 1, D("0.5")), ("ads", "ads", 1, D("0.25")), ("search", "search-prod", 1, D("0.75")),
+    ]
+
+
 async def test_contract_spend_report_groups(make_ledger: MakeLedger) -> None:
     ledger = await make_ledger()
     day1 = datetime(2026, 11, 22, 23, 59, 59, tzinfo=UTC)
@@ -429,7 +461,7 @@ async def test_contract_spend_report_groups(make_ledger: MakeLedger) -> None:
     assert pick(await ledger.spend_report(day2, day2 + timedelta(days=1), []), "requests") == [(2,)]
     assert await ledger.spend_report(end + timedelta(days=5), end + timedelta(days=6), ["key"]) == []
     with pytest.raises(ValueError, match="cannot group"):
-        await ledger.spend_report(start, end, ["team"])  # type: ignore[list-item]
+        await ledger.spend_report(start, end, ["colour"])  # type: ignore[list-item]
 
 
 # --- SQLite specifics -------------------------------------------------------------------------
@@ -587,11 +619,43 @@ async def test_a_version_1_spend_log_is_migrated_keeping_every_row(tmp_path: Pat
         await ledger.close()
     check = sqlite3.connect(path)
     try:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert check.execute("PRAGMA user_version").fetchone()[0] == 3  # through 2 to 3
         assert check.execute("SELECT ledger_id, request_id FROM spend_log ORDER BY ledger_id").fetchall() == [
             ("old-1", "old-1"), ("old-1:new", "old-1"),
         ]
         assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        check.close()
+
+
+async def test_a_version_2_file_gains_the_team_columns_and_keeps_its_rows(tmp_path: Path) -> None:
+    """Files written before teams existed open (spend rows and buckets kept), and their new
+    rows carry the team and the key's metadata."""
+    path = tmp_path / "v2.db"
+    ledger = await SqliteLedger.open(path)
+    b = one(rule(limit_usd="5"))
+    await ledger.settle("old", charges([b], D("1")), row("old"), NOW)
+    await ledger.close()
+    conn = sqlite3.connect(path)
+    for table, column in (("spend_log", "team_name"), ("spend_log", "key_metadata"), ("buckets", "team_name")):
+        conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    ledger = await SqliteLedger.open(path)
+    try:
+        await ledger.settle("new", charges([b], D("2")), row("new", team="search", key_metadata={"team": "search"}), NOW)
+        by_team = await ledger.spend_report(NOW - timedelta(days=1), NOW + timedelta(days=1), ["team"])
+        assert [(r["team"], r["cost"]) for r in by_team] == [(None, D("0.01")), ("search", D("0.01"))]
+        assert [(r["name"], r["spent"], r["team"]) for r in await ledger.budget_report(NOW)] == [("r", D("3"), None)]
+    finally:
+        await ledger.close()
+    check = sqlite3.connect(path)
+    try:
+        assert check.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert check.execute("SELECT ledger_id, team_name, key_metadata FROM spend_log ORDER BY ledger_id").fetchall() == [
+            ("new", "search", '{"team": "search"}'), ("old", None, None),
+        ]
     finally:
         check.close()
 

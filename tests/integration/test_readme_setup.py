@@ -97,6 +97,23 @@ def test_the_readme_set_up_runs_the_demo(tmp_path: Path) -> None:
     )
     assert setup.returncode == 0, setup.stdout + setup.stderr
     assert "usage: tollgate serve" in setup.stdout
+    assert "installing Tollgate" in setup.stderr
+    # Issue 15: the second start installs nothing (pip cost ~3 s on every start) ...
+    again = subprocess.run(
+        [str(checkout / "scripts" / "serve"), "--help"],
+        cwd=checkout, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert again.returncode == 0 and "usage: tollgate serve" in again.stdout, again.stdout + again.stderr
+    assert "installing" not in again.stderr, again.stderr
+    # ... until pyproject.toml changes (a dependency added, say): then it installs again.
+    with open(checkout / "pyproject.toml", "a") as f:
+        f.write("\n# edited\n")
+    edited = subprocess.run(
+        [str(checkout / "scripts" / "serve"), "--help"],
+        cwd=checkout, env=env, capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert edited.returncode == 0, edited.stdout + edited.stderr
+    assert "installing Tollgate" in edited.stderr
     demo = subprocess.run(
         [str(checkout / ".venv" / "bin" / "tollgate"), "demo", "--requests", "2", "--json", "--metrics-port", "0"],
         cwd=checkout, env=env, capture_output=True, text=True, timeout=120, check=False,

@@ -116,10 +116,23 @@ def test_secrets_never_logged_with_payloads_off() -> None:
     buf = io.BytesIO()
     log_lines(AccessLogObserver(buf), exchange())
     raw = buf.getvalue().decode()
-    for secret in (SECRET_PROMPT, SECRET_KEY, SECRET_OUTPUT, "be brief", "Bearer", "alice"):
+    for secret in (SECRET_PROMPT, SECRET_KEY, SECRET_OUTPUT, "be brief", "Bearer"):
         assert secret not in raw
     rec = orjson.loads(raw)
     assert "prompt" not in rec and "completion" not in rec
+    # Issue 15: who spent is logged (the user the request is attributed to), once, in its
+    # own field; the body it came from is not.
+    assert rec["user"] == "alice" and raw.count("alice") == 1
+
+
+def test_the_key_its_team_and_metadata_are_logged() -> None:
+    buf = io.BytesIO()
+    ex = exchange()
+    ex.key_name, ex.key_metadata = "search-prod", {"team": "search", "cost_center": "42"}
+    log_lines(AccessLogObserver(buf), ex)
+    rec = orjson.loads(buf.getvalue())
+    assert (rec["key"], rec["user"], rec["team"]) == ("search-prod", "alice", "search")
+    assert rec["key_metadata"] == {"team": "search", "cost_center": "42"}
 
 
 def test_truncated_payloads() -> None:

@@ -183,7 +183,8 @@ def test_buckets_roll_over_with_the_clock() -> None:
     [
         ({"period": "fortnightly"}, ("period",), "hourly"),
         ({"limit_usd": "-1"}, ("limit_usd",), "greater than or equal"),
-        ({"scope": {"team": "x"}}, ("scope", "team"), "Extra inputs"),
+        ({"scope": {"group": "x"}}, ("scope", "group"), "Extra inputs"),
+        ({"scope": {"team": ""}}, ("scope", "team"), "must not be empty"),
         ({"timezone": "Mars/Olympus"}, ("timezone",), "unknown IANA"),
         ({"thresholds": [0.5, 1.5]}, ("thresholds", 1), "less than or equal"),
         ({"thresholds": [0]}, ("thresholds", 0), "greater than"),
@@ -507,3 +508,24 @@ def test_a_refusal_caused_only_by_requests_in_flight_says_retry_in_seconds() -> 
     st = BucketState(tokens=500, reserved_tokens=450, reserved_requests=1)
     assert refusal_message(t, st, NOW, "tokens", amount=D(0), tokens=100)[1] == IN_FLIGHT_RETRY_AFTER_S
     assert refusal_message(t, st, NOW, "tokens", amount=D(0), tokens=600)[1] == 8 * 3600 + 30 * 60
+
+
+def test_team_scope_is_shared_by_the_keys_of_a_team() -> None:
+    """A request's team is its key's metadata.team: a fixed team matches that team's keys,
+    whichever is used; `"*"` makes one bucket per team; no team, no team bucket."""
+    rules = [
+        rule(name="search", scope={"team": "search"}),
+        rule(name="each-team", scope={"team": "*"}),
+        rule(name="each-team-user", scope={"team": "*", "user": "*"}),
+    ]
+    (a, a_all, a_user) = buckets_for(rules, "search-prod", "ann", "gpt-4o", NOW, "search")
+    (b, b_all, _) = buckets_for(rules, "search-batch", "bob", "gpt-4o", NOW, "search")
+    assert a.id == b.id == "search|team=search|2026-11-23T00:00:00+00:00" and a.team == "search"
+    assert a_all.id == b_all.id == "each-team|team=search|2026-11-23T00:00:00+00:00"
+    assert a_user.id == "each-team-user|user=ann|team=search|2026-11-23T00:00:00+00:00"
+    assert a_user.describe() == "'each-team-user' (user ann, team search)"
+    (ads,) = [x for x in buckets_for(rules, "ads", None, "gpt-4o", NOW, "ads")]
+    assert ads.id == "each-team|team=ads|2026-11-23T00:00:00+00:00"
+    assert buckets_for(rules, "no-team-key", "ann", "gpt-4o", NOW) == []
+    forged = bucket_for(rules[1], None, None, None, NOW, "x|2026")
+    assert forged is not None and forged.id == "each-team|team=x%7C2026|2026-11-23T00:00:00+00:00"

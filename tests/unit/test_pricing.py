@@ -280,3 +280,48 @@ def test_worst_case_bounds_any_actual_use_within_it(input_tokens: int, output_ca
     n_in, n_out = max(input_tokens, 0), max(output_cap, 0)
     actual = Usage(input_tokens=n_in, cached_input_tokens=min(max(cached, 0), n_in), output_tokens=n_out // 2)
     assert worst_case_cost(input_tokens, output_cap, price) >= cost(actual, price)
+
+
+def test_the_shipped_table_carries_its_date() -> None:
+    from datetime import date
+
+    from proxy.pricing import shipped_prices_date
+
+    as_of = shipped_prices_date()
+    assert isinstance(as_of, date) and as_of.year >= 2025  # parsed; never compared with the clock here
+
+
+def test_stale_prices_warn_after_90_days_counted_from_today() -> None:
+    # Dates built from the real today, so this holds on any date the suite runs.
+    from datetime import UTC, datetime, timedelta
+
+    from proxy.pricing import STALE_AFTER_DAYS, stale_prices_warning
+
+    today = datetime.now(UTC).date()
+    assert STALE_AFTER_DAYS == 90
+    assert stale_prices_warning(today, today) is None
+    assert stale_prices_warning(today - timedelta(days=90), today) is None
+    old = today - timedelta(days=91)
+    warning = stale_prices_warning(old, today)
+    assert warning is not None and old.isoformat() in warning and "91 days ago" in warning
+    assert "pricing.models" in warning
+
+
+def test_check_config_warns_on_stale_shipped_prices_by_the_real_clock(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    import proxy.pricing
+    from proxy.__main__ import main
+
+    today = datetime.now(UTC).date()
+    config = str(REPO / "config" / "tollgate.yaml")
+    monkeypatch.setattr(proxy.pricing, "shipped_prices_date", lambda: today - timedelta(days=200))
+    assert main(["check-config", config]) == 0
+    out, err = capsys.readouterr()
+    assert ": ok (" in out and "200 days ago" in err
+    monkeypatch.setattr(proxy.pricing, "shipped_prices_date", lambda: today - timedelta(days=3))
+    assert main(["check-config", config]) == 0
+    out, err = capsys.readouterr()
+    assert ": ok (" in out and err == ""

@@ -746,3 +746,23 @@ def test_route_for_agrees_with_a_plain_reference(patterns: list[str], model: str
         assert (got.upstream, got.route_label, got.matched_default) == ("fallback", "other", True)
     else:
         assert (got.upstream, got.route_label) == (f"u{want}", patterns[want])
+
+
+def test_a_team_budget_must_name_a_team_some_key_has() -> None:
+    """A request's team is its key's metadata.team: a team budget naming a team no key is
+    in would never apply, so it is an error naming the key path, the value and the teams."""
+    keys = f"""
+keys:
+  - name: search-prod
+    key_sha256: {"a" * 64}
+    metadata: {{team: search}}
+  - name: ads
+    key_sha256: {"b" * 64}
+    metadata: {{team: ads, cost_center: "7"}}
+"""
+    ok = parse(MINIMAL + keys + "budgets:\n  - {name: s, scope: {team: search}, period: daily, limit_usd: 5}\n"
+               "  - {name: t, scope: {team: '*'}, period: daily, limit_usd: 5}\n")
+    assert [b.scope.team for b in ok.budgets] == ["search", "*"]
+    assert only_problem(MINIMAL + keys + "budgets:\n  - {name: s, scope: {team: serch}, period: daily, limit_usd: 5}\n") == (
+        "budgets[0].scope.team: 'serch' is not the metadata.team of any configured key (have: ads, search)"
+    )

@@ -42,8 +42,8 @@ from proxy.spend.budgets import (
 )
 from proxy.usage import Usage
 
-GroupBy = Literal["key", "user", "model", "day"]
-GROUP_BY_FIELDS: tuple[GroupBy, ...] = ("key", "user", "model", "day")
+GroupBy = Literal["key", "user", "team", "model", "day"]
+GROUP_BY_FIELDS: tuple[GroupBy, ...] = ("key", "user", "team", "model", "day")
 
 
 class LedgerError(Exception):
@@ -98,6 +98,11 @@ class SpendRow:
     cost: Decimal = Decimal(0)
     outcome: str | None = None
     status: int | None = None
+    # The virtual key's metadata from the config, and its `team` (what team budgets and
+    # `tollgate spend --by team` group by). Last, with defaults: rows written as JSON by an
+    # older Tollgate (Redis pending rows) still load.
+    team: str | None = None
+    key_metadata: dict[str, str] | None = None
 
     @classmethod
     def from_usage(cls, usage: Usage | None, cost: Decimal | None, **fields: Any) -> SpendRow:

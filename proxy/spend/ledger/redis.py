@@ -331,7 +331,7 @@ def _state(values: Sequence[Any]) -> BucketState:
 def _meta(b: Bucket) -> str:
     return json.dumps(
         {
-            "name": b.name, "key": b.key, "user": b.user, "action": b.rule.action,
+            "name": b.name, "key": b.key, "user": b.user, "team": b.team, "action": b.rule.action,
             "start_ms": epoch_ms(b.start),
             "end_ms": epoch_ms(b.end) if b.end is not None else None,
             "limit_nanos": to_nanos(b.limit_usd) if b.limit_usd is not None else None,
@@ -558,7 +558,7 @@ class RedisLedger:
                 continue
             rows.append(budget_row(
                 bid, m["name"], m["key"], m["user"], m["action"], m["start_ms"], m["end_ms"],
-                m["limit_nanos"], m["limit_tokens"], m["limit_requests"], st,
+                m["limit_nanos"], m["limit_tokens"], m["limit_requests"], st, team=m.get("team"),
             ))
         rows.sort(key=lambda r: (r["name"], r["bucket"]))
         return rows

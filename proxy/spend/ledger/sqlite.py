@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import sqlite3
 import uuid
@@ -62,7 +63,9 @@ log = logging.getLogger("tollgate.ledger")
 
 # 2: the spend log is keyed by Tollgate's own ledger id; request_id (a client may reuse its
 # x-request-id) became a plain column. Version 1 files are migrated when opened.
-SCHEMA_VERSION = 2
+# 3: the team (a virtual key's metadata.team) on spend rows and buckets, and the key's whole
+# metadata on spend rows; the columns are added to version 2 files when opened.
+SCHEMA_VERSION = 3
 # Settled markers make settle idempotent; a week covers any retry of a finished request.
 SETTLED_RETENTION_MS = 7 * 24 * 3600 * 1000
 # Request ids per statement when leases are renewed (SQLite binds at most 32766 values).
@@ -87,7 +90,9 @@ CREATE TABLE IF NOT EXISTS spend_log (
     output_source TEXT,
     cost_nanos INTEGER NOT NULL,      -- nano-USD
     outcome TEXT,
-    status INTEGER
+    status INTEGER,
+    team_name TEXT,
+    key_metadata TEXT                 -- JSON object, or NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS spend_log_time ON spend_log(time);
 -- This file's identity, made once: with Redis, the spend rows an instance settled but had not
@@ -113,7 +118,8 @@ CREATE TABLE IF NOT EXISTS buckets (
     limit_requests INTEGER,
     spent_nanos INTEGER NOT NULL DEFAULT 0,
     tokens INTEGER NOT NULL DEFAULT 0,
-    requests INTEGER NOT NULL DEFAULT 0
+    requests INTEGER NOT NULL DEFAULT 0,
+    team_name TEXT
 ) WITHOUT ROWID;
 -- Budget reports read only the buckets of open windows (and total budgets): by this index.
 CREATE INDEX IF NOT EXISTS buckets_end ON buckets(end_ms);
@@ -413,9 +419,14 @@ def _init_schema(conn: sqlite3.Connection, script: str) -> None:
         for statement in script.split(";"):
             if statement.strip():
                 c.execute(statement)
+        # CREATE TABLE IF NOT EXISTS keeps a version 2 table as it was: add what 3 added.
+        for table, column in _ADDED_IN_3:
+            have = {r[1] for r in c.execute(f"PRAGMA table_info({table})")}
+            if have and column not in have:
+                c.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
         if old_spend_log:
             # Version 1 keyed rows by request id, so each was one settlement: its id serves.
-            columns = ", ".join(_SPEND_COLUMNS[1:])
+            columns = ", ".join(_V1_SPEND_COLUMNS)
             c.execute(f"INSERT INTO spend_log (ledger_id, {columns}) SELECT request_id, {columns} FROM spend_log_v1")
             c.execute("DROP TABLE spend_log_v1")
         c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -427,11 +438,13 @@ def _init_schema(conn: sqlite3.Connection, script: str) -> None:
 # The spend log (shared with the Redis ledger, which keeps its own local copy)
 
 
-_SPEND_COLUMNS = (
-    "ledger_id", "request_id", "time", "key_name", "user_name", "model", "upstream", "endpoint",
+_V1_SPEND_COLUMNS = (
+    "request_id", "time", "key_name", "user_name", "model", "upstream", "endpoint",
     "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens",
     "cache_write_tokens", "input_source", "output_source", "cost_nanos", "outcome", "status",
 )
+_SPEND_COLUMNS = ("ledger_id", *_V1_SPEND_COLUMNS, "team_name", "key_metadata")
+_ADDED_IN_3 = (("spend_log", "team_name"), ("spend_log", "key_metadata"), ("buckets", "team_name"))
 _INSERT_SPEND = (
     f"INSERT OR IGNORE INTO spend_log ({', '.join(_SPEND_COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in _SPEND_COLUMNS)})"
@@ -446,13 +459,16 @@ def insert_spend_row(conn: sqlite3.Connection, ledger_id: str, row: SpendRow) ->
             ledger_id, row.request_id, log_time(row.time), row.key, row.user, row.model, row.upstream,
             row.endpoint, row.input_tokens, row.cached_input_tokens, row.output_tokens,
             row.reasoning_tokens, row.cache_write_tokens, row.input_source, row.output_source,
-            spend_nanos(row.cost), row.outcome, row.status,
+            spend_nanos(row.cost), row.outcome, row.status, row.team,
+            json.dumps(row.key_metadata, sort_keys=True) if row.key_metadata else None,
         ),
     )
     return cur.rowcount == 1
 
 
-_GROUP_SQL = {"key": "key_name", "user": "user_name", "model": "model", "day": "substr(time, 1, 10)"}
+_GROUP_SQL = {
+    "key": "key_name", "user": "user_name", "team": "team_name", "model": "model", "day": "substr(time, 1, 10)",
+}
 
 
 def query_spend(
@@ -533,14 +549,14 @@ def _upsert_bucket(conn: sqlite3.Connection, b: Bucket) -> None:
     # Limits follow the current config; counters are never touched here.
     conn.execute(
         "INSERT INTO buckets (id, name, key_name, user_name, action, start_ms, end_ms, "
-        "limit_nanos, limit_tokens, limit_requests) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "limit_nanos, limit_tokens, limit_requests, team_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT(id) DO UPDATE SET action = excluded.action, limit_nanos = excluded.limit_nanos, "
         "limit_tokens = excluded.limit_tokens, limit_requests = excluded.limit_requests",
         (
             b.id, b.name, b.key, b.user, b.rule.action, epoch_ms(b.start),
             epoch_ms(b.end) if b.end is not None else None,
             to_nanos(b.limit_usd) if b.limit_usd is not None else None,
-            b.limit_tokens, b.limit_requests,
+            b.limit_tokens, b.limit_requests, b.team,
         ),
     )
 
@@ -820,7 +836,7 @@ class SqliteLedger:
                     spent=from_nanos(r[10]), reserved=from_nanos(amount), tokens=r[11],
                     requests=r[12], reserved_tokens=rtokens, reserved_requests=n,
                 )
-                out.append(budget_row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], state))
+                out.append(budget_row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], state, team=r[13]))
             return out
 
         return await self.db.run(body)
@@ -831,7 +847,7 @@ class SqliteLedger:
 
 _BUCKET_COLUMNS = (
     "SELECT id, name, key_name, user_name, action, start_ms, end_ms, limit_nanos, "
-    "limit_tokens, limit_requests, spent_nanos, tokens, requests FROM buckets "
+    "limit_tokens, limit_requests, spent_nanos, tokens, requests, team_name FROM buckets "
 )
 # The buckets of windows open at ?, and total budgets, ordered by name: two ranges of the
 # buckets_end index. Rows of finished windows are never read, however many users they had.
@@ -844,7 +860,7 @@ OPEN_BUCKETS_SQL = (
 def budget_row(
     bucket_id: str, name: str, key: str | None, user: str | None, action: str,
     start_ms: int, end_ms: int | None, limit_nanos: int | None, limit_tokens: int | None,
-    limit_requests: int | None, st: BucketState,
+    limit_requests: int | None, st: BucketState, team: str | None = None,
 ) -> dict[str, Any]:
     """One line of `tollgate budgets` / `GET /v1/tollgate/budgets` (both backends)."""
     limit = from_nanos(limit_nanos) if limit_nanos is not None else None
@@ -853,6 +869,7 @@ def budget_row(
         "name": name,
         "key": key,
         "user": user,
+        "team": team,
         "action": action,
         "window_start": from_ms(start_ms),
         "window_end": from_ms(end_ms) if end_ms is not None else None,
