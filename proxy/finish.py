@@ -16,7 +16,7 @@ from proxy.exchange import Exchange
 from proxy.ledger import Settled, SpendRow
 from proxy.pricing import cost
 from proxy.state import Runtime
-from proxy.estimate import estimate_output_tokens, estimate_prompt_tokens
+from proxy.estimate import estimate_output_tokens, estimate_prompt, is_reasoning_model
 from proxy.usage import Usage, usage_from_llamacpp_timings
 
 log = logging.getLogger("tollgate.finish")
@@ -81,10 +81,18 @@ def account(ex: Exchange, rt: Runtime) -> None:
     ):
         # Nothing from upstream (no usage, or the client left first): bill what was consumed,
         # the prompt and the output actually relayed.
+        prompt = estimate_prompt(ex.endpoint, ex.body, model)
         ex.usage = Usage(
-            input_tokens=estimate_prompt_tokens(ex.endpoint, ex.body, model),
+            input_tokens=prompt.tokens,
             output_tokens=ex.output_text.estimate_tokens(lambda text: estimate_output_tokens(text, model)),
+            input_source="estimated_upper_bound" if prompt.image_size_assumed else "estimated",
+            # The relayed text of a reasoning model leaves out its hidden reasoning: the
+            # count (and the cost priced from it) is labelled a lower bound, never exact.
+            output_source="estimated_lower_bound" if is_reasoning_model(model) else "estimated",
         )
+        if is_reasoning_model(model):
+            log.info("%s: no usage from upstream; output of reasoning model %r estimated as a lower bound",
+                     ex.request_id, model)
     if ex.usage is None or model is None:
         return
     price = price_of(ex, rt)

@@ -29,6 +29,7 @@ from proxy.errors import (
 )
 from proxy.budgets import buckets_for
 from proxy.keys import parse_bearer
+from proxy.encodings import encoding_ready
 from proxy.exchange import Endpoint, Exchange
 from proxy.finish import complete, finish, started
 from proxy.forward import relay, send, upstream_headers
@@ -109,6 +110,9 @@ async def _run(request: web.Request, endpoint: Endpoint, upstream_path: str | No
         identify_user(request, ex, rt)
         route_exchange(ex, settings)
         check_model_allowed(ex, rt)
+        # Admission and a usage-less finish estimate with the model's own tokenizer, never
+        # a stand-in while it is still being built.
+        await encoding_ready(ex.upstream_model or ex.requested_model or "")
         ex.extra["response_headers"] = await reserve(ex, rt, payload)
         inject = settings.upstreams[ex.upstream].inject_stream_usage  # type: ignore[index]  # this request's snapshot
         out_body = outgoing_body(ex, body, payload, inject, ex.extra.get("cap_override"))

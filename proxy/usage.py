@@ -20,7 +20,11 @@ __all__ = [
     "usage_from_stream_payload",
 ]
 
-TokenSource = Literal["upstream", "estimated"]
+# "estimated_lower_bound": output estimated from the relayed text of a reasoning model,
+# which cannot see the hidden reasoning tokens it was billed for, so the true count is
+# higher. "estimated_upper_bound": a prompt with an image of unknown size (a remote URL),
+# counted as the largest image the model bills.
+TokenSource = Literal["upstream", "estimated", "estimated_lower_bound", "estimated_upper_bound"]
 
 
 @dataclass(frozen=True, slots=True)
