@@ -32,6 +32,7 @@ import orjson
 from aiohttp import web
 
 from proxy.exchange import Exchange
+from proxy.pricing import plain_usd
 from proxy.settings import Settings, parse_settings
 
 if TYPE_CHECKING:
@@ -563,8 +564,8 @@ def kind_rows(results: list[RequestResult]) -> list[dict[str, Any]]:
                 "token_sources": sources,
                 "truth_input_tokens": sum(r.truth_input_tokens for r in rs),
                 "truth_output_tokens": sum(r.truth_output_tokens for r in rs),
-                "cost_usd": str(sum((r.cost or Decimal(0) for r in rs), Decimal(0))),
-                "expected_cost_usd": str(sum((r.expected_cost for r in rs), Decimal(0))),
+                "cost_usd": plain_usd(sum((r.cost or Decimal(0) for r in rs), Decimal(0))),
+                "expected_cost_usd": plain_usd(sum((r.expected_cost for r in rs), Decimal(0))),
                 "client_text_ok": all(r.client_text_ok for r in rs),
             }
         )

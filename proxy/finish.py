@@ -14,7 +14,7 @@ from proxy.admit import Hold, ledger_down, new_ledger_id, price_of
 from proxy.budgets import Charge, Crossing, charges, threshold_crossed, webhook_payload
 from proxy.exchange import Exchange
 from proxy.ledger import Settled, SpendRow
-from proxy.pricing import cost
+from proxy.pricing import cost, plain_usd
 from proxy.state import Runtime
 from proxy.estimate import estimate_output_tokens, estimate_prompt, is_reasoning_model
 from proxy.usage import Usage, usage_from_llamacpp_timings
@@ -161,12 +161,12 @@ async def _settle_once(rt: Runtime, job: Unsettled, now: datetime) -> bool:
             return True
         if len(rt.unsettled) >= MAX_UNSETTLED:
             lost: Unsettled = rt.unsettled.popleft()
-            log.error("too many settlements waiting for the ledger: %s ($%s) is lost", lost.row.request_id, lost.row.cost)
+            log.error("too many settlements waiting for the ledger: %s ($%s) is lost", lost.row.request_id, plain_usd(lost.row.cost))
         rt.unsettled.append(job)
         if rt.faults is not None:
             rt.faults.ledger_unavailable.labels("settle", "deferred").inc()
             rt.faults.unsettled.set(len(rt.unsettled))
-        log.warning("ledger unavailable; settlement of %s ($%s) kept for retry: %s", job.row.request_id, job.row.cost, exc)
+        log.warning("ledger unavailable; settlement of %s ($%s) kept for retry: %s", job.row.request_id, plain_usd(job.row.cost), exc)
         return False
     _after_settle(rt, job.hold, results, now)
     return True

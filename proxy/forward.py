@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -66,6 +67,24 @@ class Upstream:
     @property
     def closed(self) -> bool:
         return self.session.closed
+
+    @property
+    def address(self) -> tuple[str, int | None]:
+        """(host, port) the upstream is reached at: the spans' server.address/server.port."""
+        return server_address(self.api_base)
+
+
+def server_address(url: str) -> tuple[str, int | None]:
+    """Host and port of an upstream URL, the port made explicit from the scheme's default
+    (OTel semantic conventions: server.port is the port actually connected to)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is None:
+        port = {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.hostname or "", port
 
 
 # How many times a request is sent again after a reused pooled connection turned out
@@ -175,19 +194,20 @@ def upstream_headers(
         if trace:
             for name, value in trace.items():
                 out[name] = value
+        # A client's sane x-request-id is the request id, so it goes up unchanged; without
+        # one (or with one refused as hostile) the upstream sees Tollgate's.
         out["X-Request-Id"] = ex.request_id
     return out
 
 
 def relayed_headers(upstream_headers_: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream's response headers as the client gets them: unchanged but for
+    hop-by-hop ones and those the relay recomputes. Its x-request-id (OpenAI's `req_...`,
+    what the SDK shows as `response.request_id` and OpenAI support asks for) included."""
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream_headers_.items():
         lname = name.lower()
-        if lname in _NOT_RELAYED_DOWN:
-            continue
-        if lname == "x-request-id":
-            # Ours is the response's x-request-id; the upstream's is kept under its own name.
-            out.add("X-Upstream-Request-Id", value)
+        if lname in _NOT_RELAYED_DOWN or lname.startswith("x-tollgate-"):
             continue
         out.add(name, value)
     return out
@@ -203,6 +223,7 @@ async def send(
 ) -> aiohttp.ClientResponse:
     """Send the request and wait for response headers; errors come back translated."""
     url = upstream.api_base + path_qs
+    ex.extra["upstream_address"] = upstream.address
     ex.t_upstream_sent_ns = time.perf_counter_ns()
     attempt = _Attempt()
     token = _ATTEMPT.set(attempt)
@@ -267,7 +288,10 @@ async def relay(
     is_sse = content_type.startswith("text/event-stream")
     out = web.StreamResponse(status=resp.status, reason=resp.reason)
     out.headers.update(relayed_headers(resp.headers))
-    out.headers["X-Request-Id"] = ex.request_id
+    # Tollgate's own id in its own header (it names the log line, span and spend row); the
+    # x-request-id is the upstream's, or Tollgate's only if the upstream sent none.
+    out.headers["X-Tollgate-Request-Id"] = ex.request_id
+    out.headers.setdefault("X-Request-Id", ex.request_id)
     extra = ex.extra.get("response_headers")
     if extra:
         out.headers.update(extra)

@@ -50,7 +50,9 @@ def error_response(err: HttpError, ex: Exchange | None = None) -> web.Response:
     headers = dict(err.headers)
     request_id = None if ex is None else ex.request_id
     if request_id is not None:
+        # Tollgate's own answer: no upstream id to pass on, so both headers carry Tollgate's.
         headers["X-Request-Id"] = request_id
+        headers["X-Tollgate-Request-Id"] = request_id
     resp = web.Response(
         status=err.status, body=err.to_json(request_id), content_type="application/json", headers=headers
     )

@@ -18,6 +18,7 @@ from typing import IO, Any, Literal
 import orjson
 
 from proxy.exchange import Exchange
+from proxy.pricing import plain_usd
 
 PayloadMode = Literal["off", "truncated"]
 
@@ -167,7 +168,7 @@ class AccessLogObserver:
             "overhead_s": ex.overhead_s,
             "tokens": tokens,
             # Exact decimal as a string: JSON numbers would go through a float.
-            "cost_usd": None if ex.cost is None else str(ex.cost),
+            "cost_usd": None if ex.cost is None else plain_usd(ex.cost),
             "priced": ex.priced,
             "finish_reasons": ex.finish_reasons or None,
             "error_type": ex.error_type,

@@ -17,6 +17,7 @@ from decimal import Decimal
 from typing import Any
 
 from proxy.exchange import Exchange
+from proxy.pricing import plain_usd
 from proxy.observers.access_log import iso_utc
 
 
@@ -90,7 +91,7 @@ class ModelSummary:
             "duration_p50_s": self.duration.quantile(0.50),
             "duration_p95_s": self.duration.quantile(0.95),
             "tokens": dict(self.tokens),
-            "cost_usd": str(self.cost),
+            "cost_usd": plain_usd(self.cost),
             "unpriced": self.unpriced,
         }
 
@@ -148,6 +149,6 @@ class SummaryObserver:
             "uptime_s": time.time() - self.started,
             "requests": sum(s.requests for s in self.models.values()),
             "errors": sum(s.errors for s in self.models.values()),
-            "cost_usd": str(total_cost),
+            "cost_usd": plain_usd(total_cost),
             "models": {label: s.snapshot() for label, s in sorted(self.models.items())},
         }
