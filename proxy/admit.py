@@ -104,7 +104,8 @@ def authenticate(request: web.Request, ex: Exchange, rt: Runtime) -> None:
     """With virtual keys on, every request must carry a known one (constant-time compare)."""
     if not rt.keyring.enabled:
         return
-    presented = parse_bearer(request.headers.get("Authorization"))
+    # Azure OpenAI clients send their key as `api-key`, not as a bearer token.
+    presented = parse_bearer(request.headers.get("Authorization")) or (request.headers.get("api-key") or "").strip() or None
     key = rt.keyring.authenticate(presented)
     if key is None:
         # Like OpenAI, never echo the key itself back.
@@ -140,6 +141,10 @@ def price_of(ex: Exchange, rt: Runtime) -> Price | None:
     price = rt.prices.lookup(model)
     if price is None and ex.requested_model and ex.requested_model != model:
         price = rt.prices.lookup(ex.requested_model)
+    if price is None and ex.response_model:
+        # An Azure deployment is named by its owner ("prod-chat"); the response names the
+        # model behind it ("gpt-4o-2024-08-06"), which the price table knows.
+        price = rt.prices.lookup(ex.response_model)
     return price
 
 

@@ -183,10 +183,18 @@ def upstream_headers(
     # The hop between proxy and upstream is uncompressed so the tap reads plain SSE.
     out["Accept-Encoding"] = "identity"
     key = upstream.settings.api_key
-    if key is not None:
-        out["Authorization"] = f"Bearer {key.get_secret_value()}"
-    elif drop_client_auth:
+    azure = upstream.settings.kind == "azure"
+    if key is not None and azure:
+        # Azure OpenAI takes its key as `api-key`; a client's credentials never go with it.
         out.popall("Authorization", None)
+        out["api-key"] = key.get_secret_value()
+    elif key is not None:
+        out["Authorization"] = f"Bearer {key.get_secret_value()}"
+        out.popall("api-key", None)
+    elif drop_client_auth:
+        # A Tollgate virtual key, whichever header the client sent it in.
+        out.popall("Authorization", None)
+        out.popall("api-key", None)
     for name, value in upstream.settings.headers.items():
         out[name] = value
     if ex is not None:

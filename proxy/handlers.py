@@ -7,9 +7,11 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from urllib.parse import unquote
+from typing import Any
+from urllib.parse import quote, unquote
 
 import aiohttp
 import orjson
@@ -89,9 +91,13 @@ async def _forward_and_relay(
     )
 
 
-async def _run(request: web.Request, endpoint: Endpoint, upstream_path: str | None = None) -> web.StreamResponse:
+async def _run(
+    request: web.Request, endpoint: Endpoint, upstream_path: str | None = None, azure: AzureTarget | None = None
+) -> web.StreamResponse:
     """`upstream_path`: the path (after /v1) and query to send upstream, when not the
-    client's own (a model endpoint under another spelling goes out under its own)."""
+    client's own (a model endpoint under another spelling goes out under its own).
+    `azure`: the request came in Azure OpenAI's layout (/openai/...); its upstream path is
+    chosen once the route names the upstream."""
     rt = request.app[RUNTIME]
     settings = rt.settings
     ex = new_exchange(request, endpoint, settings.server.request_id_header)
@@ -108,7 +114,12 @@ async def _run(request: web.Request, endpoint: Endpoint, upstream_path: str | No
             check_unmetered(request, ex, rt, body)
             return await _forward_and_relay(request, rt, ex, body or None)
         payload = parse_json_object(body)
-        accept_body(ex, payload)
+        if azure is not None and azure.deployment is not None:
+            # The deployment names the model; Azure ignores (and clients often omit) the
+            # body's `model`.
+            accept_body(ex, {**payload, "model": azure.deployment})
+        else:
+            accept_body(ex, payload)
         identify_user(request, ex, rt)
         route_exchange(ex, settings)
         check_model_allowed(ex, rt)
@@ -117,6 +128,8 @@ async def _run(request: web.Request, endpoint: Endpoint, upstream_path: str | No
         await encoding_ready(ex.upstream_model or ex.requested_model or "")
         ex.extra["response_headers"] = await reserve(ex, rt, payload)
         inject = settings.upstreams[ex.upstream].inject_stream_usage  # type: ignore[index]  # this request's snapshot
+        if azure is not None:
+            upstream_path, payload = azure.upstream_request(ex, settings.upstreams[ex.upstream].kind, payload)  # type: ignore[index]
         out_body = outgoing_body(ex, body, payload, inject, ex.extra.get("cap_override"))
         return await _forward_and_relay(request, rt, ex, out_body, upstream_path)
     except HttpError as err:
@@ -233,6 +246,70 @@ def check_unmetered(request: web.Request, ex: Exchange, rt: Runtime, body: bytes
             ex.requested_model = payload["model"]
             check_model_allowed(ex, rt)
     ex.extra["unmetered"] = allowed_by or "unguarded"
+
+
+@dataclass(frozen=True, slots=True)
+class AzureTarget:
+    """A request in Azure OpenAI's path layout: /openai/deployments/{deployment}/{tail} or
+    /openai/v1/{tail}, with the client's query (api-version)."""
+
+    deployment: str | None  # None: the v1 layout, where the body names the model
+    tail: str  # "chat/completions", "completions", "embeddings", "responses"
+    query: str
+
+    def upstream_request(self, ex: Exchange, kind: str, payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The path (after the upstream's API base) and body for the routed upstream."""
+        if kind == "azure":
+            query = f"?{self.query}" if self.query else ""
+            if self.deployment is None:
+                return f"/v1/{self.tail}{query}", payload
+            # An alias route sends the request to the deployment it names.
+            deployment = ex.upstream_model or self.deployment
+            return f"/deployments/{quote(deployment, safe='')}/{self.tail}{query}", payload
+        # An OpenAI-layout upstream: its own path, the model in the body, no api-version.
+        if "model" not in payload:
+            payload = {**payload, "model": ex.upstream_model or ex.requested_model}
+        return "/" + self.tail, payload
+
+
+# The model endpoints an Azure deployment serves, as the tail after /deployments/{name}/.
+_AZURE_DEPLOYMENT_ENDPOINTS: dict[str, Endpoint] = {
+    "chat/completions": "chat.completions",
+    "completions": "completions",
+    "embeddings": "embeddings",
+}
+
+
+async def azure_deployment(request: web.Request) -> web.StreamResponse:
+    """POST /openai/deployments/{deployment}/{chat/completions|completions|embeddings}."""
+    deployment = request.match_info["deployment"]
+    tail = request.match_info["tail"].strip("/").lower()
+    endpoint = _AZURE_DEPLOYMENT_ENDPOINTS.get(tail)
+    return await _azure(request, endpoint, AzureTarget(deployment, tail, request.rel_url.raw_query_string))
+
+
+async def azure_v1(request: web.Request) -> web.StreamResponse:
+    """POST /openai/v1/{chat/completions|completions|embeddings|responses}: Azure's v1 API,
+    OpenAI's layout under /openai."""
+    tail = request.match_info["tail"].strip("/").lower()
+    endpoint = MODEL_PATHS.get(f"/v1/{tail}")
+    return await _azure(request, endpoint, AzureTarget(None, tail, request.rel_url.raw_query_string))
+
+
+async def _azure(request: web.Request, endpoint: Endpoint | None, target: AzureTarget) -> web.StreamResponse:
+    if endpoint is None:
+        # Tollgate meters Azure's model endpoints only; anything else would go unmetered
+        # to an upstream it cannot name from the path.
+        return error_response(NotFound(
+            f"Invalid URL ({request.method} {request.path}): Tollgate serves Azure OpenAI's "
+            "chat/completions, completions and embeddings under /openai/deployments/{deployment}/, "
+            "and those plus responses under /openai/v1/."
+        ))
+    if request.method != "POST":
+        return error_response(MethodNotAllowed(f"Method {request.method} is not allowed for {request.path}; use POST."))
+    if target.deployment is not None and not target.deployment.strip():
+        return error_response(NotFound(f"Invalid URL ({request.method} {request.path}): no deployment name."))
+    return await _run(request, endpoint, azure=target)
 
 
 async def not_found(request: web.Request) -> web.Response:
