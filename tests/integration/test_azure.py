@@ -181,3 +181,17 @@ async def test_unmeterable_azure_paths_get_openai_shaped_errors(
             err = (await r.json())["error"]
             assert set(err) == {"message", "type", "param", "code"} and err["message"]
     assert not fake_openai.requests
+
+
+def test_azure_upstream_settings() -> None:
+    from proxy.errors import ConfigError
+    from proxy.settings import parse_settings
+
+    text = azure_yaml("https://res.openai.azure.com/openai")
+    settings = parse_settings(text, {})
+    up = settings.upstreams["azure"]
+    assert (up.kind, up.base_url, up.api_base, up.inject_stream_usage) == (
+        "azure", "https://res.openai.azure.com", "https://res.openai.azure.com/openai", True
+    )
+    with pytest.raises(ConfigError, match=r"upstreams\.azure\.kind.*'azur'"):
+        parse_settings(text.replace("kind: azure", "kind: azur"), {})
