@@ -141,9 +141,10 @@ def price_of(ex: Exchange, rt: Runtime) -> Price | None:
     price = rt.prices.lookup(model)
     if price is None and ex.requested_model and ex.requested_model != model:
         price = rt.prices.lookup(ex.requested_model)
-    if price is None and ex.response_model:
+    if price is None and ex.response_model and ex.extra.get("azure_deployment"):
         # An Azure deployment is named by its owner ("prod-chat"); the response names the
-        # model behind it ("gpt-4o-2024-08-06"), which the price table knows.
+        # model behind it ("gpt-4o-2024-08-06"), which the price table knows. Only there:
+        # elsewhere the requested model is what the operator prices (or leaves unpriced).
         price = rt.prices.lookup(ex.response_model)
     return price
 

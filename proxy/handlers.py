@@ -118,6 +118,7 @@ async def _run(
             # The deployment names the model; Azure ignores (and clients often omit) the
             # body's `model`.
             accept_body(ex, {**payload, "model": azure.deployment})
+            ex.extra["azure_deployment"] = True
         else:
             accept_body(ex, payload)
         identify_user(request, ex, rt)
