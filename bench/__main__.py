@@ -5,6 +5,7 @@ profile      Tollgate under py-spy while a load runs; prints where its CPU goes
 upstream     the fake OpenAI upstream (used by run)
 passthrough  the bare aiohttp passthrough (used by run)
 sink         the OTLP/HTTP receiver that discards (used by run)
+fidelity     the local token estimate vs OpenAI's real count, per recorded capture
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ def main(argv: list[str]) -> int:
         from bench import passthrough
 
         return passthrough.main(rest)
+    if command == "fidelity":
+        from bench import fidelity
+
+        return fidelity.main(rest)
     if command == "sink":
         from bench import sink
 

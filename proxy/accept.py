@@ -265,7 +265,8 @@ class Accepted:
     key: VirtualKey | None
 
 
-async def accept(request: web.Request, ex: Exchange, policy: Policy) -> Accepted:
+async def accept(request: web.Request, ex: Exchange, policy: Policy, *, model: str | None = None) -> Accepted:
+    """`model`: the model the path names (an Azure deployment), over the body's."""
     check_request_target(request)
     key = authenticate(request, ex, policy.keyring)
     body = await read_body(request, policy.settings.server.max_body_bytes)
@@ -273,7 +274,8 @@ async def accept(request: web.Request, ex: Exchange, policy: Policy) -> Accepted
     if ex.endpoint == "other":
         return Accepted(body, None, key)
     payload = parse_json_object(body)
-    accept_body(ex, payload)
+    accept_body(ex, payload if model is None else {**payload, "model": model})
+    ex.azure_deployment = model is not None
     header = policy.settings.user_header
     ex.user = request_user(ex.user, request.headers.get(header) if header else None)
     return Accepted(body, payload, key)
@@ -297,7 +299,8 @@ def authenticate(request: web.Request, ex: Exchange, keyring: KeyRing) -> Virtua
     """With virtual keys on, every request must carry a known one (constant-time compare)."""
     if not keyring.enabled:
         return None
-    presented = parse_bearer(request.headers.get("Authorization"))
+    # Azure OpenAI clients send their key as `api-key`, not as a bearer token.
+    presented = parse_bearer(request.headers.get("Authorization")) or (request.headers.get("api-key") or "").strip() or None
     key = keyring.authenticate(presented)
     if key is None:
         # Like OpenAI, never echo the key itself back.

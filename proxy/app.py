@@ -106,6 +106,9 @@ def make_app(
     app.router.add_get("/v1/tollgate/summary", summary_endpoint)
     app.router.add_get("/v1/tollgate/budgets", handlers.budgets_report)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.passthrough)
+    # Azure OpenAI's layout, for AzureOpenAI(azure_endpoint=<tollgate>) clients.
+    app.router.add_route("*", "/openai/deployments/{deployment}/{tail:.*}", handlers.azure_deployment)
+    app.router.add_route("*", "/openai/v1/{tail:.*}", handlers.azure_v1)
 
     # Probes, and OpenAI-shaped 404s for everything else.
     app.router.add_get("/healthz", handlers.healthz)

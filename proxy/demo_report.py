@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from proxy.exchange import Exchange
+from proxy.pricing import plain_usd
 
 if TYPE_CHECKING:
     # Not at run time: the CLI imports the demo for every command (see proxy/demo.py).
@@ -226,8 +227,8 @@ def kind_rows(results: list[RequestResult]) -> list[dict[str, Any]]:
                 "token_sources": sources,
                 "truth_input_tokens": sum(r.truth_input_tokens for r in rs),
                 "truth_output_tokens": sum(r.truth_output_tokens for r in rs),
-                "cost_usd": str(sum((r.cost or Decimal(0) for r in rs), Decimal(0))),
-                "expected_cost_usd": str(sum((r.expected_cost for r in rs), Decimal(0))),
+                "cost_usd": plain_usd(sum((r.cost or Decimal(0) for r in rs), Decimal(0))),
+                "expected_cost_usd": plain_usd(sum((r.expected_cost for r in rs), Decimal(0))),
                 "client_text_ok": all(r.client_text_ok for r in rs),
             }
         )

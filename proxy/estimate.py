@@ -7,14 +7,19 @@ understand is counted as its JSON text, so it never raises on request content.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import tiktoken
 
+from proxy import images
 from proxy.encodings import encoding_for
 
 __all__ = [
     "IMAGE_PART_TOKENS",
+    "PromptEstimate",
+    "estimate_prompt",
+    "is_reasoning_model",
     "REASONING_TOOL_PREAMBLE_TOKENS",
     "count_text_tokens",
     "estimate_output_tokens",
@@ -28,12 +33,16 @@ TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 REPLY_PRIMING_TOKENS = 3
 
-# An image (or any other non-text part: audio, file) cannot be sized from the request
-# without fetching and decoding it, so each counts as OpenAI's documented cost of a
-# 1024x1024 image at high detail on the gpt-4o family: 85 base + 4 tiles x 170 = 765.
-# "detail": "low" is a fixed 85. This errs high, which is the safe side for a reservation.
+# Images are sized from their data-URL header and billed by the model's formula
+# (proxy.images). A file part cannot be sized without parsing the document, so it counts
+# as OpenAI's documented cost of a 1024x1024 image at high detail on the gpt-4o family.
 IMAGE_PART_TOKENS = 765
-IMAGE_PART_TOKENS_LOW = 85
+
+# Input audio is billed at about 10 tokens a second (one per 100 ms); a real capture
+# (gpt-4o-audio-preview, 0.13 s of WAV: 1 audio token) reports 4 more text tokens than its
+# text alone, the audio part's own wrapping.
+AUDIO_TOKENS_PER_SECOND = 10
+AUDIO_PART_FRAMING_TOKENS = 4
 
 # Function/tool definitions: the model sees them rendered into its system prompt; the
 # counts below follow the cookbook's `num_tokens_for_tools` recipe (per-function and
@@ -49,10 +58,36 @@ _FUNC_END = 12
 # channel instructions when a request has tools (OpenAI's harmony format). Its text from
 # OpenAI's harmony guide ("You are ChatGPT ... Reasoning: medium ... # Valid channels ...
 # Calls to these tools must go to the commentary channel: 'functions'.") is 71 o200k
-# tokens, plus 4 for its framing. Checked against one real capture (gpt-5-nano, one tool:
-# 162 real vs 154 estimated); for other models the cookbook recipe alone applies.
-REASONING_TOOL_PREAMBLE_TOKENS = 75
-_REASONING_MODEL_PREFIXES = ("gpt-5", "o1", "o3", "o4")
+# tokens, plus 4 for its framing, plus the "# Tools\n\n## functions\n\nnamespace
+# functions {...}" wrapper around the definitions, 8 more. Three real gpt-5-nano captures
+# with different tools (chat-tools, chat-parallel-tools, chat-text-to-image-tool) are each
+# exact with 83; for other models the cookbook recipe alone applies.
+REASONING_TOOL_PREAMBLE_TOKENS = 83
+_REASONING_MODEL_PREFIXES = ("gpt-5", "o1", "o3", "o4", "codex-mini")
+
+# A `response_format` JSON schema is rendered into the developer message as harmony does:
+# "# Response Formats\n\n## {name}\n\n// {description}\n{schema as compact JSON}", the
+# schema without its `title` annotations; joining it to the instructions (or opening a
+# developer message for it) costs 4 tokens more. Measured on a real gpt-5-nano capture
+# (chat-openai-agents-python: 171 real, exact).
+RESPONSE_FORMAT_FRAMING_TOKENS = 4
+
+
+def is_reasoning_model(model: str) -> bool:
+    """Whether `model` thinks in hidden reasoning tokens before it answers (so the output
+    it shows is less than the output it bills)."""
+    return (
+        isinstance(model, str)
+        and model.startswith(_REASONING_MODEL_PREFIXES)
+        and not model.startswith("gpt-5-chat")
+    )
+
+
+def _search_model(model: str) -> bool:
+    # The chat search models (gpt-4o-search-preview, gpt-4o-mini-search-preview) report the
+    # message text alone as prompt_tokens: no per-message framing, no reply priming (a real
+    # capture, chat-web-search: 26 real = the user text's 26 tokens).
+    return isinstance(model, str) and "search-preview" in model
 
 
 
@@ -66,35 +101,57 @@ def estimate_output_tokens(text: str, model: str) -> int:
     return count_text_tokens(text, model) if isinstance(text, str) else 0
 
 
+@dataclass(frozen=True, slots=True)
+class PromptEstimate:
+    """An estimated prompt: its tokens, and whether an image's size had to be assumed (a
+    remote URL, counted as the largest image the model bills: an upper bound)."""
+
+    tokens: int
+    image_size_assumed: bool = False
+
+
 def estimate_prompt_tokens(endpoint: str, body: dict[str, Any], model: str) -> int:
+    """Estimated input tokens of a request body for `endpoint` (see `estimate_prompt`)."""
+    return estimate_prompt(endpoint, body, model).tokens
+
+
+def estimate_prompt(endpoint: str, body: dict[str, Any], model: str) -> PromptEstimate:
     """Estimated input tokens of a request body for `endpoint`.
 
     endpoint is one of "chat.completions", "completions", "embeddings", "responses".
     Chat follows the cookbook recipe (3 per message, 1 per name, 3 to prime the reply);
     tool definitions follow the cookbook's tool recipe (plus the reasoning models' tool
-    preamble); images count IMAGE_PART_TOKENS.
+    preamble); a `response_format` schema, a completions `suffix`, images (by size and
+    detail, proxy.images) and input audio (by duration) count as OpenAI bills them.
     Any shape it does not understand is counted as its JSON text, so it never raises on
     request content (only on a broken tokenizer install).
     """
     count = _Counter(encoding_for(model), model)
     try:
         if not isinstance(body, dict):
-            return count.json(body)
-        if endpoint == "chat.completions":
-            return count.chat(body)
-        if endpoint in ("completions", "embeddings"):
-            field = "prompt" if endpoint == "completions" else "input"
-            return count.prompt_like(body.get(field))
-        if endpoint == "responses":
-            return count.responses(body)
-        return count.json(body)
+            tokens = count.json(body)
+        elif endpoint == "chat.completions":
+            tokens = count.chat(body)
+        elif endpoint == "completions":
+            # The suffix is sent to the model too (insertion): its text counts as the prompt's.
+            tokens = count.prompt_like(body.get("prompt")) + count.prompt_like(body.get("suffix"))
+        elif endpoint == "embeddings":
+            tokens = count.prompt_like(body.get("input"))
+        elif endpoint == "responses":
+            tokens = count.responses(body)
+        else:
+            tokens = count.json(body)
     except (TypeError, ValueError, AttributeError, KeyError, RecursionError):
-        return count.json(body)
+        count.assumed = False
+        tokens = count.json(body)
+    return PromptEstimate(tokens, count.assumed)
 
 
 class _Counter:
     def __init__(self, enc: tiktoken.Encoding, model: str) -> None:
         self.enc = enc
+        self.model = model if isinstance(model, str) else ""
+        self.assumed = False
         self.tool_preamble = (
             REASONING_TOOL_PREAMBLE_TOKENS
             if isinstance(model, str) and model.startswith(_REASONING_MODEL_PREFIXES)
@@ -123,6 +180,10 @@ class _Counter:
 
     def chat(self, body: dict[str, Any]) -> int:
         messages = body.get("messages")
+        if _search_model(self.model) and isinstance(messages, list):
+            return sum(
+                self.content(m.get("content")) if isinstance(m, dict) else self.json(m) for m in messages
+            )
         total = 0
         if isinstance(messages, list):
             for message in messages:
@@ -131,7 +192,22 @@ class _Counter:
             total += self.json(messages)
         total += REPLY_PRIMING_TOKENS
         total += self.tools(body.get("tools"), body.get("functions"))
+        total += self.response_format(body.get("response_format"))
         return total
+
+    def response_format(self, fmt: object) -> int:
+        """A chat `response_format` (or Responses `text.format`) JSON schema."""
+        if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+            return 0
+        spec = fmt.get("json_schema") if isinstance(fmt.get("json_schema"), dict) else fmt
+        assert isinstance(spec, dict)
+        name = spec.get("name") if isinstance(spec.get("name"), str) else "response"
+        text = f"# Response Formats\n\n## {name}\n\n"
+        if isinstance(spec.get("description"), str):
+            text += f"// {spec['description']}\n"
+        schema = _without_titles(spec.get("schema", {}))
+        text += json.dumps(schema, ensure_ascii=False, separators=(",", ":"), default=str)
+        return self.text(text) + RESPONSE_FORMAT_FRAMING_TOKENS
 
     def message(self, message: object) -> int:
         if not isinstance(message, dict):
@@ -170,10 +246,22 @@ class _Counter:
             if isinstance(part.get(key), str):
                 return self.text(part[key])
         if kind in ("image_url", "input_image"):
+            # chat: {"image_url": {"url", "detail"}}; Responses: {"image_url": "...", "detail"}.
             image = part.get("image_url")
-            detail = image.get("detail") if isinstance(image, dict) else part.get("detail")
-            return IMAGE_PART_TOKENS_LOW if detail == "low" else IMAGE_PART_TOKENS
-        if kind in ("input_audio", "file", "input_file"):
+            if isinstance(image, dict):
+                url, detail = image.get("url"), image.get("detail")
+            else:
+                url, detail = image, part.get("detail")
+            tokens, assumed = images.image_tokens(self.model, url, detail)
+            self.assumed = self.assumed or assumed
+            return tokens
+        if kind == "input_audio":
+            audio = part.get("input_audio")
+            seconds = images.audio_seconds(audio.get("data"), audio.get("format")) if isinstance(audio, dict) else None
+            if seconds is None:
+                return IMAGE_PART_TOKENS
+            return max(1, round(seconds * AUDIO_TOKENS_PER_SECOND)) + AUDIO_PART_FRAMING_TOKENS
+        if kind in ("file", "input_file"):
             return IMAGE_PART_TOKENS
         return self.json(part)
 
@@ -271,6 +359,9 @@ class _Counter:
             total += self.json(items)
         total += REPLY_PRIMING_TOKENS
         total += self.tools(body.get("tools"))
+        text = body.get("text")
+        if isinstance(text, dict):
+            total += self.response_format(text.get("format"))
         return total
 
     def response_item(self, item: object) -> int:
@@ -286,6 +377,21 @@ class _Counter:
         return TOKENS_PER_MESSAGE + self.json(item)
 
 
+def _without_titles(schema: object, names: bool = False) -> object:
+    """The schema without `title` annotations (harmony leaves them out). Under
+    `properties`/`$defs`/`definitions` keys are names, so a property called "title" stays."""
+    if isinstance(schema, dict):
+        out: dict[str, object] = {}
+        for key, value in schema.items():
+            if key == "title" and not names and isinstance(value, str):
+                continue
+            out[key] = _without_titles(value, names=key in ("properties", "$defs", "definitions") and not names)
+        return out
+    if isinstance(schema, list):
+        return [_without_titles(v) for v in schema]
+    return schema
+
+
 def _strip_period(value: object) -> str:
     text = value if isinstance(value, str) else ""
     return text[:-1] if text.endswith(".") else text
@@ -293,3 +399,4 @@ def _strip_period(value: object) -> str:
 
 def _is_token_id(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+

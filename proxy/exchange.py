@@ -126,6 +126,9 @@ class Exchange:
     route_model: str | None = None  # the configured name used as the bounded `model` label
     upstream_url: str | None = None  # the upstream's API base: the span's server.address
     usage_injected: bool = False
+    # The request came in Azure's deployment layout: the path named the model (a deployment
+    # name), so the response's model may price it.
+    azure_deployment: bool = False
     # Why a path Tollgate cannot meter went through: the passthrough glob, or "unguarded".
     unmetered: str | None = None
 

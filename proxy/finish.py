@@ -10,7 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 from proxy.accept import MODEL_ENDPOINTS
-from proxy.estimate import estimate_output_tokens, estimate_prompt_tokens
+from proxy.estimate import estimate_output_tokens, estimate_prompt, is_reasoning_model
 from proxy.exchange import Exchange
 from proxy.policy import Policy
 from proxy.pricing import cost, price_of_exchange
@@ -102,13 +102,26 @@ def account(ex: Exchange, policy: Policy, rt: Runtime) -> None:
     ):
         # Nothing from upstream (no usage, or the client left first): bill what was consumed,
         # the prompt and the output actually relayed.
+        prompt = estimate_prompt(ex.endpoint, ex.body, model)
         ex.usage = Usage(
-            input_tokens=estimate_prompt_tokens(ex.endpoint, ex.body, model),
+            input_tokens=prompt.tokens,
             output_tokens=ex.output_text.estimate_tokens(lambda text: estimate_output_tokens(text, model)),
+            input_source="estimated_upper_bound" if prompt.image_size_assumed else "estimated",
+            # The relayed text of a reasoning model leaves out its hidden reasoning: the
+            # count (and the cost priced from it) is labelled a lower bound, never exact.
+            output_source="estimated_lower_bound" if is_reasoning_model(model) else "estimated",
         )
+        if is_reasoning_model(model):
+            log.info("%s: no usage from upstream; output of reasoning model %r estimated as a lower bound",
+                     ex.request_id, model)
     if ex.usage is None or model is None:
         return
     price = price_of_exchange(policy.prices, ex.upstream_model, ex.requested_model)
+    if price is None and ex.response_model and ex.azure_deployment:
+        # An Azure deployment is named by its owner ("prod-chat"); the response names the
+        # model behind it ("gpt-4o-2024-08-06"), which the price table knows. Only there:
+        # elsewhere the requested model is what the operator prices (or leaves unpriced).
+        price = policy.prices.lookup(ex.response_model)
     if price is None:
         ex.priced = False
         ex.cost = Decimal(0)

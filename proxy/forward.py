@@ -65,25 +65,34 @@ def upstream_headers(
     # The hop between proxy and upstream is uncompressed so the tap reads plain SSE.
     out["Accept-Encoding"] = "identity"
     key = upstream.settings.api_key
-    if key is not None:
-        out["Authorization"] = f"Bearer {key.get_secret_value()}"
-    elif drop_client_auth:
+    azure = upstream.settings.kind == "azure"
+    if key is not None and azure:
+        # Azure OpenAI takes its key as `api-key`; a client's credentials never go with it.
         out.popall("Authorization", None)
+        out["api-key"] = key.get_secret_value()
+    elif key is not None:
+        out["Authorization"] = f"Bearer {key.get_secret_value()}"
+        out.popall("api-key", None)
+    elif drop_client_auth:
+        # A Tollgate virtual key, whichever header the client sent it in.
+        out.popall("Authorization", None)
+        out.popall("api-key", None)
     for name, value in upstream.settings.headers.items():
         out[name] = value
+    # A client's sane x-request-id is the request id, so it goes up unchanged; without
+    # one (or with one refused as hostile) the upstream sees Tollgate's.
     out["X-Request-Id"] = ex.request_id
     return out
 
 
 def relayed_headers(upstream_headers_: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream's response headers as the client gets them: unchanged but for
+    hop-by-hop ones and those the relay recomputes. Its x-request-id (OpenAI's `req_...`,
+    what the SDK shows as `response.request_id` and OpenAI support asks for) included."""
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream_headers_.items():
         lname = name.lower()
-        if lname in _NOT_RELAYED_DOWN:
-            continue
-        if lname == "x-request-id":
-            # Ours is the response's x-request-id; the upstream's is kept under its own name.
-            out.add("X-Upstream-Request-Id", value)
+        if lname in _NOT_RELAYED_DOWN or lname.startswith("x-tollgate-"):
             continue
         out.add(name, value)
     return out
@@ -149,7 +158,10 @@ def client_response(
     through buffering proxies in front of us."""
     out = web.StreamResponse(status=resp.status, reason=resp.reason)
     out.headers.update(relayed_headers(resp.headers))
-    out.headers["X-Request-Id"] = ex.request_id
+    # Tollgate's own id in its own header (it names the log line, span and spend row); the
+    # x-request-id is the upstream's, or Tollgate's only if the upstream sent none.
+    out.headers["X-Tollgate-Request-Id"] = ex.request_id
+    out.headers.setdefault("X-Request-Id", ex.request_id)
     if admission_headers:
         out.headers.update(admission_headers)
     if is_sse:

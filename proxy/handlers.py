@@ -20,7 +20,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.accept import Accepted, accept, authenticate, new_exchange
+from proxy.accept import accept, authenticate, new_exchange
+from proxy.azure import AZURE_DEPLOYMENT_ENDPOINTS, AzureTarget
+from proxy.encodings import encoding_ready
 from proxy.errors import (
     ClientError,
     HttpError,
@@ -51,7 +53,9 @@ def error_response(err: HttpError, ex: Exchange | None = None) -> web.Response:
     headers = dict(err.headers)
     request_id = None if ex is None else ex.request_id
     if request_id is not None:
+        # Tollgate's own answer: no upstream id to pass on, so both headers carry Tollgate's.
         headers["X-Request-Id"] = request_id
+        headers["X-Tollgate-Request-Id"] = request_id
     resp = web.Response(
         status=err.status, body=err.to_json(request_id), content_type="application/json", headers=headers
     )
@@ -69,23 +73,37 @@ def _refused(ex: Exchange, err: HttpError) -> web.Response:
     return error_response(err, ex)
 
 
-async def _run(request: web.Request, endpoint: Endpoint, upstream_path: str | None = None) -> web.StreamResponse:
+async def _run(
+    request: web.Request, endpoint: Endpoint, upstream_path: str | None = None, azure: AzureTarget | None = None
+) -> web.StreamResponse:
     """`upstream_path`: the path (after /v1) and query to send upstream, when not the
-    client's own (a model endpoint under another spelling goes out under its own)."""
+    client's own (a model endpoint under another spelling goes out under its own).
+    `azure`: the request came in Azure OpenAI's layout (/openai/...); its upstream path is
+    chosen once the route names the upstream."""
     rt = request.app[RUNTIME]
     policy = rt.policy  # this request's configuration, whatever a reload does meanwhile
     ex = new_exchange(request, endpoint, policy.settings.server.request_id_header)
     admission = NOT_ADMITTED
     try:
-        accepted = await accept(request, ex, policy)
+        # An Azure deployment names the model in the path; Azure ignores (and clients often
+        # omit) the body's `model`.
+        accepted = await accept(request, ex, policy, model=azure.deployment if azure else None)
         if accepted.payload is None:
             routed = route_unmetered(request, ex, policy, accepted, rt.clock())
             body = accepted.body or None
         else:
             routed = route(ex, policy, accepted)
+            # Admission and a usage-less finish estimate with the model's own tokenizer,
+            # never a stand-in while it is still being built.
+            await encoding_ready(ex.upstream_model or ex.requested_model or "")
             limits = OutputLimits(routed.default_output_cap, routed.upstream.context_size)
             admission = await admit(rt.spend, ex, policy, accepted.payload, limits)
-            body = _outgoing(ex, policy, routed, accepted, admission)
+            payload = accepted.payload
+            if azure is not None:
+                kind = policy.settings.upstreams[routed.upstream.name].kind
+                upstream_path, payload = azure.upstream_request(ex, kind, payload)
+            inject = policy.settings.upstreams[routed.upstream.name].inject_stream_usage
+            body = outgoing_body(ex, accepted.body, payload, inject, admission.cap_override)
         return await _forward(request, rt, policy, ex, routed, admission, body, upstream_path)
     except HttpError as err:
         return _refused(ex, err)
@@ -98,12 +116,6 @@ async def _run(request: web.Request, endpoint: Endpoint, upstream_path: str | No
         return _refused(ex, HttpError("The proxy failed to handle the request.", code="internal_error"))
     finally:
         finish(ex, policy, admission, rt)
-
-
-def _outgoing(ex: Exchange, policy: Policy, routed: Routed, accepted: Accepted, admission: Admission) -> bytes:
-    assert accepted.payload is not None
-    inject = policy.settings.upstreams[routed.upstream.name].inject_stream_usage
-    return outgoing_body(ex, accepted.body, accepted.payload, inject, admission.cap_override)
 
 
 async def _forward(
@@ -156,6 +168,38 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         query = request.rel_url.raw_query_string
         return await _run(request, endpoint, CANONICAL[endpoint] + (f"?{query}" if query else ""))
     return await _run(request, "other")
+
+
+async def azure_deployment(request: web.Request) -> web.StreamResponse:
+    """POST /openai/deployments/{deployment}/{chat/completions|completions|embeddings}."""
+    deployment = request.match_info["deployment"]
+    tail = request.match_info["tail"].strip("/").lower()
+    endpoint = AZURE_DEPLOYMENT_ENDPOINTS.get(tail)
+    return await _azure(request, endpoint, AzureTarget(deployment, tail, request.rel_url.raw_query_string))
+
+
+async def azure_v1(request: web.Request) -> web.StreamResponse:
+    """POST /openai/v1/{chat/completions|completions|embeddings|responses}: Azure's v1 API,
+    OpenAI's layout under /openai."""
+    tail = request.match_info["tail"].strip("/").lower()
+    endpoint = MODEL_PATHS.get(f"/v1/{tail}")
+    return await _azure(request, endpoint, AzureTarget(None, tail, request.rel_url.raw_query_string))
+
+
+async def _azure(request: web.Request, endpoint: Endpoint | None, target: AzureTarget) -> web.StreamResponse:
+    if endpoint is None:
+        # Tollgate meters Azure's model endpoints only; anything else would go unmetered
+        # to an upstream it cannot name from the path.
+        return error_response(NotFound(
+            f"Invalid URL ({request.method} {request.path}): Tollgate serves Azure OpenAI's "
+            "chat/completions, completions and embeddings under /openai/deployments/{deployment}/, "
+            "and those plus responses under /openai/v1/."
+        ))
+    if request.method != "POST":
+        return error_response(MethodNotAllowed(f"Method {request.method} is not allowed for {request.path}; use POST."))
+    if target.deployment is not None and not target.deployment.strip():
+        return error_response(NotFound(f"Invalid URL ({request.method} {request.path}): no deployment name."))
+    return await _run(request, endpoint, azure=target)
 
 
 async def not_found(request: web.Request) -> web.Response:

@@ -10,6 +10,9 @@ Pricing file format (a flat mapping, model or glob -> price):
       cached_input: 0.075  # optional; defaults to input
       cache_write: 0.20    # optional; defaults to input
       output: 0.60         # reasoning tokens are output tokens
+      per_1k_calls:        # optional: built-in tool calls billed per call, USD per 1000
+        web_search: 25.00  #   calls (web_search, file_search), charged when the response
+        file_search: 2.50  #   shows such calls
     "local/*": 0           # shorthand: one number prices input and output alike
 """
 
@@ -29,9 +32,18 @@ import yaml
 from proxy.errors import ConfigError
 from proxy.usage import Usage
 
-__all__ = ["Price", "PriceTable", "cost", "parse_price", "worst_case_cost"]
+__all__ = ["CALL_KINDS", "Price", "PriceTable", "cost", "parse_price", "plain_usd", "worst_case_cost"]
 
 _PER = Decimal(1_000_000)
+_PER_CALLS = Decimal(1_000)
+# Built-in tools OpenAI bills per call; Usage counts them as `<kind>_calls`.
+CALL_KINDS = ("web_search", "file_search")
+
+
+def plain_usd(amount: Decimal) -> str:
+    """A Decimal as plain digits: 0.00000014, never str()'s 1.4E-7, which log readers,
+    spreadsheets and JSON consumers would take for a float or a string."""
+    return f"{amount:f}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +54,8 @@ class Price:
     output: Decimal
     cached_input: Decimal | None = None
     cache_write: Decimal | None = None
+    # Tool kind (CALL_KINDS) -> USD per 1000 calls, as ((kind, price), ...).
+    per_1k_calls: tuple[tuple[str, Decimal], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("input", "output", "cached_input", "cache_write"):
@@ -55,13 +69,23 @@ class Price:
             if not value.is_finite() or value < 0:
                 raise ValueError(f"Price.{name} must be a finite, non-negative number: {value}")
             object.__setattr__(self, name, value)
+        for kind, fee in self.per_1k_calls:
+            if kind not in CALL_KINDS:
+                raise ValueError(f"Price.per_1k_calls: unknown tool {kind!r}; allowed: {', '.join(CALL_KINDS)}")
+            if isinstance(fee, bool) or not isinstance(fee, (Decimal, int)) or not Decimal(fee).is_finite() or fee < 0:
+                raise ValueError(f"Price.per_1k_calls.{kind} must be a finite, non-negative Decimal: {fee!r}")
+
+    def call_fee(self, kind: str) -> Decimal:
+        """USD per 1000 calls of the built-in tool `kind`; 0 if the price names none."""
+        return next((Decimal(fee) for k, fee in self.per_1k_calls if k == kind), Decimal(0))
 
 
 def cost(usage: Usage, price: Price) -> Decimal:
     """Exact USD cost of `usage`.
 
     Uncached input at `input`, cached input at `cached_input`, cache writes at
-    `cache_write` (each defaulting to `input`), output (reasoning included) at `output`.
+    `cache_write` (each defaulting to `input`), output (reasoning included) at `output`,
+    plus each built-in tool call the response showed at its `per_1k_calls` fee.
 
     Odd counts are clamped so the result is never negative and no reported token goes
     unbilled: negative counts read as 0; parts are trusted as lower bounds of their totals,
@@ -84,7 +108,11 @@ def cost(usage: Usage, price: Price) -> Decimal:
         + cache_write * write_rate
         + output_tokens * price.output
     )
-    return total / _PER
+    calls = (
+        max(usage.web_search_calls, 0) * price.call_fee("web_search")
+        + max(usage.file_search_calls, 0) * price.call_fee("file_search")
+    )
+    return total / _PER + calls / _PER_CALLS
 
 
 def worst_case_cost(input_tokens: int, output_cap: int, price: Price) -> Decimal:
@@ -95,7 +123,7 @@ def worst_case_cost(input_tokens: int, output_cap: int, price: Price) -> Decimal
 # ----------------------------------------------------------------------------------------
 # Parsing
 
-_FIELDS = ("input", "output", "cached_input", "cache_write")
+_FIELDS = ("input", "output", "cached_input", "cache_write", "per_1k_calls")
 
 
 def usd_per_million(value: object) -> Decimal:
@@ -142,11 +170,24 @@ def parse_price(raw: Mapping[str, object] | Decimal | int | float | str, where: 
         k: (None if raw.get(k) is None else _decimal(raw[k], f"{where}.{k}"))
         for k in ("cached_input", "cache_write")
     }
+    calls = raw.get("per_1k_calls")
+    fees: list[tuple[str, Decimal]] = []
+    if calls is not None:
+        if not isinstance(calls, Mapping):
+            raise ValueError(
+                f"{where}.per_1k_calls: {calls!r} must be a mapping of tool -> USD per 1000 calls "
+                f"({', '.join(CALL_KINDS)})"
+            )
+        for kind, fee in calls.items():
+            if kind not in CALL_KINDS:
+                raise ValueError(f"{where}.per_1k_calls: unknown tool {kind!r}; allowed: {', '.join(CALL_KINDS)}")
+            fees.append((str(kind), _decimal(fee, f"{where}.per_1k_calls.{kind}")))
     return Price(
         input=_decimal(raw["input"], f"{where}.input"),
         output=_decimal(raw["output"], f"{where}.output"),
         cached_input=optional["cached_input"],
         cache_write=optional["cache_write"],
+        per_1k_calls=tuple(fees),
     )
 
 

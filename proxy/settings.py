@@ -250,9 +250,13 @@ class TimeoutOverrides(_Section):
 
 
 class Upstream(_Section):
-    kind: Literal["openai", "llamacpp"] = "openai"
+    kind: Literal["openai", "llamacpp", "azure"] = "openai"
     # openai: the API base as the OpenAI SDK takes it (.../v1). llamacpp: the server root;
     # a trailing /v1 is removed here so `api_base` and `root_url` are always right.
+    # azure: the resource endpoint as AzureOpenAI takes it (https://NAME.openai.azure.com);
+    # a trailing /openai is removed. Its API lives under /openai: deployments
+    # (/openai/deployments/{deployment}/...) and the v1 API (/openai/v1/...); the key goes
+    # up as `api-key`.
     base_url: str
     api_key: Secret = None
     inject_stream_usage: bool = True
@@ -267,7 +271,7 @@ class Upstream(_Section):
         # llama-server already reports `timings` on its last chunk, so asking it for a usage
         # chunk buys nothing; OpenAI only reports stream usage when asked.
         if isinstance(data, dict) and data.get("inject_stream_usage") is None:
-            data = {**data, "inject_stream_usage": data.get("kind", "openai") == "openai"}
+            data = {**data, "inject_stream_usage": data.get("kind", "openai") in ("openai", "azure")}
         return data
 
     @field_validator("base_url")
@@ -276,6 +280,8 @@ class Upstream(_Section):
         url = _check_http_url(value)
         if info.data.get("kind") == "llamacpp" and url.endswith("/v1"):
             url = url[: -len("/v1")]
+        if info.data.get("kind") == "azure" and url.endswith("/openai"):
+            url = url[: -len("/openai")]
         return url
 
     @field_validator("headers")
@@ -288,13 +294,18 @@ class Upstream(_Section):
 
     @property
     def api_base(self) -> str:
-        """Where /v1/* requests go, without a trailing slash."""
-        return self.base_url + "/v1" if self.kind == "llamacpp" else self.base_url
+        """Where /v1/* requests go, without a trailing slash (for azure, the /openai root:
+        /v1/... lands on Azure's v1 API, /deployments/... on a deployment)."""
+        if self.kind == "llamacpp":
+            return self.base_url + "/v1"
+        if self.kind == "azure":
+            return self.base_url + "/openai"
+        return self.base_url
 
     @property
     def root_url(self) -> str:
         """The server root: llama-server's /props, /health and /metrics live here."""
-        if self.kind == "llamacpp":
+        if self.kind in ("llamacpp", "azure"):
             return self.base_url
         return self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
 

@@ -42,7 +42,9 @@ class Upstream:
         and headers, and an uncompressed answer."""
         out = {"Accept-Encoding": "identity"}
         key = self.settings.api_key
-        if key is not None:
+        if key is not None and self.settings.kind == "azure":
+            out["api-key"] = key.get_secret_value()  # Azure OpenAI's way
+        elif key is not None:
             out["Authorization"] = f"Bearer {key.get_secret_value()}"
         out.update(self.settings.headers)
         return out

@@ -20,7 +20,11 @@ __all__ = [
     "usage_from_stream_payload",
 ]
 
-TokenSource = Literal["upstream", "estimated"]
+# "estimated_lower_bound": output estimated from the relayed text of a reasoning model,
+# which cannot see the hidden reasoning tokens it was billed for, so the true count is
+# higher. "estimated_upper_bound": a prompt with an image of unknown size (a remote URL),
+# counted as the largest image the model bills.
+TokenSource = Literal["upstream", "estimated", "estimated_lower_bound", "estimated_upper_bound"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +43,10 @@ class Usage:
     cache_write_tokens: int = 0
     input_source: TokenSource = "estimated"
     output_source: TokenSource = "estimated"
+    # Built-in tool calls billed per call (USD per 1k calls in the price table), as the
+    # response shows them.
+    web_search_calls: int = 0
+    file_search_calls: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -128,6 +136,29 @@ def _usage_from_timings(timings: object) -> Usage | None:
     return usage_from_llamacpp_timings(timings)
 
 
+def _with_tool_calls(usage: Usage | None, payload: Mapping[str, Any]) -> Usage | None:
+    """`usage` plus the billed built-in tool calls the response shows: a Responses body's
+    `web_search_call` / `file_search_call` output items; a chat search model
+    (gpt-4o[-mini]-search-preview) searches the web once for every answer."""
+    if usage is None:
+        return None
+    web = file = 0
+    output = payload.get("output")
+    if isinstance(output, list):
+        for item in output:
+            kind = item.get("type") if isinstance(item, dict) else None
+            web += kind == "web_search_call"
+            file += kind == "file_search_call"
+    model = payload.get("model")
+    if isinstance(model, str) and "search-preview" in model and payload.get("object") in (
+        "chat.completion", "chat.completion.chunk"
+    ):
+        web = max(web, 1)
+    if not web and not file:
+        return usage
+    return replace(usage, web_search_calls=web, file_search_calls=file)
+
+
 def usage_from_body(endpoint: str, payload: dict[str, Any]) -> Usage | None:
     """Usage of a non-stream response body (parsed JSON), or None if it reports none.
 
@@ -136,7 +167,8 @@ def usage_from_body(endpoint: str, payload: dict[str, Any]) -> Usage | None:
     """
     if not isinstance(payload, dict):
         return None
-    return _usage_from_object(payload.get("usage")) or _usage_from_timings(payload.get("timings"))
+    usage = _usage_from_object(payload.get("usage")) or _usage_from_timings(payload.get("timings"))
+    return _with_tool_calls(usage, payload)
 
 
 # Responses stream events whose `response` carries the final usage. `incomplete` (output
@@ -159,5 +191,8 @@ def usage_from_stream_payload(endpoint: str, payload: dict[str, Any]) -> Usage |
         if event_type not in _RESPONSES_FINAL_EVENTS:
             return None
         response = payload.get("response")
-        return _usage_from_object(response.get("usage")) if isinstance(response, dict) else None
-    return _usage_from_object(payload.get("usage")) or _usage_from_timings(payload.get("timings"))
+        if not isinstance(response, dict):
+            return None
+        return _with_tool_calls(_usage_from_object(response.get("usage")), response)
+    usage = _usage_from_object(payload.get("usage")) or _usage_from_timings(payload.get("timings"))
+    return _with_tool_calls(usage, payload)

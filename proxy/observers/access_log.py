@@ -20,6 +20,7 @@ import orjson
 
 from proxy.exchange import Exchange
 from proxy.observer import Observer
+from proxy.pricing import plain_usd
 
 PayloadMode = Literal["off", "truncated"]
 
@@ -168,7 +169,7 @@ class AccessLogObserver(Observer):
             "overhead_s": ex.overhead_s,
             "tokens": tokens,
             # Exact decimal as a string: JSON numbers would go through a float.
-            "cost_usd": None if ex.cost is None else str(ex.cost),
+            "cost_usd": None if ex.cost is None else plain_usd(ex.cost),
             "priced": ex.priced,
             "finish_reasons": ex.finish_reasons or None,
             "error_type": ex.error_type,

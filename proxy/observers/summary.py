@@ -19,6 +19,7 @@ from typing import Any
 from proxy.exchange import Exchange
 from proxy.observer import Observer
 from proxy.observers.access_log import wall_iso_ms
+from proxy.pricing import plain_usd
 
 
 class LogHistogram:
@@ -91,7 +92,7 @@ class ModelSummary:
             "duration_p50_s": self.duration.quantile(0.50),
             "duration_p95_s": self.duration.quantile(0.95),
             "tokens": dict(self.tokens),
-            "cost_usd": str(self.cost),
+            "cost_usd": plain_usd(self.cost),
             "unpriced": self.unpriced,
         }
 
@@ -143,6 +144,6 @@ class SummaryObserver(Observer):
             "uptime_s": time.time() - self.started,
             "requests": sum(s.requests for s in self.models.values()),
             "errors": sum(s.errors for s in self.models.values()),
-            "cost_usd": str(total_cost),
+            "cost_usd": plain_usd(total_cost),
             "models": {label: s.snapshot() for label, s in sorted(self.models.items())},
         }

@@ -31,6 +31,7 @@ from opentelemetry.util.re import parse_env_headers
 from proxy.exchange import Exchange
 from proxy.observer import Observer
 from proxy.observers.otel_env import tracing_requested
+from proxy.pricing import plain_usd
 
 log = logging.getLogger("tollgate.tracing")
 
@@ -224,7 +225,7 @@ class TracingObserver(Observer):
             a["tollgate.gap_p95_s"] = gap_p95
         if ex.cost is not None:
             # A string keeps the exact Decimal; a float attribute would round it.
-            a["tollgate.cost_usd"] = str(ex.cost)
+            a["tollgate.cost_usd"] = plain_usd(ex.cost)
         a["tollgate.priced"] = ex.priced
         if ex.llamacpp_timings:
             for k, v in ex.llamacpp_timings.items():

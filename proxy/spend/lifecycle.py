@@ -27,6 +27,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from proxy.faults import FaultMetrics
+from proxy.pricing import plain_usd
 from proxy.spend.budgets import BudgetRule, Charge, Crossing, charges, threshold_crossed, webhook_payload
 from proxy.spend.hold import Hold, ledger_down, new_ledger_id
 from proxy.spend.ledger import Ledger, LedgerError, Settled, SpendRow, open_ledger
@@ -149,11 +150,11 @@ class Spend:
                 return
             if len(self.outbox) >= MAX_UNSETTLED:
                 lost = self.outbox.popleft()
-                log.error("too many settlements waiting for the ledger: %s ($%s) is lost", lost.row.request_id, lost.row.cost)
+                log.error("too many settlements waiting for the ledger: %s ($%s) is lost", lost.row.request_id, plain_usd(lost.row.cost))
             self.outbox.append(job)
             self.count_unavailable("settle", "deferred")
             self.faults.unsettled.set(len(self.outbox))
-            log.warning("ledger unavailable; settlement of %s ($%s) kept for retry: %s", job.row.request_id, job.row.cost, exc)
+            log.warning("ledger unavailable; settlement of %s ($%s) kept for retry: %s", job.row.request_id, plain_usd(job.row.cost), exc)
             return
         self._after_settle(job.hold, results, now)
 
@@ -291,5 +292,5 @@ class Spend:
             log.error(
                 "%d settlements could not reach the ledger before shutdown and are lost: %s",
                 len(self.outbox),
-                ", ".join(f"{p.row.request_id} ${p.row.cost}" for p in list(self.outbox)[:50]),
+                ", ".join(f"{p.row.request_id} ${plain_usd(p.row.cost)}" for p in list(self.outbox)[:50]),
             )

@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -405,6 +406,9 @@ async def test_trace_span_genai_attributes_first_token_and_traceparent(
     assert a["tollgate.cost_usd"] == str(ex.cost)
     assert a["tollgate.request_id"] == ex.request_id
     assert "error.type" not in a
+    # Set by the production path (forward.send), from the upstream actually called.
+    upstream_url = urlsplit(fake_openai.api_base)
+    assert (a["server.address"], a["server.port"]) == (upstream_url.hostname, upstream_url.port)
 
     (event,) = [e for e in span.events if e.name == "tollgate.first_token"]
     assert ex.t_first_token_ns is not None and ex.t_end_ns is not None

@@ -287,8 +287,11 @@ async def test_request_ids_and_headers(start_proxy: StartProxy, fake_openai: Fak
         proxy.base_url + "/chat/completions", CHAT, {"x-request-id": "my-trace-42", "Connection": "keep-alive", "TE": "trailers"}
     )
     assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"  # passed through unchanged
-    assert got["X-Request-Id"] == "my-trace-42"
-    assert got["X-Upstream-Request-Id"] == "req_upstream_1"
+    # The upstream's id reaches the client unchanged (the SDK's response.request_id);
+    # Tollgate's (here the client's own) is in its own header.
+    assert got["X-Request-Id"] == "req_upstream_1"
+    assert got["X-Tollgate-Request-Id"] == "my-trace-42"
+    assert "X-Upstream-Request-Id" not in got
     assert got["openai-processing-ms"] == "12"
     assert got["x-ratelimit-remaining-requests"] == "99"
     assert got["retry-after"] == "3"
@@ -298,7 +301,8 @@ async def test_request_ids_and_headers(start_proxy: StartProxy, fake_openai: Fak
     assert "TE" not in upstream_saw
     # Without an incoming id, one is made; a hostile one is replaced.
     _, _, got2 = await post(proxy.base_url + "/chat/completions", CHAT, {"x-request-id": "bad id\twith spaces"})
-    assert got2["X-Request-Id"].startswith("tg-")
+    assert got2["X-Tollgate-Request-Id"].startswith("tg-")
+    assert fake_openai.requests[-1].headers["X-Request-Id"] == got2["X-Tollgate-Request-Id"]
 
 
 async def test_passthrough_paths_models_and_probes(start_proxy: StartProxy, fake_openai: FakeUpstream) -> None:

@@ -1,6 +1,7 @@
 """Tokenizers at start and on first use: the proxy builds only the fallback encoding
-(o200k_base) before it serves, and any other encoding in the background when a request first
-needs it, estimating with the fallback meanwhile instead of making that request wait."""
+(o200k_base) before it serves, and any other encoding off the event loop when a request first
+needs it; that request waits for its own table (~0.1 s from the cache) rather than being
+estimated with the wrong one, and other requests keep being served meanwhile."""
 
 from __future__ import annotations
 
@@ -47,3 +48,52 @@ async def test_only_the_fallback_is_built_before_serving_and_others_on_first_use
     assert tokens.encoding_for(body["model"]).name == "cl100k_base"
     # And the next request for it uses it.
     await client.embeddings.create(**body)
+
+
+async def test_the_first_request_waits_for_its_own_table_off_the_event_loop(
+    start_proxy: StartProxy, fake_openai: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokens.warm()
+    monkeypatch.setattr(tokens, "_ENCODINGS", {"o200k_base": tokens._encoding_named("o200k_base")})
+    monkeypatch.setattr(tokens, "_BUILDING", set())
+    budget = "budgets:\n  - name: daily\n    period: daily\n    limit_usd: 100\n"
+    proxy = await start_proxy(proxy_yaml(fake_openai.api_base, extra=budget))
+    assert "cl100k_base" not in tokens._ENCODINGS
+
+    # The event loop keeps ticking while the table builds on a worker thread.
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticking = asyncio.create_task(ticker())
+    estimated: list[str] = []
+    real_estimate = tokens.encoding_for
+
+    def spy(model: str) -> object:
+        enc = real_estimate(model)
+        estimated.append(enc.name)
+        return enc
+
+    monkeypatch.setattr("proxy.estimate.encoding_for", spy)
+    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-client", max_retries=0, timeout=10)
+    capture = openai_capture("embeddings-basic")
+    fake_openai.replay(capture)
+    await client.embeddings.create(**capture.request_json)
+    ticking.cancel()
+    # Admission estimated the very first request with cl100k_base, not the o200k stand-in.
+    assert estimated and set(estimated) == {"cl100k_base"}
+    assert tokens._ENCODINGS.get("cl100k_base") is not None
+    assert gaps and max(gaps) < 0.3, f"event loop blocked for {max(gaps):.3f} s"
+
+
+async def test_encoding_ready_returns_at_once_when_loaded() -> None:
+    tokens.warm()
+    started = time.perf_counter()
+    await tokens.encoding_ready("gpt-4o")
+    assert time.perf_counter() - started < 0.01

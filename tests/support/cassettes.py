@@ -19,6 +19,7 @@ import yaml
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 OPENAI_DIR = FIXTURES / "openai"
+OPENAI_EXTRA_DIR = FIXTURES / "openai-extra"  # images, audio, schema, suffix, search, Azure
 LLAMACPP_DIR = FIXTURES / "llamacpp"
 
 
@@ -69,9 +70,10 @@ def _as_bytes(value: object) -> bytes:
 
 
 @functools.cache
-def openai_capture(name: str) -> Capture:
-    """The capture in tests/fixtures/openai/<name>.yaml, e.g. openai_capture("chat-streaming")."""
-    path = OPENAI_DIR / f"{name}.yaml"
+def openai_capture(name: str, directory: Path = OPENAI_DIR) -> Capture:
+    """The capture in tests/fixtures/openai/<name>.yaml, e.g. openai_capture("chat-streaming")
+    (or in `directory`, e.g. OPENAI_EXTRA_DIR)."""
+    path = directory / f"{name}.yaml"
     doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     interactions = doc["interactions"]
     if len(interactions) != 1:

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("core", [
         "proxy.errors", "proxy.exchange", "proxy.usage", "proxy.sse", "proxy.pricing", "proxy.estimate",
         "proxy.encodings", "proxy.globs", "proxy.output_cap", "proxy.keys", "proxy.paths", "proxy.settings",
-        "proxy.faults", "proxy.output", "proxy.strip", "proxy.body", "proxy.spend", "proxy.spend.money", "proxy.spend.rules", "proxy.spend.buckets",
+        "proxy.faults", "proxy.images", "proxy.azure", "proxy.output", "proxy.strip", "proxy.body", "proxy.spend", "proxy.spend.money", "proxy.spend.rules", "proxy.spend.buckets",
         "proxy.spend.messages", "proxy.spend.budgets",
     ]),
     ("infrastructure", [

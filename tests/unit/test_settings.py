@@ -293,7 +293,7 @@ BAD_CASES = [
     ),
     pytest.param(
         MINIMAL.replace("kind: llamacpp", "kind: vllm"),
-        ["upstreams.llamacpp.kind: 'vllm' must be 'openai' or 'llamacpp'"],
+        ["upstreams.llamacpp.kind: 'vllm' must be 'openai', 'llamacpp' or 'azure'"],
         id="bad-kind",
     ),
     pytest.param(

@@ -6,10 +6,12 @@ and tests/fixtures/llamacpp (llama-server), falling back to ../shared/fixtures.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import json
 import socket
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -309,14 +311,20 @@ def test_chat_estimate_follows_the_cookbook_recipe() -> None:
 def test_chat_content_parts_and_images() -> None:
     text_only = {"messages": [{"role": "user", "content": "What is in this image?"}]}
     base = estimating.estimate_prompt_tokens("chat.completions", text_only, "gpt-4o")
+    png_1024 = base64.b64encode(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + struct.pack(">II", 1024, 1024) + b"\x08\x06\x00\x00\x00").decode()
     parts = [
         {"type": "text", "text": "What is in this image?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png_1024}"}},
     ]
     with_image = {"messages": [{"role": "user", "content": parts}]}
+    # A 1024x1024 image at high detail on gpt-4o: 85 + 4 tiles x 170 (OpenAI's own example).
     assert estimating.estimate_prompt_tokens("chat.completions", with_image, "gpt-4o") == base + 765
     parts[1] = {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "low"}}
     assert estimating.estimate_prompt_tokens("chat.completions", with_image, "gpt-4o") == base + 85
+    # Unreadable or remote at high detail: the largest image gpt-4o bills (8 tiles), assumed.
+    parts[1] = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    est = estimating.estimate_prompt("chat.completions", with_image, "gpt-4o")
+    assert (est.tokens, est.image_size_assumed) == (base + 85 + 8 * 170, True)
 
 
 def test_chat_tool_calls_in_history_count_name_and_arguments() -> None:

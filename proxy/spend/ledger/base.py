@@ -125,7 +125,7 @@ class SpendRow:
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
-        d["time"], d["cost"] = self.time.isoformat(), str(self.cost)
+        d["time"], d["cost"] = self.time.isoformat(), f"{self.cost:f}"  # plain digits, never 1.4E-7
         return json.dumps(d, separators=(",", ":"))
 
     @classmethod
