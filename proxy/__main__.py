@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from proxy.settings import Override
+    from proxy.config_file import Override
 
 DEFAULT_CONFIG = "config/tollgate.yaml"
 log = logging.getLogger("tollgate")
@@ -38,22 +38,22 @@ def _configure_logging(level: str, json_lines: bool = False) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> tuple[Override, ...]:
-    from proxy.settings import OVERRIDABLE, collect_overrides
+    from proxy.config_file import OVERRIDABLE, collect_overrides
 
     flags = {flag: getattr(args, flag[2:].replace("-", "_"), None) for _, flag, _ in OVERRIDABLE}
     return collect_overrides(flags, os.environ)
 
 
 def _add_override_flags(parser: argparse.ArgumentParser) -> None:
-    from proxy.settings import OVERRIDABLE
+    from proxy.config_file import OVERRIDABLE
 
     for path, flag, variable in OVERRIDABLE:
         parser.add_argument(flag, type=int if path.endswith(".port") else str, help=f"override {path} (also ${variable})")
 
 
 def cmd_serve(args: argparse.Namespace, started_at: float) -> int:
+    from proxy.config_file import load_settings
     from proxy.errors import ConfigError
-    from proxy.settings import load_settings
 
     overrides = _overrides(args)
     try:
@@ -75,8 +75,8 @@ def cmd_serve(args: argparse.Namespace, started_at: float) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from proxy.config_file import load_settings
     from proxy.errors import ConfigError
-    from proxy.settings import load_settings
 
     try:
         # The variables too: check what `serve` would run here.
@@ -104,7 +104,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     import json
 
-    from proxy.settings import config_json_schema
+    from proxy.config_schema import config_json_schema
 
     print(json.dumps(config_json_schema(), indent=2))
     return 0

@@ -19,9 +19,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any
 
+from proxy.config_file import collect_overrides, load_settings
 from proxy.errors import ConfigError
 from proxy.keys import generate_key, hash_key
-from proxy.settings import Settings, collect_overrides, load_settings
+from proxy.settings import Settings
 from proxy.spend.budgets import (
     TEMPLATE,
     BudgetRule,

@@ -29,6 +29,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from proxy.config_file import parse_settings
 from proxy.demo_report import (
     CHAT_MODEL,
     EMBEDDING_MODEL,
@@ -42,7 +43,7 @@ from proxy.demo_report import (
     render,
 )
 from proxy.exchange import Exchange
-from proxy.settings import Settings, parse_settings
+from proxy.settings import Settings
 
 if TYPE_CHECKING:
     from proxy.synthetic import SyntheticUpstream

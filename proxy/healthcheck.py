@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-from proxy.settings import collect_overrides, load_settings
+from proxy.config_file import collect_overrides, load_settings
 
 DEFAULT_CONFIG = "/etc/tollgate/tollgate.yaml"
 _ANY_ADDRESS = frozenset({"0.0.0.0", "::", "[::]", "*", ""})

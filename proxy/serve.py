@@ -51,7 +51,8 @@ from types import FrameType
 
 from aiohttp import web
 
-from proxy.settings import Override, Settings
+from proxy.config_file import Override
+from proxy.settings import Settings
 
 log = logging.getLogger("tollgate")
 
@@ -222,7 +223,7 @@ async def reload_config(app: web.Application, reload: Callable[[], Settings] | N
 def settings_loader(path: str | Path, overrides: tuple[Override, ...] = ()) -> Callable[[], Settings]:
     """What `serve(reload=...)` wants: read `path` again, with the flags and variables that
     overrode it at start (the same ones: a reload reads the file, not the environment)."""
-    from proxy.settings import load_settings
+    from proxy.config_file import load_settings
 
     def load() -> Settings:
         return load_settings(path, overrides=overrides)

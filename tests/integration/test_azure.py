@@ -184,8 +184,8 @@ async def test_unmeterable_azure_paths_get_openai_shaped_errors(
 
 
 def test_azure_upstream_settings() -> None:
+    from proxy.config_file import parse_settings
     from proxy.errors import ConfigError
-    from proxy.settings import parse_settings
 
     text = azure_yaml("https://res.openai.azure.com/openai")
     settings = parse_settings(text, {})

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from proxy.__main__ import main
+from proxy.config_file import load_settings
 from proxy.keys import hash_key
-from proxy.settings import load_settings
 from proxy.spend.budgets import buckets_for, charges
 from proxy.spend.ledger import SpendRow
 from proxy.spend.ledger.sqlite import SqliteLedger

@@ -181,8 +181,8 @@ async def test_reload_config_rejects_each_invalid_file_without_touching_the_app(
     from prometheus_client import CollectorRegistry
 
     from proxy.app import make_app
+    from proxy.config_file import load_settings
     from proxy.serve import reload_config, settings_loader
-    from proxy.settings import load_settings
     from proxy.state import RUNTIME
 
     config = tmp_path / "t.yaml"

@@ -34,9 +34,9 @@ from prometheus_client import CollectorRegistry
 
 from proxy import keys as keys_module
 from proxy.app import make_app
+from proxy.config_file import parse_settings
 from proxy.keys import KeyRing, VirtualKey, hash_key
 from proxy.paths import escapes_api_base
-from proxy.settings import parse_settings
 from tests.integration.conftest import StartProxy, proxy_yaml
 from tests.integration.test_bad_input import body_of, http, raw_exchange, status_of
 from tests.integration.test_failures import assert_openai_error

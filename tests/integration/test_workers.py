@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config_file import parse_settings
 from proxy.serve import pin_ports
-from proxy.settings import parse_settings
 from tests.integration.conftest import proxy_yaml
 from tests.support.cassettes import openai_capture
 from tests.support.fake_upstream import FakeUpstream

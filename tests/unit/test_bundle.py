@@ -20,8 +20,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from proxy.config_file import load_settings
 from proxy.observers.metrics import MetricsObserver
-from proxy.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "grafana"

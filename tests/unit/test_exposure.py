@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from proxy.config_file import load_settings, parse_settings
 from proxy.errors import ConfigError
-from proxy.settings import Settings, is_loopback, load_settings, parse_settings
+from proxy.settings import Settings, is_loopback
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "config" / "tollgate.yaml"

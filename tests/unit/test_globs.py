@@ -7,9 +7,9 @@ import fnmatch
 
 import pytest
 
+from proxy.config_file import parse_settings
 from proxy.errors import ConfigError
 from proxy.globs import check_glob
-from proxy.settings import parse_settings
 
 BASE = """
 upstreams:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from proxy.config_file import OVERRIDABLE, Override, collect_overrides, load_settings
 from proxy.errors import ConfigError
-from proxy.settings import OVERRIDABLE, Override, collect_overrides, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "config" / "tollgate.yaml"

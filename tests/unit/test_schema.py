@@ -19,7 +19,9 @@ import jsonschema
 import pytest
 import yaml
 
-from proxy.settings import Settings, _sections, config_json_schema, parse_settings
+from proxy.config_file import parse_settings
+from proxy.config_schema import _sections, config_json_schema
+from proxy.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = [

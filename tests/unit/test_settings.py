@@ -13,14 +13,10 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from proxy.config_base import is_glob
+from proxy.config_file import load_settings, parse_settings
 from proxy.errors import ConfigError
-from proxy.settings import (
-    ResolvedRoute,
-    Settings,
-    is_glob,
-    load_settings,
-    parse_settings,
-)
+from proxy.settings import ResolvedRoute, Settings
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "config" / "tollgate.yaml"

@@ -1,0 +1,115 @@
+"""The configuration sections that hold no routing: server, timeouts, metrics, logging,
+passthrough, admin."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    field_validator,
+)
+
+from proxy.config_base import Count, HeaderName, Host, Port, Seconds, Secret, Section, StrictBool
+from proxy.globs import check_glob
+
+
+class ServerSettings(Section):
+    host: Host = "127.0.0.1"
+    port: Port = 8080
+    max_body_bytes: Count = 20 * 1024 * 1024
+    request_id_header: HeaderName = "x-request-id"
+    # Serve clients that present no virtual key on a non-loopback host while an upstream has
+    # Tollgate's own api_key: anyone who can reach the port spends that key. Off, such a
+    # config does not start (see Settings._anonymous_exposure).
+    allow_anonymous: StrictBool = False
+
+    @field_validator("request_id_header")
+    @classmethod
+    def _lowercase(cls, value: str) -> str:
+        # aiohttp looks headers up case-insensitively, but logs and responses want one spelling.
+        return value.lower()
+
+
+class Timeouts(Section):
+    """Seconds. first_byte: request sent -> response headers; idle: between two body chunks."""
+
+    connect: Seconds = 10.0
+    first_byte: Seconds = 120.0
+    idle: Seconds = 120.0
+
+
+class TimeoutOverrides(Section):
+    """Per-upstream override; a field left out takes the global value."""
+
+    connect: Seconds | None = None
+    first_byte: Seconds | None = None
+    idle: Seconds | None = None
+
+    def over(self, defaults: Timeouts) -> Timeouts:
+        return Timeouts(
+            connect=self.connect if self.connect is not None else defaults.connect,
+            first_byte=self.first_byte if self.first_byte is not None else defaults.first_byte,
+            idle=self.idle if self.idle is not None else defaults.idle,
+        )
+
+
+def _check_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r} must start with '/'")
+    return value
+
+
+class MetricsSettings(Section):
+    enabled: bool = True
+    host: Host = "127.0.0.1"
+    port: Port = 9464
+    path: Annotated[str, AfterValidator(_check_path)] = "/metrics"
+
+
+def _payloads_off(value: Any) -> Any:
+    # YAML 1.1 reads a bare `off` as False.
+    return "off" if value is False else value
+
+
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+class LoggingSettings(Section):
+    level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"
+    access_log: bool = True
+    payloads: Annotated[Literal["off", "truncated"], BeforeValidator(_payloads_off)] = "off"
+    payload_max_chars: Count = 1000
+
+
+class PassthroughSettings(Section):
+    # Paths under /v1 other than the model endpoints that may be forwarded unmetered while
+    # virtual keys or budgets apply (fnmatch globs on the request path, e.g. "/v1/files*").
+    # Any other such path is refused: Tollgate cannot count what it does not understand.
+    allow_unmetered: tuple[str, ...] = ()
+
+    @field_validator("allow_unmetered")
+    @classmethod
+    def _paths(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            if not pattern.startswith("/v1/"):
+                raise ValueError(f"{pattern!r} must be a path under /v1/ (a glob such as /v1/files*)")
+            check_glob(pattern)
+        return value
+
+    def allows(self, path: str) -> str | None:
+        """The pattern that lets `path` through unmetered, if any."""
+        for pattern in self.allow_unmetered:
+            if fnmatch.fnmatchcase(path, pattern):
+                return pattern
+        return None
+
+
+class AdminSettings(Section):
+    api_key: Secret = None
+    # Who may read /v1/tollgate/summary once virtual keys exist: any valid key or the admin
+    # key ("keys"), or the admin key alone ("admin"). Without keys it is open, like the API.
+    summary_access: Literal["keys", "admin"] = "keys"
