@@ -65,7 +65,9 @@ from proxy.spend.ledger.base import (
     Settled,
     SpendRow,
 )
-from proxy.spend.ledger.sqlite import SpendLog, budget_row, epoch_ms
+from proxy.spend.ledger.spend_log import SpendLog
+from proxy.spend.ledger.sqlite import budget_row
+from proxy.spend.ledger.sqlite_db import epoch_ms
 
 BUCKET_EXPIRY_MARGIN_MS = 24 * 3600 * 1000
 SETTLED_RETENTION_MS = 7 * 24 * 3600 * 1000
