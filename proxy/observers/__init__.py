@@ -5,13 +5,8 @@ OpenTelemetry spans live in `proxy.observers.tracing`, imported only when tracin
 (`otel_env.tracing_requested`): the SDK is too heavy to load for a proxy that exports none."""
 
 from proxy.observers.access_log import AccessLogObserver, prompt_text, wall_iso_ms
-from proxy.observers.metrics import (
-    MetricsObserver,
-    bound_port,
-    metrics_handler,
-    start_metrics_server,
-    status_class,
-)
+from proxy.observers.exposition import bound_port, metrics_handler, start_metrics_server
+from proxy.observers.metrics import MetricsObserver, status_class
 from proxy.observers.summary import LogHistogram, SummaryObserver
 
 __all__ = [

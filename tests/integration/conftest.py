@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from proxy.app import METRICS_RUNNER, make_app
 from proxy.config_file import parse_settings
 from proxy.observer import Observer
-from proxy.observers.metrics import bound_port
+from proxy.observers.exposition import bound_port
 from proxy.settings import Settings
 from proxy.state import RUNTIME, Runtime
 from tests.support.fake_upstream import FakeLlamaServer, FakeUpstream

@@ -14,12 +14,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.exchange import Exchange
 from proxy.observer import Observers
+from proxy.observers.exposition import bound_port, start_metrics_server
 from proxy.observers.metrics import (
     DURATION_BUCKETS,
     TTFT_BUCKETS,
     MetricsObserver,
-    bound_port,
-    start_metrics_server,
     status_class,
 )
 from proxy.usage import Usage
@@ -343,7 +342,8 @@ def test_multiprocess_mode_aggregates_worker_files(tmp_path: Path) -> None:
         """
         from prometheus_client import CollectorRegistry, generate_latest
         from proxy.exchange import Exchange
-        from proxy.observers.metrics import MetricsObserver, _scrape_registry
+        from proxy.observers.exposition import _scrape_registry
+        from proxy.observers.metrics import MetricsObserver
         obs = MetricsObserver(CollectorRegistry(), version="1.0")
         ex = Exchange(request_id="r", endpoint="chat.completions", method="POST", path="/", t0_ns=0)
         ex.upstream, ex.route_model, ex.stream = "openai", "m", True
