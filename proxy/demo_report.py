@@ -12,7 +12,7 @@ from proxy.pricing import plain_usd
 
 if TYPE_CHECKING:
     # Not at run time: the CLI imports the demo for every command (see proxy/demo.py).
-    from proxy.synthetic import Truth
+    from proxy.synthetic_truth import Truth
 
 CHAT_MODEL = "demo-model"
 EMBEDDING_MODEL = "demo-embedding"
