@@ -128,7 +128,7 @@ HeaderName = Annotated[str, AfterValidator(_check_header_name)]
 UpstreamName = Annotated[str, AfterValidator(_check_upstream_name)]
 Pattern = Annotated[str, AfterValidator(check_non_empty), AfterValidator(check_glob)]
 # json_schema_input_type: what the YAML may hold, for `tollgate schema` (see config_json_schema).
-Price = Annotated[Decimal, PlainValidator(usd_per_million, json_schema_input_type=Annotated[float, Field(ge=0)] | str)]
+UsdPerMillion = Annotated[Decimal, PlainValidator(usd_per_million, json_schema_input_type=Annotated[float, Field(ge=0)] | str)]
 Secret = Annotated[SecretStr | None, BeforeValidator(_empty_secret_is_none)]
 
 

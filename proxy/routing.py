@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from proxy.config_base import OTHER_LABEL, is_glob
 
 if TYPE_CHECKING:
-    from proxy.settings import Route, Upstream
+    from proxy.settings import Route, UpstreamSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +41,7 @@ class Router:
     __slots__ = ("default", "default_cap", "exact", "globs")
 
     def __init__(
-        self, routes: tuple[Route, ...], upstreams: Mapping[str, Upstream], default: str | None
+        self, routes: tuple[Route, ...], upstreams: Mapping[str, UpstreamSettings], default: str | None
     ) -> None:
         self.exact: dict[str, ResolvedRoute] = {}
         globs: list[_GlobRoute] = []

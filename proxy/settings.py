@@ -36,10 +36,10 @@ from proxy.config_base import (
     Count,
     HeaderName,
     Pattern,
-    Price,
     Secret,
     Section,
     UpstreamName,
+    UsdPerMillion,
     check_http_url,
     check_non_empty,
     is_loopback,
@@ -70,12 +70,12 @@ __all__ = [
     "Settings",
     "TimeoutOverrides",
     "Timeouts",
-    "Upstream",
+    "UpstreamSettings",
     "is_loopback",
 ]
 
 
-class Upstream(Section):
+class UpstreamSettings(Section):
     kind: Literal["openai", "llamacpp", "azure"] = "openai"
     # openai: the API base as the OpenAI SDK takes it (.../v1). llamacpp: the server root;
     # a trailing /v1 is removed here so `api_base` and `root_url` are always right.
@@ -174,17 +174,17 @@ def _price_shorthand(value: Any) -> Any:
 class ModelPrice(Section):
     """USD per 1M tokens. None for cached_input / cache_write: the pricing code decides."""
 
-    input: Price
-    output: Price
-    cached_input: Price | None = None
-    cache_write: Price | None = None
+    input: UsdPerMillion
+    output: UsdPerMillion
+    cached_input: UsdPerMillion | None = None
+    cache_write: UsdPerMillion | None = None
 
 
 class Pricing(Section):
     # Insertion order is kept: globs are tried in the order written.
     models: dict[
         Pattern,
-        Annotated[ModelPrice, BeforeValidator(_price_shorthand, json_schema_input_type=ModelPrice | Price)],
+        Annotated[ModelPrice, BeforeValidator(_price_shorthand, json_schema_input_type=ModelPrice | UsdPerMillion)],
     ] = Field(
         default_factory=dict
     )
@@ -194,7 +194,7 @@ class Pricing(Section):
 class Settings(Section):
     server: ServerSettings = Field(default_factory=ServerSettings)
     timeouts: Timeouts = Field(default_factory=Timeouts)
-    upstreams: dict[UpstreamName, Upstream]
+    upstreams: dict[UpstreamName, UpstreamSettings]
     routes: tuple[Route, ...] = ()
     default_upstream: str | None = None
     pricing: Pricing = Field(default_factory=Pricing)
@@ -216,7 +216,7 @@ class Settings(Section):
 
     @field_validator("upstreams")
     @classmethod
-    def _at_least_one(cls, value: dict[str, Upstream]) -> dict[str, Upstream]:
+    def _at_least_one(cls, value: dict[str, UpstreamSettings]) -> dict[str, UpstreamSettings]:
         if not value:
             raise ValueError("{} must configure at least one upstream")
         return value

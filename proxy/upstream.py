@@ -14,8 +14,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp.connector import Connection
 
-from proxy.settings import Settings
-from proxy.settings import Upstream as UpstreamSettings
+from proxy.settings import Settings, UpstreamSettings
 
 log = logging.getLogger("tollgate.forward")
 
