@@ -13,10 +13,16 @@ words sent, prompt tokens are `proxy.estimate.estimate_prompt_tokens` of the req
 local estimate and the "upstream" count are the same truth.
 
 Timing: a chat stream writes the role-only chunk at once, the first token `ttft_s` after the
-request arrived, then one token every `gap_s` (never closer than half a gap when late). Every write is timestamped with
-`time.perf_counter_ns()` after it returned, and kept per request (keyed by the X-Request-Id
-the proxy sends), so a caller in the same process can compare what the proxy measured with
-when the bytes actually left.
+request arrived, then one token every `gap_s` (never closer than half a gap when late). Every
+write is timestamped with `time.perf_counter_ns()` after it returned, and kept per request
+(keyed by the X-Request-Id the proxy sends), so a caller in the same process can compare what
+the proxy measured with when the bytes actually left.
+
+It is the one fake OpenAI generator of the project: `tollgate demo` runs it in process, and
+the benchmark runs it as its own process (`python -m bench upstream`) with `record=False`:
+no per-request record kept, and each stream's bytes built once and reused, so it spends as
+little CPU as possible beside the proxy under test. (The tests' own fake upstream is a
+player of real captures, byte for byte, not a second generator.)
 """
 
 from __future__ import annotations
@@ -57,7 +63,12 @@ class SyntheticUpstream:
         models: tuple[str, ...] = ("demo-model", "demo-embedding"),
         host: str = "127.0.0.1",
         port: int = 0,
+        record: bool = True,
+        body_delay_s: float | None = None,
     ) -> None:
+        """`record`: keep each request's `Truth` (the demo compares with it); off, memory
+        stays flat under any load. `body_delay_s`: a non-stream answer comes this long after
+        the request instead of when generation would have finished."""
         if ttft_s < 0 or gap_s < 0:
             raise ValueError("ttft_s and gap_s must be >= 0")
         if tokens < 1:
@@ -68,7 +79,11 @@ class SyntheticUpstream:
         self.models = models
         self.host = host
         self.port = port
+        self.record = record
+        self.body_delay_s = body_delay_s
         self.truths: dict[str, Truth] = {}
+        # Without a record, every stream of one shape is the same bytes: built once.
+        self._streams: dict[tuple[object, ...], list[bytes]] = {}
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self._bound_port: int | None = None
@@ -87,7 +102,8 @@ class SyntheticUpstream:
         check_vocabulary(self.models[0])
         runner = web.AppRunner(self.make_app(), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
+        # A deep backlog: the benchmark opens hundreds of connections at once.
+        site = web.TCPSite(runner, self.host, self.port, backlog=4096)
         await site.start()
         self._runner = runner
         for addr in runner.addresses:
@@ -170,7 +186,8 @@ class SyntheticUpstream:
             completion_tokens=n,
             finish_reason=finish,
         )
-        self.truths[truth.request_id] = truth
+        if self.record:
+            self.truths[truth.request_id] = truth
         words = completion_words(n)
         truth.text = "".join(words)
         try:
@@ -204,8 +221,38 @@ class SyntheticUpstream:
         resp.content_type = "text/event-stream"
         resp.headers["Cache-Control"] = "no-cache"
         await resp.prepare(request)
+        role, tokens, tail = self._events(truth, words)
+        if role is not None:
+            await resp.write(role)
+            truth.t_role_ns = time.perf_counter_ns()
+        for i, event in enumerate(tokens):
+            # On an absolute schedule (so timer granularity does not add up), but never less
+            # than half a gap after the previous write when running late: two writes back to
+            # back would reach the reader as one chunk, and the truth would hold a gap
+            # nobody could have measured.
+            delay = (self._target_ns(truth, i) - time.perf_counter_ns()) / 1e9
+            await asyncio.sleep(delay if i == 0 else max(delay, self.gap_s / 2))
+            await resp.write(event)
+            if self.record:
+                truth.token_times_ns.append(time.perf_counter_ns())
+        for event in tail:
+            await resp.write(event)
+        await resp.write_eof()
+        truth.t_done_ns = time.perf_counter_ns()
+        return resp
+
+    def _events(self, truth: Truth, words: list[str]) -> tuple[bytes | None, list[bytes], list[bytes]]:
+        """The stream's events: the role-only chunk (chat), one per token, and the rest
+        (finish, usage, [DONE]). Without a record they do not depend on the request's id,
+        so each shape is built once."""
         chat = truth.endpoint == "chat.completions"
-        rid = ("chatcmpl-" if chat else "cmpl-") + hashlib.sha256(truth.request_id.encode()).hexdigest()[:24]
+        key = (truth.endpoint, truth.model, truth.include_usage, len(words), truth.finish_reason, truth.prompt_tokens)
+        if not self.record:
+            cached = self._streams.get(key)
+            if cached is not None:
+                return (cached[0] if chat else None), cached[1 : 1 + len(words)], cached[1 + len(words) :]
+        seed = truth.request_id if self.record else "synthetic"
+        rid = ("chatcmpl-" if chat else "cmpl-") + hashlib.sha256(seed.encode()).hexdigest()[:24]
         created = int(time.time())
 
         def chunk(choices: list[dict[str, Any]], usage: Any = None) -> bytes:
@@ -230,39 +277,35 @@ class SyntheticUpstream:
                 payload["usage"] = usage
             return b"data: " + orjson.dumps(payload) + b"\n\n"
 
-        if chat:
-            role = {"role": "assistant", "content": "", "refusal": None}
-            await resp.write(chunk([{"index": 0, "delta": role, "logprobs": None, "finish_reason": None}]))
-            truth.t_role_ns = time.perf_counter_ns()
+        role_delta = {"role": "assistant", "content": "", "refusal": None}
+        role = chunk([{"index": 0, "delta": role_delta, "logprobs": None, "finish_reason": None}])
+        tokens = []
         last = len(words) - 1
         for i, word in enumerate(words):
-            # On an absolute schedule (so timer granularity does not add up), but never less
-            # than half a gap after the previous write when running late: two writes back to
-            # back would reach the reader as one chunk, and the truth would hold a gap
-            # nobody could have measured.
-            delay = (self._target_ns(truth, i) - time.perf_counter_ns()) / 1e9
-            await asyncio.sleep(delay if i == 0 else max(delay, self.gap_s / 2))
             if chat:
                 choice = {"index": 0, "delta": {"content": word}, "logprobs": None, "finish_reason": None}
             else:
                 # Completions carry the finish reason on the last text chunk, as OpenAI does.
                 reason = truth.finish_reason if i == last else None
                 choice = {"text": word, "index": 0, "logprobs": None, "finish_reason": reason}
-            await resp.write(chunk([choice]))
-            truth.token_times_ns.append(time.perf_counter_ns())
+            tokens.append(chunk([choice]))
+        tail = []
         if chat:
-            end = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": truth.finish_reason}
-            await resp.write(chunk([end]))
+            tail.append(chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": truth.finish_reason}]))
         if truth.include_usage:
-            await resp.write(chunk([], self._usage(truth)))
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        truth.t_done_ns = time.perf_counter_ns()
-        return resp
+            tail.append(chunk([], self._usage(truth)))
+        tail.append(b"data: [DONE]\n\n")
+        if not self.record and len(self._streams) < 64:
+            self._streams[key] = [role, *tokens, *tail]
+        return (role if chat else None), tokens, tail
 
     async def _whole(self, request: web.Request, truth: Truth) -> web.StreamResponse:
-        # A non-stream answer arrives when generation would have finished.
-        await self._sleep_until(self._target_ns(truth, truth.completion_tokens - 1))
+        # A non-stream answer arrives when generation would have finished (or after the
+        # delay it was given).
+        if self.body_delay_s is None:
+            await self._sleep_until(self._target_ns(truth, truth.completion_tokens - 1))
+        elif self.body_delay_s > 0:
+            await self._sleep_until(truth.t_received_ns + int(self.body_delay_s * 1e9))
         rid_hash = hashlib.sha256(truth.request_id.encode()).hexdigest()[:24]
         created = int(time.time())
         if truth.endpoint == "chat.completions":
@@ -344,7 +387,8 @@ class SyntheticUpstream:
             t_received_ns=t_received,
             prompt_tokens=estimate_prompt_tokens("embeddings", body, model),
         )
-        self.truths[truth.request_id] = truth
+        if self.record:
+            self.truths[truth.request_id] = truth
         try:
             # Embedding is one forward pass: the answer comes after one "time to first token".
             await self._sleep_until(self._target_ns(truth, 0))
