@@ -93,6 +93,8 @@ def new_exchange(request: web.Request, endpoint: Endpoint, request_id_header: st
         t0_ns=time.perf_counter_ns(),
         traceparent=request.headers.get("traceparent"),
         tracestate=request.headers.get("tracestate"),
+        # x-tollgate-* headers are never forwarded upstream (proxy.forward).
+        include_cost=request.headers.get("x-tollgate-include-cost", "").strip().lower() in ("true", "1", "yes"),
     )
 
 
@@ -311,4 +313,5 @@ def authenticate(request: web.Request, ex: Exchange, keyring: KeyRing) -> Virtua
         )
     ex.key_name = key.name
     ex.key_metadata = key.metadata or None
+    ex.include_cost = ex.include_cost or key.include_cost
     return key

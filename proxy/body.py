@@ -66,7 +66,7 @@ def measure_body_tail(ex: Exchange, tail: bytes) -> None:
         return
     at = tail.rfind(b'"usage"')
     start = tail.find(b"{", at) if at >= 0 else -1
-    end = _object_end(tail, start) if start >= 0 else -1
+    end = object_end(tail, start) if start >= 0 else -1
     if end < 0:
         return
     try:
@@ -77,7 +77,7 @@ def measure_body_tail(ex: Exchange, tail: bytes) -> None:
         ex.usage = usage
 
 
-def _object_end(data: bytes, start: int) -> int:
+def object_end(data: bytes, start: int) -> int:
     """The index after the JSON object that opens at `start`, or -1 if it does not close."""
     depth = 0
     in_string = escaped = False

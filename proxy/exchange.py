@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
+from proxy.pricing import CostParts
 from proxy.usage import Usage
 
 # The endpoints the proxy understands; everything else under /v1 is "other" and passes through.
@@ -116,6 +117,9 @@ class Exchange:
     key_name: str | None = None
     # The virtual key's `metadata` from the config (its `team` scopes team budgets).
     key_metadata: dict[str, str] | None = None
+    # The client asked to see the cost in the body (`usage.cost`): its key's `include_cost`
+    # or the request's x-tollgate-include-cost header.
+    include_cost: bool = False
     traceparent: str | None = None
     tracestate: str | None = None
 
@@ -170,6 +174,7 @@ class Exchange:
     body_measured: Literal["whole", "tail"] = "whole"
     llamacpp_timings: dict[str, float] | None = None
     cost: Decimal | None = None
+    cost_parts: CostParts | None = None  # set only when priced
     priced: bool = True
     # Measuring or accounting raised (a bug): the record is kept with what was known.
     measure_failed: bool = False

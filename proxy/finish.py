@@ -13,7 +13,7 @@ from proxy.accept import MODEL_ENDPOINTS
 from proxy.estimate import estimate_output_tokens, estimate_prompt, is_reasoning_model
 from proxy.exchange import Exchange
 from proxy.policy import Policy
-from proxy.pricing import cost, price_of_exchange
+from proxy.pricing import cost_parts, price_of_exchange
 from proxy.spend.hold import Admission
 from proxy.spend.ledger import SpendRow
 from proxy.state import Runtime
@@ -129,4 +129,5 @@ def account(ex: Exchange, policy: Policy, rt: Runtime) -> None:
             rt.unpriced_warned.add(model)
             log.warning("no price for model %r: its cost is counted as 0 (add it under pricing.models)", model)
         return
-    ex.cost = cost(ex.usage, price)
+    ex.cost_parts = cost_parts(ex.usage, price)
+    ex.cost = ex.cost_parts.total

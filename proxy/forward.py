@@ -16,7 +16,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.body import BodyKeeper
+from proxy.body import MAX_PARSED_BODY, BodyKeeper
+from proxy.client_cost import cost_headers, with_usage_cost
 from proxy.errors import UpstreamError, translate_upstream_exception
 from proxy.exchange import Exchange
 from proxy.measure import StreamTap
@@ -188,6 +189,23 @@ async def _fail_started(
         request.transport.close()
 
 
+async def _send_held(request: web.Request, out: web.StreamResponse, ex: Exchange, data: bytes) -> None:
+    """A held-back plain body, accounted: its cost headers, then the body in one write
+    (with `usage.cost` spliced in when the client opted in)."""
+    if ex.status is not None and ex.status < 400 and ex.body_measured == "whole":
+        out.headers.update(cost_headers(ex))
+        if ex.include_cost and out.headers.get("Content-Type", "").startswith("application/json"):
+            rewritten = with_usage_cost(data, ex.cost_parts)
+            if rewritten is not None:
+                data = rewritten
+    if out.content_length is not None:
+        out.content_length = len(data)
+    await out.prepare(request)
+    if data:
+        await out.write(data)
+        ex.bytes_out += len(data)
+
+
 async def relay(
     request: web.Request,
     resp: aiohttp.ClientResponse,
@@ -217,6 +235,13 @@ async def relay(
     tap = StreamTap(ex, observers.on_first_token) if is_sse else None
     stripper = UsageStripper() if (is_sse and ex.usage_injected) else None
     body = None if is_sse else BodyKeeper()
+    # A plain body that can be parsed whole is held back until it has been read and
+    # accounted, so its headers can carry its cost (README "Cost where the client sees
+    # it"); one that turns out larger than the parse limit is relayed as it comes, as a
+    # stream is, without them.
+    held: list[bytes] | None = (
+        [] if body is not None and (expected_length is None or expected_length <= MAX_PARSED_BODY) else None
+    )
     started = False
     perf = time.perf_counter_ns
     # Overhead (README "What is measured"): pre-send time plus the relay delay of one chunk:
@@ -255,6 +280,20 @@ async def relay(
                 chunk = tap.strip(chunk, t_read, stripper)
                 if not chunk:
                     continue
+            if held is not None:
+                assert body is not None
+                body.add(chunk)
+                held.append(chunk)
+                if body.size <= MAX_PARSED_BODY:
+                    continue
+                # Too large to account before it is sent: relay it from here as it comes.
+                chunk = b"".join(held)
+                held = None
+                await out.prepare(request)
+                started = True
+                await out.write(chunk)
+                ex.bytes_out += len(chunk)
+                continue
             if not started:
                 await out.prepare(request)
                 started = True
@@ -282,6 +321,11 @@ async def relay(
                         await out.prepare(request)
                         started = True
                     await out.write(rest)
+        if held is not None:
+            await completing()
+            await _send_held(request, out, ex, b"".join(held))
+            started = True
+            held = None
         if not started:
             await out.prepare(request)
             started = True

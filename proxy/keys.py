@@ -30,6 +30,9 @@ class VirtualKey(BaseModel):
     key_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     models: tuple[Annotated[str, AfterValidator(check_glob)], ...] | None = None  # allowed model globs; None = any model
     metadata: dict[str, str] = {}
+    # Add `usage.cost` to this key's response bodies (and stream usage chunks), as the
+    # x-tollgate-include-cost request header does per request.
+    include_cost: bool = False
 
 
 def _unique(keys: tuple[VirtualKey, ...]) -> tuple[VirtualKey, ...]:

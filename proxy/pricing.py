@@ -115,6 +115,35 @@ def cost(usage: Usage, price: Price) -> Decimal:
     return total / _PER + calls / _PER_CALLS
 
 
+@dataclass(frozen=True, slots=True)
+class CostParts:
+    """What a request cost, and the parts the client sees (the x-tollgate-cost-* headers,
+    `usage.cost`). `input` is uncached input plus cache writes (both billed as input
+    tokens); built-in tool call fees are in `total` only, so the parts may sum to less."""
+
+    total: Decimal
+    input: Decimal
+    cached_input: Decimal
+    output: Decimal
+
+
+def cost_parts(usage: Usage, price: Price) -> CostParts:
+    """`cost` with its parts, the same clamping rules; `total` equals `cost(usage, price)`."""
+    cached = max(usage.cached_input_tokens, 0)
+    cache_write = max(usage.cache_write_tokens, 0)
+    input_tokens = max(usage.input_tokens, cached + cache_write, 0)
+    uncached = input_tokens - cached - cache_write
+    output_tokens = max(usage.output_tokens, usage.reasoning_tokens, 0)
+    cached_rate = price.input if price.cached_input is None else price.cached_input
+    write_rate = price.input if price.cache_write is None else price.cache_write
+    return CostParts(
+        total=cost(usage, price),
+        input=(uncached * price.input + cache_write * write_rate) / _PER,
+        cached_input=cached * cached_rate / _PER,
+        output=output_tokens * price.output / _PER,
+    )
+
+
 def worst_case_cost(input_tokens: int, output_cap: int, price: Price) -> Decimal:
     """The most a request can cost: all input uncached, the whole output cap used."""
     return cost(Usage(input_tokens=input_tokens, output_tokens=output_cap), price)

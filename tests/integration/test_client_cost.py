@@ -1,0 +1,117 @@
+"""Cost where the client sees it: x-tollgate-cost-* headers on non-stream responses, and the
+opt-in `usage.cost` in the body, read through the official openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import aiohttp
+import openai
+import orjson
+
+from proxy.keys import hash_key
+from tests.integration.conftest import StartProxy, proxy_yaml
+from tests.support.cassettes import openai_capture
+from tests.support.fake_upstream import FakeUpstream, Reply
+
+KEY = "tg-cost-key-0123456789"
+PRICES = """
+pricing:
+  models:
+    gpt-priced: {input: 2.50, cached_input: 1.25, output: 10.00}
+"""
+USAGE = {
+    "prompt_tokens": 1000,
+    "completion_tokens": 200,
+    "total_tokens": 1200,
+    "prompt_tokens_details": {"cached_tokens": 400, "audio_tokens": 0},
+    "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+}
+
+
+def chat_body(model: str) -> bytes:
+    # Spacing and key order of the upstream's own output, kept byte for byte by the proxy.
+    return (
+        b'{\n  "id": "chatcmpl-1",\n  "object": "chat.completion",\n  "model": "' + model.encode()
+        + b'",\n  "choices": [{"index": 0, "message": {"role": "assistant", "content": "the \\"usage\\": {} word"},'
+        b' "finish_reason": "stop"}],\n  "usage": ' + orjson.dumps(USAGE) + b',\n  "system_fingerprint": "fp_x"\n}\n'
+    )
+
+
+def client(base_url: str, key: str = "sk-client", **headers: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=10, default_headers=headers)
+
+
+async def test_headers_carry_cost_and_body_is_untouched(start_proxy: StartProxy, fake_openai: FakeUpstream) -> None:
+    fake_openai.route("POST", "/v1/chat/completions", Reply.json(orjson.loads(chat_body("gpt-priced"))))
+    upstream_body = Reply.json(orjson.loads(chat_body("gpt-priced"))).body
+    proxy = await start_proxy(proxy_yaml(fake_openai.api_base, extra=PRICES))
+    raw = await client(proxy.base_url).chat.completions.with_raw_response.create(
+        model="gpt-priced", messages=[{"role": "user", "content": "hi"}]
+    )
+    # (600 uncached * 2.50 + 400 cached * 1.25 + 200 * 10.00) per 1M tokens
+    assert Decimal(raw.headers["x-tollgate-cost-usd"]) == Decimal("0.004")
+    assert Decimal(raw.headers["x-tollgate-cost-input-usd"]) == Decimal("0.0015")
+    assert Decimal(raw.headers["x-tollgate-cost-cached-input-usd"]) == Decimal("0.0005")
+    assert Decimal(raw.headers["x-tollgate-cost-output-usd"]) == Decimal("0.002")
+    assert "E" not in raw.headers["x-tollgate-cost-usd"]
+    assert raw.headers["x-tollgate-cost-source"] == "price_table"
+    assert float(raw.headers["x-tollgate-overhead-ms"]) >= 0
+    assert raw.http_response.content == upstream_body
+    completion = raw.parse()
+    assert completion.usage is not None and "cost" not in (completion.usage.model_extra or {})
+    # What the client saw is what was accounted.
+    seen = await fake_openai.wait_request()
+    assert "x-tollgate-include-cost" not in {k.lower() for k in seen.headers}
+
+
+async def test_opt_in_by_header_adds_usage_cost_only(start_proxy: StartProxy, fake_openai: FakeUpstream) -> None:
+    upstream = chat_body("gpt-priced")
+    fake_openai.route("POST", "/v1/chat/completions", Reply(status=200, headers=(("Content-Type", "application/json"),), chunks=(upstream,)))
+    proxy = await start_proxy(proxy_yaml(fake_openai.api_base, extra=PRICES))
+    raw = await client(proxy.base_url, **{"x-tollgate-include-cost": "true"}).chat.completions.with_raw_response.create(
+        model="gpt-priced", messages=[{"role": "user", "content": "hi"}]
+    )
+    seen = await fake_openai.wait_request()
+    assert "x-tollgate-include-cost" not in {k.lower() for k in seen.headers}
+    usage = raw.parse().usage
+    assert usage is not None
+    extra = usage.model_extra or {}
+    assert extra["cost_source"] == "price_table"
+    assert extra["cost"] == {"total_usd": 0.004, "input_usd": 0.0015, "cached_input_usd": 0.0005, "output_usd": 0.002}
+    assert usage.prompt_tokens == 1000 and usage.completion_tokens == 200
+    # Only the usage object was re-serialised: the bytes around it are the upstream's.
+    body = raw.http_response.content
+    head, _, _ = upstream.partition(b'"usage": {')
+    assert body.startswith(head)
+    assert body.endswith(b',\n  "system_fingerprint": "fp_x"\n}\n')
+    assert b'"content": "the \\"usage\\": {} word"' in body
+    assert "content-length" not in raw.headers  # the upstream's was chunked; so is ours
+
+
+async def test_opt_in_by_key_and_unpriced_is_absent_not_zero(start_proxy: StartProxy, fake_openai: FakeUpstream) -> None:
+    fake_openai.route("POST", "/v1/chat/completions", Reply.json(orjson.loads(chat_body("gpt-nobody-prices-this"))))
+    keys = f"keys:\n  - name: costly\n    key_sha256: {hash_key(KEY)}\n    include_cost: true\n"
+    proxy = await start_proxy(proxy_yaml(fake_openai.api_base, extra=keys, openai_key=None))
+    raw = await client(proxy.base_url, KEY).chat.completions.with_raw_response.create(
+        model="gpt-nobody-prices-this", messages=[{"role": "user", "content": "hi"}]
+    )
+    headers = {k.lower() for k in raw.headers}
+    assert raw.headers["x-tollgate-cost-source"] == "none"
+    assert not {"x-tollgate-cost-usd", "x-tollgate-cost-input-usd", "x-tollgate-cost-output-usd"} & headers
+    usage = raw.parse().usage
+    assert usage is not None and usage.model_extra == {"cost_source": "none"}
+    assert usage.prompt_tokens == 1000
+
+
+async def test_streams_and_errors_carry_no_cost_headers(start_proxy: StartProxy, fake_openai: FakeUpstream) -> None:
+    cap = openai_capture("chat-streaming")
+    fake_openai.replay(cap)
+    proxy = await start_proxy(proxy_yaml(fake_openai.api_base))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.base_url + "/chat/completions", data=cap.request_body,
+                          headers={"Content-Type": "application/json"}) as r:
+            await r.read()
+            assert r.status == 200 and "x-tollgate-cost-usd" not in r.headers
+    await asyncio.sleep(0)
