@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy import handlers
 from proxy.encodings import load_in_background, warm
+from proxy.engine_telemetry import scrape_llamacpp
 from proxy.errors import HttpError, install_openai_shaped_protocol_errors
 from proxy.faults import FaultMetrics
 from proxy.observer import Observers
@@ -139,6 +140,8 @@ async def upstream_sessions(app: web.Application) -> AsyncIterator[None]:
         if upstream.settings.kind == "llamacpp":
             # In the background: a llama-server still loading must not delay readiness.
             rt.probe(read_llamacpp_context(upstream, app[METRICS]))
+            # For the app's lifetime: cancelled with the probes at shutdown.
+            rt.probe(scrape_llamacpp(upstream, app[METRICS]))
     yield
     await rt.cancel_probes()
     await asyncio.gather(*(u.session.close() for u in rt.upstreams.values()))

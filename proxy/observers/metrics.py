@@ -275,6 +275,37 @@ class MetricsObserver(Observer):
                 multiprocess_mode="livemax",
             )
         )
+        # Per request, where a llama.cpp request's time went, from the server's `timings`
+        # joined with Tollgate's clock (README "llama.cpp engine telemetry").
+        self.llamacpp_phase = histogram(
+            "tollgate_llamacpp_request_phase_seconds",
+            "Time of a llama.cpp request by phase: queue_network (upstream TTFT, or body time, "
+            "minus the server's own prompt_ms and predicted_ms), prompt_eval, generation.",
+            ("upstream", "phase"),
+            PROMPT_EVAL_BUCKETS,
+        )
+
+        def engine_gauge(name: str, doc: str) -> _Children[Gauge]:
+            # The server's state as last scraped; every worker scrapes the same server.
+            return _Children(Gauge(name, doc, ("upstream",), registry=registry, multiprocess_mode="livemax"))
+
+        self.llamacpp_engine = {
+            "slots_busy": engine_gauge("tollgate_llamacpp_slots_busy", "Slots processing a request (/slots)."),
+            "slots_total": engine_gauge("tollgate_llamacpp_slots_total", "Slots of the server (/slots)."),
+            "requests_processing": engine_gauge(
+                "tollgate_llamacpp_requests_processing", "llamacpp:requests_processing as last scraped."
+            ),
+            "requests_deferred": engine_gauge(
+                "tollgate_llamacpp_requests_deferred", "llamacpp:requests_deferred as last scraped (waiting for a slot)."
+            ),
+            "kv_cache_usage_ratio": engine_gauge(
+                "tollgate_llamacpp_kv_cache_usage_ratio",
+                "llamacpp:kv_cache_usage_ratio as last scraped (only servers that still export it).",
+            ),
+        }
+        self.llamacpp_scrape_up = engine_gauge(
+            "tollgate_llamacpp_scrape_up", "1 when the last scrape of /metrics or /slots answered, else 0."
+        )
         build_info = Gauge(
             "tollgate_build_info",
             "Always 1; labels carry the Tollgate version and the Python version.",
@@ -374,6 +405,8 @@ class MetricsObserver(Observer):
             tps = timings.get("predicted_per_second")
             if tps is not None and tps > 0:
                 self.llamacpp_tps.get(upstream).observe(tps)
+            for phase, seconds in llamacpp_phases(ex).items():
+                self.llamacpp_phase.get(upstream, phase).observe(seconds)
 
     # Called from outside the hooks
 
@@ -388,3 +421,39 @@ class MetricsObserver(Observer):
 
     def set_llamacpp_context(self, upstream: str, n_ctx: int) -> None:
         self.llamacpp_context.get(upstream).set(n_ctx)
+
+    def set_llamacpp_engine(self, upstream: str, values: dict[str, float], up: bool) -> None:
+        """Wire to `proxy.engine_telemetry.scrape_llamacpp`: one scrape's values."""
+        self.llamacpp_scrape_up.get(upstream).set(1 if up else 0)
+        for name, value in values.items():
+            gauge = self.llamacpp_engine.get(name)
+            if gauge is not None:
+                gauge.get(upstream).set(value)
+
+
+def llamacpp_phases(ex: Exchange) -> dict[str, float]:
+    """Where a llama.cpp request's time went, in seconds. prompt_eval and generation are the
+    server's `timings` (prompt_ms, predicted_ms). queue_network is what Tollgate saw the
+    upstream take that the server did not count as work: for a stream, upstream TTFT (request
+    sent → first output chunk) − prompt_ms; for a plain body, request sent → end of body −
+    prompt_ms − predicted_ms. It holds the network both ways, the wait for a free slot, and
+    for a stream the first token's own decode step. Clamped at 0 (two clocks)."""
+    timings = ex.llamacpp_timings or {}
+    prompt_ms = timings.get("prompt_ms")
+    predicted_ms = timings.get("predicted_ms")
+    out: dict[str, float] = {}
+    if isinstance(prompt_ms, (int, float)):
+        out["prompt_eval"] = prompt_ms / 1000.0
+    if isinstance(predicted_ms, (int, float)):
+        out["generation"] = predicted_ms / 1000.0
+    sent = ex.t_upstream_sent_ns
+    if sent is None or not isinstance(prompt_ms, (int, float)):
+        return out
+    if ex.stream and ex.t_first_token_ns is not None:
+        waited = (ex.t_first_token_ns - sent) / 1e9 - prompt_ms / 1000.0
+    elif not ex.stream and ex.t_end_ns is not None and isinstance(predicted_ms, (int, float)):
+        waited = (ex.t_end_ns - sent) / 1e9 - (prompt_ms + predicted_ms) / 1000.0
+    else:
+        return out
+    out["queue_network"] = max(0.0, waited)
+    return out

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "proxy.spend.messages", "proxy.spend.budgets",
     ]),
     ("infrastructure", [
-        "proxy.upstream", "proxy.policy", "proxy.observer", "proxy.measure", "proxy.observers",
+        "proxy.upstream", "proxy.engine_telemetry", "proxy.policy", "proxy.observer", "proxy.measure", "proxy.observers",
         "proxy.spend.ledger", "proxy.spend.metrics", "proxy.spend.webhook",
     ]),
     ("spend", ["proxy.spend.hold", "proxy.spend.lifecycle", "proxy.state"]),
