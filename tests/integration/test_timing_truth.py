@@ -65,9 +65,11 @@ C1_TOL_S = 0.001
 # "truth" seen by the client includes the loop's queue, which Tollgate cannot see. On a quiet
 # 2-core machine the TTFT and overhead errors are a few ms (median 6, worst 26); with other
 # work on the cores the queue alone reached 200 ms. So those bounds only catch gross errors
-# (a wrong chunk, a missing pre-send time); TPOT, a difference of two moments on the same
-# stream, stays exact under load and keeps its 1 ms bound.
-C50_TPOT_TOL_S = 0.001
+# (a wrong chunk, a missing pre-send time). TPOT, a difference of two moments on the same
+# stream, is within 0.05 ms on a quiet machine but moved 3.8 ms with other suites on the
+# cores; its bound of 8 ms still fails the defect it guards against (hidden reasoning tokens
+# in the divisor: 1.9 ms reported for a true 20 ms).
+C50_TPOT_TOL_S = 0.008
 C50_MEDIAN_TOL_S = 0.500
 C50_WORST_TOL_S = 2.000
 C50_OVERHEAD_MEDIAN_TOL_S = 0.500
