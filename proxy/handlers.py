@@ -93,9 +93,6 @@ async def _run(
             body = accepted.body or None
         else:
             routed = route(ex, policy, accepted)
-            # Admission and a usage-less finish estimate with the model's own tokenizer,
-            # never a stand-in while it is still being built.
-            await encoding_ready(ex.upstream_model or ex.requested_model or "")
             limits = OutputLimits(routed.default_output_cap, routed.upstream.context_size)
             admission = await admit(rt.spend, ex, policy, accepted.payload, limits)
             payload = accepted.payload
@@ -144,8 +141,18 @@ async def _forward(
         ex,
         admission.headers,
         rt.observers,
-        lambda: complete(ex, policy, admission, rt),
+        lambda: _complete(ex, policy, admission, rt),
     )
+
+
+async def _complete(ex: Exchange, policy: Policy, admission: Admission, rt: Runtime) -> None:
+    if ex.usage is None and ex.llamacpp_timings is None and (ex.status is None or ex.status < 400):
+        # `finish` will estimate the usage the upstream did not report: with the model's own
+        # table, built off the event loop (the first such response of the process waits for
+        # it, ~0.1 s). A superset of when `finish.account` estimates: at worst a table is
+        # built that is not used.
+        await encoding_ready(ex.upstream_model or ex.requested_model or "")
+    await complete(ex, policy, admission, rt)
 
 
 def model_endpoint(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

@@ -13,6 +13,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from proxy.encodings import encoding_ready
 from proxy.errors import BudgetExceeded, LedgerUnavailable, ModelNotFound
 from proxy.estimate import estimate_prompt_tokens
 from proxy.exchange import Exchange
@@ -113,6 +114,8 @@ async def admit(
     oc = output_cap_of(ex.endpoint, ex.upstream_kind or "openai", payload)
     cap, write_cap = _per_output_cap(policy, limits, oc)
     outputs = oc.outputs if oc is not None else 1
+    # The model's own table, built off the event loop if this is the first estimate for it.
+    await encoding_ready(model)
     prompt_tokens = estimate_prompt_tokens(ex.endpoint, payload, model)
     input_tokens = math.ceil(prompt_tokens * INPUT_MARGIN) + INPUT_MARGIN_TOKENS
     if price is None:

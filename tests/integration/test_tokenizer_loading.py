@@ -1,6 +1,6 @@
-"""Tokenizers at start and on first use: the proxy builds only the fallback encoding
-(o200k_base) before it serves, and any other encoding off the event loop when a request first
-needs it; that request waits for its own table (~0.1 s from the cache) rather than being
+"""Tokenizers at start and on first use: the proxy only checks the fallback encoding's data
+(o200k_base) before it serves, and builds each table off the event loop when a request first
+needs an estimate; that request waits for its own table (~0.1 s from the cache) rather than being
 estimated with the wrong one, and other requests keep being served meanwhile."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tests.support.cassettes import openai_capture
 from tests.support.fake_upstream import FakeUpstream
 
 
-async def test_only_the_fallback_is_built_before_serving_and_others_on_first_use(
+async def test_no_table_is_built_before_serving_and_each_on_first_need(
     start_proxy: StartProxy, fake_openai: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tokens.warm()  # already built by earlier tests in this process, or now: kept out of the timing
@@ -28,26 +28,35 @@ async def test_only_the_fallback_is_built_before_serving_and_others_on_first_use
     # A budget, so admission estimates the prompt: that is what needs a tokenizer.
     budget = "budgets:\n  - name: daily\n    period: daily\n    limit_usd: 100\n"
     proxy = await start_proxy(proxy_yaml(fake_openai.api_base, extra=budget))
-    assert set(tokens._ENCODINGS) == {"o200k_base"}
+    # Start only checked the fallback's data: no ~43 MB table until a request needs one.
+    assert tokens._ENCODINGS == {}
     assert tokens._in_background
 
-    # text-embedding-3-small is a cl100k_base model: served at once, estimated with o200k_base.
+    # text-embedding-3-small is a cl100k_base model: its own table is built for it.
     client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-client", max_retries=0, timeout=10)
     capture = openai_capture("embeddings-basic")
     fake_openai.replay(capture)
     body = capture.request_json
     assert tokens.encoding_name_for(body["model"]) == "cl100k_base"
-    started = time.monotonic()
     result = await client.embeddings.create(**body)
     assert result.data and result.usage.prompt_tokens > 0
-
-    deadline = started + 30
-    while tokens._ENCODINGS.get("cl100k_base") is None:
-        assert time.monotonic() < deadline, "cl100k_base was never built"
-        await asyncio.sleep(0.02)
+    assert set(tokens._ENCODINGS) == {"cl100k_base"}
     assert tokens.encoding_for(body["model"]).name == "cl100k_base"
-    # And the next request for it uses it.
     await client.embeddings.create(**body)
+
+
+async def test_without_budgets_a_response_with_usage_builds_no_table(
+    start_proxy: StartProxy, fake_openai: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tokens, "_ENCODINGS", {})
+    monkeypatch.setattr(tokens, "_BUILDING", set())
+    proxy = await start_proxy(proxy_yaml(fake_openai.api_base))
+    client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-client", max_retries=0, timeout=10)
+    capture = openai_capture("embeddings-basic")
+    fake_openai.replay(capture)
+    result = await client.embeddings.create(**capture.request_json)
+    assert result.usage.prompt_tokens > 0
+    assert tokens._ENCODINGS == {}
 
 
 async def test_the_first_request_waits_for_its_own_table_off_the_event_loop(

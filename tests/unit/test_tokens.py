@@ -173,6 +173,30 @@ def test_bundled_data_with_wrong_hash_is_refused(
         encodings.encoding_for("gpt-4o")
     with pytest.raises(encodings.EncodingDataError):
         encodings.warm(["gpt-5-nano"])
+    # The check the proxy runs before it serves refuses it too, without building a table.
+    with pytest.raises(encodings.EncodingDataError, match=O200K_SHA256):
+        encodings.verify()
+
+
+def test_verify_checks_the_data_without_building_a_table(
+    offline: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    encodings.verify()  # from the shipped data (no parsed cache yet)
+    assert "o200k_base" not in encodings._ENCODINGS
+    spec = encodings._spec_of("o200k_base")
+    assert spec is not None
+    cache_file = encodings._ranks_cache_file(spec)
+    assert cache_file is not None and not cache_file.exists()
+    # As loading does, an intact parsed cache entry is enough; a damaged one is not.
+    assert encodings._load_ranks(spec) is not None and cache_file.is_file()
+    empty = tmp_path / "no-bundled-data"
+    empty.mkdir()
+    monkeypatch.setattr(encodings, "_bundled_data_dir", lambda: empty)
+    encodings.verify()
+    cache_file.write_bytes(cache_file.read_bytes()[:1000])
+    with pytest.raises(encodings.EncodingDataError, match="no offline rank file"):
+        encodings.verify()
+    assert "o200k_base" not in encodings._ENCODINGS
 
 
 def test_parsed_ranks_are_cached_and_a_bad_cache_entry_is_parsed_again(

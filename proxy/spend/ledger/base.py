@@ -124,7 +124,10 @@ class SpendRow:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        d = dataclasses.asdict(self)
+        # Written for every reservation and settlement: a shallow dict, where asdict would
+        # deep-copy every value (Decimal, datetime) only for json to read it once (~9% of
+        # a budgeted request's CPU). No field holds a dataclass, so the JSON is the same.
+        d = {name: getattr(self, name) for name in _SPEND_ROW_FIELDS}
         d["time"], d["cost"] = self.time.isoformat(), f"{self.cost:f}"  # plain digits, never 1.4E-7
         return json.dumps(d, separators=(",", ":"))
 
@@ -133,6 +136,9 @@ class SpendRow:
         d = json.loads(text)
         d["time"], d["cost"] = datetime.fromisoformat(d["time"]), Decimal(d["cost"])
         return cls(**d)
+
+
+_SPEND_ROW_FIELDS = tuple(f.name for f in dataclasses.fields(SpendRow))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
