@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "proxy.encodings", "proxy.globs", "proxy.output_cap", "proxy.keys", "proxy.paths", "proxy.settings", "proxy.config_base",
         "proxy.config_sections", "proxy.routing", "proxy.config_file", "proxy.config_schema",
         "proxy.faults", "proxy.images", "proxy.azure", "proxy.output", "proxy.strip", "proxy.body", "proxy.spend", "proxy.spend.money", "proxy.spend.rules", "proxy.spend.buckets",
-        "proxy.spend.messages", "proxy.spend.budgets",
+        "proxy.spend.messages", "proxy.spend.budgets", "proxy.spend.forecast",
     ]),
     ("infrastructure", [
         "proxy.upstream", "proxy.policy", "proxy.observer", "proxy.measure", "proxy.observers",
