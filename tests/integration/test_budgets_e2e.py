@@ -699,6 +699,7 @@ async def test_budget_gauges_and_the_admin_endpoint(start_proxy: StartProxy, fak
     assert gauge(metrics, "tollgate_budget_reset_timestamp_seconds", "daily-cap") == datetime(
         2025, 6, 16, tzinfo=UTC
     ).timestamp()
+    assert gauge(metrics, "tollgate_budget_period_seconds", "daily-cap") == 86400  # what burn rates divide by
 
     url = proxy.base_url + "/tollgate/budgets"
     async with aiohttp.ClientSession() as s:
