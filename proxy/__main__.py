@@ -162,6 +162,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from proxy import cli_ledger
 
     cli_ledger.add_commands(sub)
+    from proxy import cli_export
+
+    cli_export.add_commands(sub)
     return parser
 
 

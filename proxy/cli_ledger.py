@@ -32,6 +32,7 @@ from proxy.spend.budgets import (
     to_nanos,
     window,
 )
+from proxy.spend.forecast import forecast_fields
 from proxy.spend.ledger import Ledger, LedgerError, open_ledger
 from proxy.spend.ledger.base import GROUP_BY_FIELDS, check_group_by
 from proxy.spend.money import report_value
@@ -281,13 +282,13 @@ def cmd_budgets(args: argparse.Namespace) -> int:
         except LedgerError as exc:
             print(exc, file=sys.stderr)
             return 1
-    rows = budget_rows(settings.budgets, report, now)
+    rows = [forecast_fields(r, now) for r in budget_rows(settings.budgets, report, now)]
     if args.json:
         data = [{k: report_value(v) for k, v in r.items()} for r in rows]
         json.dump({"object": "list", "now": report_value(now), "data": data}, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    header = ["budget", "scope", "action", "spent", "reserved", "limit", "remaining", "resets"]
+    header = ["budget", "scope", "action", "spent", "reserved", "limit", "remaining", "projected", "limit hit", "resets"]
     lines = []
     for r in rows:
         scope = ", ".join(f"{k} {r[k]}" for k in ("key", "user", "team") if r.get(k) is not None) or "global"
@@ -296,6 +297,8 @@ def cmd_budgets(args: argparse.Namespace) -> int:
             r["name"], scope, r["action"], format_usd(r["spent"]), format_usd(r["reserved"]),
             format_usd(limit) if limit is not None else "-",
             format_usd(r["remaining"]) if r["remaining"] is not None else "-",
+            format_usd(r["projected_usd"]) if r["projected_usd"] is not None else r["forecast"],
+            iso_utc(r["limit_at"]) if r["limit_at"] is not None else ("now" if r["forecast"] == "exceeded" else "-"),
             iso_utc(r["window_end"]) if r["window_end"] is not None else "never",
         ])
     if not lines:

@@ -40,6 +40,7 @@ from proxy.paths import CANONICAL, MODEL_PATHS, metered_endpoint
 from proxy.policy import Policy
 from proxy.route import Routed, outgoing_body, route, route_unmetered
 from proxy.spend.admission import OutputLimits, admit
+from proxy.spend.forecast import forecast_fields
 from proxy.spend.hold import NOT_ADMITTED, Admission
 from proxy.spend.money import report_value
 from proxy.state import RUNTIME, Runtime
@@ -327,7 +328,7 @@ async def budgets_report(request: web.Request) -> web.Response:
     except HttpError as err:
         return error_response(err)
     now = rt.clock()
-    rows = await rt.ledger.budget_report(now)
+    rows = [forecast_fields(r, now) for r in await rt.ledger.budget_report(now)]
     return web.Response(
         body=orjson.dumps(
             {"object": "list", "now": report_value(now), "data": [{k: report_value(v) for k, v in r.items()} for r in rows]}

@@ -65,6 +65,14 @@ class BudgetMetrics:
             registry=registry,
             multiprocess_mode="mostrecent",
         )
+        self.period = Gauge(
+            "tollgate_budget_period_seconds",
+            "Length of the budget's current window, seconds (absent for `total` budgets): "
+            "what burn-rate rules divide the limit by.",
+            ["budget"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
         self.rejections = Counter(
             "tollgate_budget_rejections_total",
             "Requests refused with 429 budget_exceeded, by the budget that refused them.",
@@ -97,9 +105,10 @@ class BudgetMetrics:
             fullest = max((Decimal(r["spent"]) for r in mine), default=Decimal(0))
             self.bucket_spent_max.labels(rule.name).set(float(fullest))
             self.reserved.labels(rule.name).set(float(reserved))
-            _, end = window(rule.period, now, rule.timezone)
+            start, end = window(rule.period, now, rule.timezone)
             if end is not None:
                 self.reset.labels(rule.name).set(end.timestamp())
+                self.period.labels(rule.name).set((end - start).total_seconds())
             if rule.limit_usd is None:
                 continue
             self.limit.labels(rule.name).set(float(rule.limit_usd))

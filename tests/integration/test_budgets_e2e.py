@@ -699,6 +699,7 @@ async def test_budget_gauges_and_the_admin_endpoint(start_proxy: StartProxy, fak
     assert gauge(metrics, "tollgate_budget_reset_timestamp_seconds", "daily-cap") == datetime(
         2025, 6, 16, tzinfo=UTC
     ).timestamp()
+    assert gauge(metrics, "tollgate_budget_period_seconds", "daily-cap") == 86400  # what burn rates divide by
 
     url = proxy.base_url + "/tollgate/budgets"
     async with aiohttp.ClientSession() as s:
@@ -714,6 +715,12 @@ async def test_budget_gauges_and_the_admin_endpoint(start_proxy: StartProxy, fak
         ("daily-cap", None, "0.008000000", "0.010000000", "0.002000000", "2025-06-16T00:00:00Z"),
         ("per-user", "alice", "0.003000000", "0.010000000", "0.007000000", "2025-06-16T00:00:00Z"),
         ("per-user", "bob", "0.005000000", "0.010000000", "0.005000000", "2025-06-16T00:00:00Z"),
+    ]
+    # The forecast at the injected 20:00: 20 of the day's 24 hours gone, pace = spend / 20 h.
+    assert [(d["forecast"], d["pace_usd_per_hour"], d["projected_usd"], d["limit_at"]) for d in data["data"]] == [
+        ("under", "0.000400000", "0.009600000", None),
+        ("under", "0.000150000", "0.003600000", None),
+        ("under", "0.000250000", "0.006000000", None),
     ]
 
 

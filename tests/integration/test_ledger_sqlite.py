@@ -619,9 +619,10 @@ async def test_a_version_1_spend_log_is_migrated_keeping_every_row(tmp_path: Pat
         await ledger.close()
     check = sqlite3.connect(path)
     try:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == 3  # through 2 to 3
-        assert check.execute("SELECT ledger_id, request_id FROM spend_log ORDER BY ledger_id").fetchall() == [
-            ("old-1", "old-1"), ("old-1:new", "old-1"),
+        assert check.execute("PRAGMA user_version").fetchone()[0] == 4  # through 2, 3 to 4
+        # The old row numbered first, the new one after it: export order is commit order.
+        assert check.execute("SELECT ledger_id, request_id, seq FROM spend_log ORDER BY ledger_id").fetchall() == [
+            ("old-1", "old-1", 1), ("old-1:new", "old-1", 2),
         ]
         assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
@@ -652,9 +653,9 @@ async def test_a_version_2_file_gains_the_team_columns_and_keeps_its_rows(tmp_pa
         await ledger.close()
     check = sqlite3.connect(path)
     try:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == 3
-        assert check.execute("SELECT ledger_id, team_name, key_metadata FROM spend_log ORDER BY ledger_id").fetchall() == [
-            ("new", "search", '{"team": "search"}'), ("old", None, None),
+        assert check.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert check.execute("SELECT ledger_id, team_name, key_metadata, seq FROM spend_log ORDER BY ledger_id").fetchall() == [
+            ("new", "search", '{"team": "search"}', 2), ("old", None, None, 1),
         ]
     finally:
         check.close()

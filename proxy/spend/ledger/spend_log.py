@@ -34,9 +34,11 @@ from proxy.spend.ledger.sqlite_db import (
 
 
 _SPEND_COLUMNS = ("ledger_id", *V1_SPEND_COLUMNS, "team_name", "key_metadata")
+# `seq` is taken inside the write transaction, so commit order is seq order: a reader
+# never sees a row without every row of a lower seq (what makes export cursors gap-free).
 _INSERT_SPEND = (
-    f"INSERT OR IGNORE INTO spend_log ({', '.join(_SPEND_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in _SPEND_COLUMNS)})"
+    f"INSERT OR IGNORE INTO spend_log ({', '.join(_SPEND_COLUMNS)}, seq) "
+    f"VALUES ({', '.join('?' for _ in _SPEND_COLUMNS)}, (SELECT COALESCE(MAX(seq), 0) + 1 FROM spend_log))"
 )
 
 

@@ -32,8 +32,11 @@ V1_SPEND_COLUMNS = (
 )
 
 ADDED_IN_3 = (("spend_log", "team_name"), ("spend_log", "key_metadata"), ("buckets", "team_name"))
+# 4: `seq`, the spend log's commit order, which `tollgate export --since-cursor` resumes
+# from (time cannot serve: a Redis instance's recovered rows arrive late with old times).
+# Rows of older files are numbered in (time, ledger_id) order when the file is opened.
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Settled markers make settle idempotent; a week covers any retry of a finished request.
 SETTLED_RETENTION_MS = 7 * 24 * 3600 * 1000
 # Request ids per statement when leases are renewed (SQLite binds at most 32766 values).
@@ -60,7 +63,8 @@ CREATE TABLE IF NOT EXISTS spend_log (
     outcome TEXT,
     status INTEGER,
     team_name TEXT,
-    key_metadata TEXT                 -- JSON object, or NULL
+    key_metadata TEXT,                -- JSON object, or NULL
+    seq INTEGER                       -- commit order: MAX + 1 under the write lock
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS spend_log_time ON spend_log(time);
 -- This file's identity, made once: with Redis, the spend rows an instance settled but had not
@@ -378,6 +382,20 @@ def _set_aside_v1_spend_log(c: sqlite3.Connection) -> bool:
     return True
 
 
+def _number_spend_rows(c: sqlite3.Connection) -> None:
+    """Give the rows of a pre-4 file their `seq`, oldest first, and index it (the index
+    cannot be in the script: on such a file the column does not exist yet there)."""
+    have = {r[1] for r in c.execute("PRAGMA table_info(spend_log)")}
+    if "seq" not in have:
+        c.execute("ALTER TABLE spend_log ADD COLUMN seq INTEGER")
+    start = c.execute("SELECT COALESCE(MAX(seq), 0) FROM spend_log").fetchone()[0]
+    ids = c.execute("SELECT ledger_id FROM spend_log WHERE seq IS NULL ORDER BY time, ledger_id").fetchall()
+    c.executemany("UPDATE spend_log SET seq = ? WHERE ledger_id = ?", [(start + i, lid) for i, (lid,) in enumerate(ids, 1)])
+    # Not UNIQUE: the insert is OR IGNORE (a retried settle), and a uniqueness conflict
+    # there would drop a row silently; MAX + 1 under the write lock never repeats anyway.
+    c.execute("CREATE INDEX IF NOT EXISTS spend_log_seq ON spend_log(seq)")
+
+
 def init_schema(conn: sqlite3.Connection, script: str) -> None:
     def body(c: sqlite3.Connection) -> None:
         version = c.execute("PRAGMA user_version").fetchone()[0]
@@ -397,6 +415,8 @@ def init_schema(conn: sqlite3.Connection, script: str) -> None:
             columns = ", ".join(V1_SPEND_COLUMNS)
             c.execute(f"INSERT INTO spend_log (ledger_id, {columns}) SELECT request_id, {columns} FROM spend_log_v1")
             c.execute("DROP TABLE spend_log_v1")
+        if version < 4:
+            _number_spend_rows(c)
         c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     transaction(conn, body)
