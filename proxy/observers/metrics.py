@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from proxy.exchange import Exchange
+from proxy.exchange import Exchange, llamacpp_phases
 from proxy.observer import Observer
 
 # gen_ai.client.operation.duration (doubling from 10 ms to 81.92 s), extended for long
@@ -429,31 +429,3 @@ class MetricsObserver(Observer):
             gauge = self.llamacpp_engine.get(name)
             if gauge is not None:
                 gauge.get(upstream).set(value)
-
-
-def llamacpp_phases(ex: Exchange) -> dict[str, float]:
-    """Where a llama.cpp request's time went, in seconds. prompt_eval and generation are the
-    server's `timings` (prompt_ms, predicted_ms). queue_network is what Tollgate saw the
-    upstream take that the server did not count as work: for a stream, upstream TTFT (request
-    sent → first output chunk) − prompt_ms; for a plain body, request sent → end of body −
-    prompt_ms − predicted_ms. It holds the network both ways, the wait for a free slot, and
-    for a stream the first token's own decode step. Clamped at 0 (two clocks)."""
-    timings = ex.llamacpp_timings or {}
-    prompt_ms = timings.get("prompt_ms")
-    predicted_ms = timings.get("predicted_ms")
-    out: dict[str, float] = {}
-    if isinstance(prompt_ms, (int, float)):
-        out["prompt_eval"] = prompt_ms / 1000.0
-    if isinstance(predicted_ms, (int, float)):
-        out["generation"] = predicted_ms / 1000.0
-    sent = ex.t_upstream_sent_ns
-    if sent is None or not isinstance(prompt_ms, (int, float)):
-        return out
-    if ex.stream and ex.t_first_token_ns is not None:
-        waited = (ex.t_first_token_ns - sent) / 1e9 - prompt_ms / 1000.0
-    elif not ex.stream and ex.t_end_ns is not None and isinstance(predicted_ms, (int, float)):
-        waited = (ex.t_end_ns - sent) / 1e9 - (prompt_ms + predicted_ms) / 1000.0
-    else:
-        return out
-    out["queue_network"] = max(0.0, waited)
-    return out

@@ -9,8 +9,7 @@ import asyncio
 import pytest
 
 from proxy import engine_telemetry
-from proxy.exchange import Exchange
-from proxy.observers.metrics import llamacpp_phases
+from proxy.exchange import Exchange, llamacpp_phases
 from tests.integration.conftest import StartProxy, proxy_yaml
 from tests.integration.test_real_llamacpp import UNUSED_OPENAI, client, llama, sample, scrape  # noqa: F401
 from tests.support.llama_server import LlamaServer
