@@ -24,6 +24,7 @@ from proxy.spend.buckets import (  # noqa: F401 - re-exported
 from proxy.spend.messages import (  # noqa: F401 - re-exported
     IN_FLIGHT_RETRY_AFTER_S,
     budget_headers,
+    forecast_payload,
     held_by_requests_in_flight,
     refusal_message,
     remaining,
@@ -106,6 +107,7 @@ __all__ = [
     "spend_nanos",
     "threshold_crossed",
     "to_nanos",
+    "forecast_payload",
     "webhook_payload",
     "window",
 ]

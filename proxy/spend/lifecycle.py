@@ -28,7 +28,17 @@ from prometheus_client import CollectorRegistry
 
 from proxy.faults import FaultMetrics
 from proxy.pricing import plain_usd
-from proxy.spend.budgets import BudgetRule, Charge, Crossing, charges, threshold_crossed, webhook_payload
+from proxy.spend.buckets import Bucket
+from proxy.spend.budgets import (
+    BudgetRule,
+    Charge,
+    Crossing,
+    charges,
+    forecast_payload,
+    threshold_crossed,
+    webhook_payload,
+)
+from proxy.spend.forecast import crossed, forecast
 from proxy.spend.hold import Hold, ledger_down, new_ledger_id
 from proxy.spend.ledger import Ledger, LedgerError, Settled, SpendRow, open_ledger
 from proxy.spend.metrics import BudgetMetrics
@@ -40,6 +50,8 @@ log = logging.getLogger("tollgate.finish")
 # Settlements kept in memory while the ledger is down; past this, the oldest are dropped
 # (and logged), so an outage cannot grow the process without bound.
 MAX_UNSETTLED = 100_000
+# Past this many remembered forecast webhooks, those of ended windows are forgotten.
+MAX_FORECAST_SENT = 10_000
 
 
 @dataclass(slots=True)
@@ -76,6 +88,11 @@ class Spend:
         self.outbox: deque[Unsettled] = deque()
         # Settlements and webhooks in flight: they outlive the request, and shutdown waits.
         self.background: set[asyncio.Task[Any]] = set()
+        # Buckets (an id names one window) whose forecast webhook this process has sent, with
+        # the window's end so that ended windows can be forgotten. In memory, per process:
+        # the forecast is a projection, not a ledger fact, so workers or instances sharing a
+        # ledger may each send one for the same window; a restart may send it again.
+        self.forecast_sent: dict[str, datetime] = {}
 
     @property
     def ledger(self) -> Ledger:
@@ -174,6 +191,24 @@ class Spend:
                 if self.webhook.enabled:
                     crossing = Crossing(bucket, threshold, result.spent_after, bucket.limit_usd)
                     self.spawn(self.webhook.send(webhook_payload(crossing, now)), "budget webhook")
+            self._forecast_crossed(bucket, result, now)
+
+    def _forecast_crossed(self, bucket: Bucket, result: Settled, now: datetime) -> None:
+        """Announce a settlement that made the forecast project the limit to be hit before
+        the window ends, once per bucket window: both forecasts at the same `now`, so only
+        the spend moved the projection (time passing alone never triggers it)."""
+        limit = bucket.limit_usd
+        if limit is None or bucket.end is None or not self.webhook.enabled or bucket.id in self.forecast_sent:
+            return
+        before = forecast(result.spent_before, limit, bucket.start, bucket.end, now)
+        after = forecast(result.spent_after, limit, bucket.start, bucket.end, now)
+        if not crossed(before, after):
+            return
+        if len(self.forecast_sent) >= MAX_FORECAST_SENT:
+            self.forecast_sent = {k: end for k, end in self.forecast_sent.items() if end > now}
+        self.forecast_sent[bucket.id] = bucket.end
+        log.warning("budget %s is forecast to hit its limit before its window ends (%s)", bucket.describe(), after.status)
+        self.spawn(self.webhook.send(forecast_payload(bucket, result.spent_after, limit, after, now)), "forecast webhook")
 
     def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)

@@ -1,5 +1,5 @@
 """What a budget says to a client: the 429 message, the soft-limit and clamp headers, and
-the webhook payload for a crossed threshold. Pure."""
+the webhook payloads for a crossed threshold and a forecast that crossed the limit. Pure."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 
 from proxy.spend.buckets import Bucket, BucketState, Crossing, bucket_state
+from proxy.spend.forecast import Forecast
 from proxy.spend.money import format_usd, iso_utc
 from proxy.spend.rules import HEADER_NAME, HEADER_REMAINING, HEADER_RESET, LimitKind
 
@@ -136,4 +137,27 @@ def webhook_payload(crossing: Crossing, now: datetime) -> dict[str, object]:
         "limit_usd": f"{crossing.limit:f}",
         "window_start": iso_utc(b.start),
         "window_end": iso_utc(b.end) if b.end is not None else None,
+    }
+
+
+def forecast_payload(bucket: Bucket, spent: Decimal, limit: Decimal, f: Forecast, now: datetime) -> dict[str, object]:
+    """The JSON body POSTed when a settlement first makes the forecast project the limit to
+    be hit before the window ends (`f` is the forecast after it). `projected` and
+    `limit_at` are null when that settlement went straight over the limit (`exceeded`):
+    there is nothing left to project."""
+    return {
+        "type": "budget.forecast_exceeded",
+        # `event` as in the threshold webhook, so one receiver can dispatch both on one field.
+        "event": "budget.forecast_exceeded",
+        "time": iso_utc(now),
+        "budget": bucket.name,
+        "bucket": bucket.id,
+        "action": bucket.rule.action,
+        "scope": {"key": bucket.key, "user": bucket.user, "team": bucket.team, "model": bucket.rule.scope.model},
+        "forecast": f.status,
+        "spent": f"{spent:f}",
+        "limit": f"{limit:f}",
+        "projected": f"{f.projected_usd:f}" if f.projected_usd is not None else None,
+        "limit_at": iso_utc(f.limit_at) if f.limit_at is not None else None,
+        "window": {"start": iso_utc(bucket.start), "end": iso_utc(bucket.end) if bucket.end is not None else None},
     }
