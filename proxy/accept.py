@@ -4,6 +4,7 @@ may be forwarded, who sent it (virtual key, user), and its body, read and parsed
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import os
 import re
@@ -276,6 +277,7 @@ async def accept(request: web.Request, ex: Exchange, policy: Policy, *, model: s
     if ex.endpoint == "other":
         return Accepted(body, None, key)
     payload = parse_json_object(body)
+    ex.body_sha256 = hashlib.sha256(body).hexdigest()  # a few KB: microseconds, once
     accept_body(ex, payload if model is None else {**payload, "model": model})
     ex.azure_deployment = model is not None
     header = policy.settings.user_header

@@ -110,6 +110,9 @@ class Exchange:
 
     # accept
     body: dict[str, Any] | None = None
+    # sha256 hex of the request body exactly as received (model endpoints): lets `tollgate
+    # advise` find repeated identical requests without the spend log holding any payload.
+    body_sha256: str | None = None
     requested_model: str | None = None
     stream: bool = False
     output_cap: int | None = None

@@ -81,6 +81,8 @@ def spend_row(ex: Exchange, rt: Runtime) -> SpendRow:
         status=ex.status,
         team=ex.team,
         key_metadata=ex.key_metadata,
+        body_sha256=ex.body_sha256,
+        finish_reason=ex.finish_reasons[0] if ex.finish_reasons else None,
     )
 
 

@@ -7,6 +7,7 @@ sharing one store) and are imported by test_ledger_redis.py, which supplies its 
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import random
 import sqlite3
@@ -59,14 +60,15 @@ def one(
 
 def row(request_id: str, *, time: datetime = NOW, key: str | None = "k1", user: str | None = "alice",
         model: str = "gpt-4o-mini", cost: str = "0.01", output: int = 10, team: str | None = None,
-        key_metadata: dict[str, str] | None = None) -> SpendRow:
+        key_metadata: dict[str, str] | None = None, body_sha256: str | None = None,
+        finish_reason: str | None = None) -> SpendRow:
     return SpendRow.from_usage(
         Usage(input_tokens=100, output_tokens=output, cached_input_tokens=20, reasoning_tokens=3,
               input_source="upstream", output_source="upstream"),
         D(cost),
         time=time, request_id=request_id, key=key, user=user, model=model,
         upstream="openai", endpoint="chat.completions", outcome="ok", status=200,
-        team=team, key_metadata=key_metadata,
+        team=team, key_metadata=key_metadata, body_sha256=body_sha256, finish_reason=finish_reason,
     )
 
 
@@ -619,7 +621,7 @@ async def test_a_version_1_spend_log_is_migrated_keeping_every_row(tmp_path: Pat
         await ledger.close()
     check = sqlite3.connect(path)
     try:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == 4  # through 2, 3 to 4
+        assert check.execute("PRAGMA user_version").fetchone()[0] == 5  # through 2, 3, 4 to 5
         # The old row numbered first, the new one after it: export order is commit order.
         assert check.execute("SELECT ledger_id, request_id, seq FROM spend_log ORDER BY ledger_id").fetchall() == [
             ("old-1", "old-1", 1), ("old-1:new", "old-1", 2),
@@ -653,12 +655,49 @@ async def test_a_version_2_file_gains_the_team_columns_and_keeps_its_rows(tmp_pa
         await ledger.close()
     check = sqlite3.connect(path)
     try:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert check.execute("PRAGMA user_version").fetchone()[0] == 5
         assert check.execute("SELECT ledger_id, team_name, key_metadata, seq FROM spend_log ORDER BY ledger_id").fetchall() == [
             ("new", "search", '{"team": "search"}', 2), ("old", None, None, 1),
         ]
     finally:
         check.close()
+
+
+async def test_a_version_4_file_gains_the_advise_columns_with_null_in_old_rows(tmp_path: Path) -> None:
+    """Schema 5 adds body_sha256 and finish_reason: old rows keep NULL, new rows carry them."""
+    path = tmp_path / "v4.db"
+    ledger = await SqliteLedger.open(path)
+    await ledger.settle("old", [], row("old"), NOW)
+    await ledger.close()
+    conn = sqlite3.connect(path)
+    for column in ("body_sha256", "finish_reason"):
+        conn.execute(f"ALTER TABLE spend_log DROP COLUMN {column}")
+    conn.execute("PRAGMA user_version = 4")
+    conn.commit()
+    conn.close()
+    ledger = await SqliteLedger.open(path)
+    try:
+        await ledger.settle("new", [], row("new", body_sha256="ab" * 32, finish_reason="length"), NOW)
+    finally:
+        await ledger.close()
+    check = sqlite3.connect(path)
+    try:
+        assert check.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert check.execute("SELECT ledger_id, body_sha256, finish_reason, seq FROM spend_log ORDER BY seq").fetchall() == [
+            ("old", None, None, 1), ("new", "ab" * 32, "length", 2),
+        ]
+    finally:
+        check.close()
+
+
+def test_spend_row_json_without_the_advise_fields_still_loads() -> None:
+    """Redis pending rows written by an older Tollgate have no body_sha256/finish_reason."""
+    new = row("r", body_sha256="cd" * 32, finish_reason="stop")
+    assert SpendRow.from_json(new.to_json()) == new
+    old = json.loads(new.to_json())
+    del old["body_sha256"], old["finish_reason"]
+    loaded = SpendRow.from_json(json.dumps(old))
+    assert (loaded.body_sha256, loaded.finish_reason) == (None, None) and loaded.request_id == "r"
 
 
 async def test_budget_reports_never_read_the_buckets_of_finished_windows(tmp_path: Path) -> None:

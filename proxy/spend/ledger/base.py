@@ -103,6 +103,11 @@ class SpendRow:
     # older Tollgate (Redis pending rows) still load.
     team: str | None = None
     key_metadata: dict[str, str] | None = None
+    # For `tollgate advise` (schema 5): the sha256 hex of the request body as received
+    # (repeats are cache candidates; never the payload itself), and the first choice's
+    # finish_reason (`length`: the request hit its output cap). Defaults, for older JSON.
+    body_sha256: str | None = None
+    finish_reason: str | None = None
 
     @classmethod
     def from_usage(cls, usage: Usage | None, cost: Decimal | None, **fields: Any) -> SpendRow:

@@ -30,6 +30,7 @@ _COLUMNS = (
     "seq", "ledger_id", "request_id", "time", "key_name", "user_name", "team_name", "model", "upstream",
     "endpoint", "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens",
     "cache_write_tokens", "input_source", "output_source", "cost_nanos", "outcome", "status", "key_metadata",
+    "body_sha256", "finish_reason",
 )
 
 # What `--format jsonl|csv` writes, in order (cost as an exact decimal string).
@@ -37,6 +38,7 @@ RAW_FIELDS = (
     "ledger_id", "request_id", "time", "key", "user", "team", "model", "upstream", "endpoint",
     "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens", "cache_write_tokens",
     "input_source", "output_source", "cost_usd", "outcome", "status", "key_metadata",
+    "body_sha256", "finish_reason",
 )
 
 # The FOCUS 1.2 columns, then Tollgate's own (FOCUS's `x_` prefix for custom columns).
@@ -138,6 +140,8 @@ def _row(rec: tuple[Any, ...]) -> ExportRow:
         "outcome": d["outcome"],
         "status": d["status"],
         "key_metadata": json.loads(d["key_metadata"]) if d["key_metadata"] else None,
+        "body_sha256": d["body_sha256"],
+        "finish_reason": d["finish_reason"],
     })
 
 

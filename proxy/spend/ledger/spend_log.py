@@ -33,7 +33,7 @@ from proxy.spend.ledger.sqlite_db import (
 # The spend log (shared with the Redis ledger, which keeps its own local copy)
 
 
-_SPEND_COLUMNS = ("ledger_id", *V1_SPEND_COLUMNS, "team_name", "key_metadata")
+_SPEND_COLUMNS = ("ledger_id", *V1_SPEND_COLUMNS, "team_name", "key_metadata", "body_sha256", "finish_reason")
 # `seq` is taken inside the write transaction, so commit order is seq order: a reader
 # never sees a row without every row of a lower seq (what makes export cursors gap-free).
 _INSERT_SPEND = (
@@ -52,6 +52,7 @@ def insert_spend_row(conn: sqlite3.Connection, ledger_id: str, row: SpendRow) ->
             row.reasoning_tokens, row.cache_write_tokens, row.input_source, row.output_source,
             spend_nanos(row.cost), row.outcome, row.status, row.team,
             json.dumps(row.key_metadata, sort_keys=True) if row.key_metadata else None,
+            row.body_sha256, row.finish_reason,
         ),
     )
     return cur.rowcount == 1

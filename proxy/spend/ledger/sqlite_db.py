@@ -36,7 +36,11 @@ ADDED_IN_3 = (("spend_log", "team_name"), ("spend_log", "key_metadata"), ("bucke
 # from (time cannot serve: a Redis instance's recovered rows arrive late with old times).
 # Rows of older files are numbered in (time, ledger_id) order when the file is opened.
 
-SCHEMA_VERSION = 4
+# 5: `body_sha256` and `finish_reason` on spend rows, for `tollgate advise`; older rows
+# keep NULL there.
+ADDED_IN_5 = (("spend_log", "body_sha256"), ("spend_log", "finish_reason"))
+
+SCHEMA_VERSION = 5
 # Settled markers make settle idempotent; a week covers any retry of a finished request.
 SETTLED_RETENTION_MS = 7 * 24 * 3600 * 1000
 # Request ids per statement when leases are renewed (SQLite binds at most 32766 values).
@@ -64,7 +68,9 @@ CREATE TABLE IF NOT EXISTS spend_log (
     status INTEGER,
     team_name TEXT,
     key_metadata TEXT,                -- JSON object, or NULL
-    seq INTEGER                       -- commit order: MAX + 1 under the write lock
+    seq INTEGER,                      -- commit order: MAX + 1 under the write lock
+    body_sha256 TEXT,                 -- sha256 hex of the request body, never the body
+    finish_reason TEXT                -- the first choice's, NULL when none was seen
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS spend_log_time ON spend_log(time);
 -- This file's identity, made once: with Redis, the spend rows an instance settled but had not
@@ -405,8 +411,8 @@ def init_schema(conn: sqlite3.Connection, script: str) -> None:
         for statement in script.split(";"):
             if statement.strip():
                 c.execute(statement)
-        # CREATE TABLE IF NOT EXISTS keeps a version 2 table as it was: add what 3 added.
-        for table, column in ADDED_IN_3:
+        # CREATE TABLE IF NOT EXISTS keeps an older table as it was: add what 3 and 5 added.
+        for table, column in (*ADDED_IN_3, *ADDED_IN_5):
             have = {r[1] for r in c.execute(f"PRAGMA table_info({table})")}
             if have and column not in have:
                 c.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
