@@ -564,15 +564,20 @@ async def test_soft_budget_warns_with_headers_log_metric_and_one_webhook_per_thr
         assert headers["x-tollgate-budget-reset"] == "2025-06-16T00:00:00Z"
     assert [h["x-tollgate-budget-remaining"] for h in seen[1:]] == ["0.004000", "0.001000", "0.000000", "0.000000"]
 
-    await wait_until(lambda: len(rec.accepted) == 2, "two accepted webhooks")
+    # At 20:00, $0.009 also makes the forecast cross the limit: that webhook
+    # (test_forecast_webhook.py) is left out here.
+    def thresholds(posts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [h for h in posts if h["event"] == "budget.threshold_crossed"]
+
+    await wait_until(lambda: len(thresholds(rec.accepted)) == 2, "two accepted webhooks")
     await asyncio.sleep(0.6)  # longer than the first retry delay: no further POST comes
-    assert len(rec.attempts) == 3  # the first was refused with 500 and retried
+    assert len(thresholds(rec.attempts)) == 3  # the first was refused with 500 and retried
     # Sent in the background: the refused first attempt is retried after the other one.
-    assert sorted((h["budget"], h["threshold"], h["spent_usd"]) for h in rec.accepted) == [
+    assert sorted((h["budget"], h["threshold"], h["spent_usd"]) for h in thresholds(rec.accepted)) == [
         ("soft", 0.5, "0.006000000"),
         ("soft", 0.95, "0.012000000"),
     ]
-    assert all(h["event"] == "budget.threshold_crossed" and h["window_end"] == "2025-06-16T00:00:00Z" for h in rec.accepted)
+    assert all(h["window_end"] == "2025-06-16T00:00:00Z" for h in thresholds(rec.accepted))
     metrics = await scrape(proxy)
     crossings = {
         labels: v for (name, labels), v in metrics.items() if name == "tollgate_budget_threshold_crossings_total"
@@ -586,8 +591,9 @@ async def test_soft_budget_warns_with_headers_log_metric_and_one_webhook_per_thr
     for i in range(2):
         await post(proxy, ask(3))
         await settled(proxy, 6 + i)
-    await wait_until(lambda: len(rec.accepted) == 3, "the next period's webhook")
-    assert rec.accepted[2]["threshold"] == 0.5 and rec.accepted[2]["window_end"] == "2025-06-17T00:00:00Z"
+    await wait_until(lambda: len(thresholds(rec.accepted)) == 3, "the next period's webhook")
+    third = thresholds(rec.accepted)[2]
+    assert third["threshold"] == 0.5 and third["window_end"] == "2025-06-17T00:00:00Z"
 
 
 # ---------------------------------------------------------------------------------------
