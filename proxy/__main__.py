@@ -165,6 +165,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from proxy import cli_export
 
     cli_export.add_commands(sub)
+    from proxy import cli_advise
+
+    cli_advise.add_commands(sub)
     return parser
 
 

@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     # The pipeline's stages, in the order a request meets them.
     ("stages", ["proxy.accept", "proxy.route", "proxy.spend.admission", "proxy.forward", "proxy.finish"]),
     ("assembly", ["proxy.handlers", "proxy.app"]),
-    ("entry points", ["proxy.serve", "proxy.__main__", "proxy.cli_ledger", "proxy.cli_export", "proxy.demo", "proxy.demo_report", "proxy.synthetic", "proxy.synthetic_truth", "proxy.healthcheck"]),
+    ("entry points", ["proxy.serve", "proxy.__main__", "proxy.cli_ledger", "proxy.cli_export", "proxy.cli_advise", "proxy.demo", "proxy.demo_report", "proxy.synthetic", "proxy.synthetic_truth", "proxy.healthcheck"]),
 ]
 STAGES = LAYERS[3][1]
 
