@@ -95,6 +95,17 @@ def cost(usage: Usage, price: Price) -> Decimal:
     cached_input_tokens with input_tokens fixed re-prices existing tokens rather than
     adding any.
     """
+    billed_input, billed_cached, billed_output = _billed(usage, price)
+    calls = (
+        max(usage.web_search_calls, 0) * price.call_fee("web_search")
+        + max(usage.file_search_calls, 0) * price.call_fee("file_search")
+    )
+    return (billed_input + billed_cached + billed_output) / _PER + calls / _PER_CALLS
+
+
+def _billed(usage: Usage, price: Price) -> tuple[Decimal, Decimal, Decimal]:
+    """USD x 1M for (uncached input and cache writes, cached input, output), the counts
+    clamped as `cost` describes: the one place the token arithmetic is written."""
     cached = max(usage.cached_input_tokens, 0)
     cache_write = max(usage.cache_write_tokens, 0)
     input_tokens = max(usage.input_tokens, cached + cache_write, 0)
@@ -102,17 +113,7 @@ def cost(usage: Usage, price: Price) -> Decimal:
     output_tokens = max(usage.output_tokens, usage.reasoning_tokens, 0)
     cached_rate = price.input if price.cached_input is None else price.cached_input
     write_rate = price.input if price.cache_write is None else price.cache_write
-    total = (
-        uncached * price.input
-        + cached * cached_rate
-        + cache_write * write_rate
-        + output_tokens * price.output
-    )
-    calls = (
-        max(usage.web_search_calls, 0) * price.call_fee("web_search")
-        + max(usage.file_search_calls, 0) * price.call_fee("file_search")
-    )
-    return total / _PER + calls / _PER_CALLS
+    return uncached * price.input + cache_write * write_rate, cached * cached_rate, output_tokens * price.output
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,18 +130,12 @@ class CostParts:
 
 def cost_parts(usage: Usage, price: Price) -> CostParts:
     """`cost` with its parts, the same clamping rules; `total` equals `cost(usage, price)`."""
-    cached = max(usage.cached_input_tokens, 0)
-    cache_write = max(usage.cache_write_tokens, 0)
-    input_tokens = max(usage.input_tokens, cached + cache_write, 0)
-    uncached = input_tokens - cached - cache_write
-    output_tokens = max(usage.output_tokens, usage.reasoning_tokens, 0)
-    cached_rate = price.input if price.cached_input is None else price.cached_input
-    write_rate = price.input if price.cache_write is None else price.cache_write
+    billed_input, billed_cached, billed_output = _billed(usage, price)
     return CostParts(
         total=cost(usage, price),
-        input=(uncached * price.input + cache_write * write_rate) / _PER,
-        cached_input=cached * cached_rate / _PER,
-        output=output_tokens * price.output / _PER,
+        input=billed_input / _PER,
+        cached_input=billed_cached / _PER,
+        output=billed_output / _PER,
     )
 
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import ConfigError
-from proxy.pricing import Price, PriceTable, cost, parse_price, worst_case_cost
+from proxy.pricing import Price, PriceTable, cost, cost_parts, parse_price, worst_case_cost
 from proxy.usage import Usage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -280,6 +280,16 @@ def test_worst_case_bounds_any_actual_use_within_it(input_tokens: int, output_ca
     n_in, n_out = max(input_tokens, 0), max(output_cap, 0)
     actual = Usage(input_tokens=n_in, cached_input_tokens=min(max(cached, 0), n_in), output_tokens=n_out // 2)
     assert worst_case_cost(input_tokens, output_cap, price) >= cost(actual, price)
+
+
+@given(usage=usages, price=prices)
+def test_cost_parts_add_up_to_the_cost_without_call_fees(usage: Usage, price: Price) -> None:
+    """The parts the client sees (headers, usage.cost) come from the same arithmetic as the
+    total: with no per-call fee they sum to it exactly, and none is negative."""
+    parts = cost_parts(usage, price)
+    assert parts.total == cost(usage, price)
+    assert parts.input + parts.cached_input + parts.output == parts.total
+    assert min(parts.input, parts.cached_input, parts.output) >= 0
 
 
 def test_the_shipped_table_carries_its_date() -> None:
