@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from proxy.cli_ledger import DEFAULT_CONFIG, _moment, _no_ledger, _settings
-from proxy.pricing import _shipped_text
+from proxy.cli_ledger import DEFAULT_CONFIG, moment_arg, no_ledger, report_settings
+from proxy.pricing import shipped_text
 from proxy.spend.ledger.sqlite_db import log_time
 from proxy.spend.money import from_nanos, iso_utc
 
@@ -56,8 +56,8 @@ class Row:
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("advise", help="what the spend log says would save money, with the figures behind it")
     p.add_argument("--config", default=DEFAULT_CONFIG, type=Path, help="YAML config file")
-    p.add_argument("--since", type=_moment, help=f"start (UTC date or ISO time); default {DEFAULT_DAYS} days ago")
-    p.add_argument("--until", type=_moment, help="end (a UTC date: through that day; an ISO time: exclusive); default now")
+    p.add_argument("--since", type=moment_arg, help=f"start (UTC date or ISO time); default {DEFAULT_DAYS} days ago")
+    p.add_argument("--until", type=moment_arg, help="end (a UTC date: through that day; an ISO time: exclusive); default now")
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     p.set_defaults(func=cmd_advise)
 
@@ -83,7 +83,7 @@ def read_rows(path: Path, since: datetime, until: datetime) -> list[Row]:
 
 def output_prices() -> dict[str, Decimal]:
     """Model → USD per 1M output tokens, from the shipped price table."""
-    table = yaml.safe_load(_shipped_text()) or {}
+    table = yaml.safe_load(shipped_text()) or {}
     out = {}
     for name, price in table.items():
         if isinstance(price, dict) and price.get("output") is not None:
@@ -187,10 +187,10 @@ def render(findings: dict[str, list[dict[str, Any]]], since: datetime, until: da
 
 
 def cmd_advise(args: argparse.Namespace) -> int:
-    settings = _settings(args.config)
+    settings = report_settings(args.config)
     if settings is None:
         return 2
-    if _no_ledger(settings):
+    if no_ledger(settings):
         return 1
     if args.until is None:
         until = datetime.now(UTC)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from proxy.cli_ledger import DEFAULT_CONFIG, _no_ledger, _settings
+from proxy.cli_ledger import DEFAULT_CONFIG, no_ledger, report_settings
 from proxy.spend.ledger.base import LedgerError
 from proxy.spend.ledger.export import (
     FOCUS_FIELDS,
@@ -55,10 +55,10 @@ def open_spend_log(path: Path) -> sqlite3.Connection:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    settings = _settings(args.config)
+    settings = report_settings(args.config)
     if settings is None:
         return 2
-    if _no_ledger(settings):
+    if no_ledger(settings):
         return 1
     try:
         conn = open_spend_log(Path(settings.ledger.path))

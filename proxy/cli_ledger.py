@@ -57,8 +57,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
     spend = sub.add_parser("spend", help="spend totals from the spend log, as a table or CSV")
     spend.add_argument("--config", default=DEFAULT_CONFIG, type=Path, help="YAML config file")
-    spend.add_argument("--from", dest="start", type=_moment, help="start (UTC date or ISO time), inclusive")
-    spend.add_argument("--to", dest="end", type=_moment, help="end (UTC date: through that day; ISO time: exclusive)")
+    spend.add_argument("--from", dest="start", type=moment_arg, help="start (UTC date or ISO time), inclusive")
+    spend.add_argument("--to", dest="end", type=moment_arg, help="end (UTC date: through that day; ISO time: exclusive)")
     spend.add_argument(
         "--by", default="key,model", type=_group_by,
         help=f"comma-separated grouping, from {','.join(GROUP_BY_FIELDS)} (default key,model; '' for one total)",
@@ -76,7 +76,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 # Argument types
 
 
-class _Moment:
+class Moment:
     """A --from/--to value: a date means its whole UTC day, a time means that instant."""
 
     def __init__(self, moment: datetime, whole_day: bool) -> None:
@@ -84,17 +84,17 @@ class _Moment:
         self.whole_day = whole_day
 
 
-def _moment(text: str) -> _Moment:
+def moment_arg(text: str) -> Moment:
     try:
         if len(text) == 10:
             day = date.fromisoformat(text)
-            return _Moment(datetime.combine(day, time(0), tzinfo=UTC), True)
+            return Moment(datetime.combine(day, time(0), tzinfo=UTC), True)
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date (2025-06-01) or ISO time") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return _Moment(moment, False)
+    return Moment(moment, False)
 
 
 def _group_by(text: str) -> list[str]:
@@ -129,7 +129,7 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 # Opening the ledger
 
 
-def _settings(path: Path) -> Settings | None:
+def report_settings(path: Path) -> Settings | None:
     try:
         # The TOLLGATE_* variables serve obeys, so a report reads the ledger serve writes.
         return load_settings(path, overrides=collect_overrides({}, os.environ))
@@ -149,7 +149,7 @@ def _with_ledger(settings: Settings, body: Callable[[Ledger], Any]) -> Any:
     return asyncio.run(run())
 
 
-def _no_ledger(settings: Settings) -> bool:
+def no_ledger(settings: Settings) -> bool:
     # A report must not create an empty ledger where the proxy never wrote one.
     path = Path(settings.ledger.path)
     if not path.exists():
@@ -162,7 +162,7 @@ def _no_ledger(settings: Settings) -> bool:
 # spend
 
 
-def spend_window(start: _Moment | None, end: _Moment | None) -> tuple[datetime, datetime]:
+def spend_window(start: Moment | None, end: Moment | None) -> tuple[datetime, datetime]:
     lo = start.moment if start is not None else _BEGINNING
     if end is None:
         hi = _END_OF_TIME
@@ -172,10 +172,10 @@ def spend_window(start: _Moment | None, end: _Moment | None) -> tuple[datetime, 
 
 
 def cmd_spend(args: argparse.Namespace) -> int:
-    settings = _settings(args.config)
+    settings = report_settings(args.config)
     if settings is None:
         return 2
-    if _no_ledger(settings):
+    if no_ledger(settings):
         return 1
     start, end = spend_window(args.start, args.end)
     if end <= start:
@@ -271,7 +271,7 @@ def _usd(amount: Decimal | None) -> Decimal | None:
 
 
 def cmd_budgets(args: argparse.Namespace) -> int:
-    settings = _settings(args.config)
+    settings = report_settings(args.config)
     if settings is None:
         return 2
     now = datetime.now(UTC)

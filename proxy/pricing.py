@@ -322,13 +322,13 @@ _AS_OF = re.compile(r"^# prices-as-of: (\d{4}-\d{2}-\d{2})[ \t]*$", re.M)
 STALE_AFTER_DAYS = 90
 
 
-def _shipped_text() -> str:
+def shipped_text() -> str:
     return importlib.resources.files("proxy").joinpath("data").joinpath("pricing.yaml").read_text("utf-8")
 
 
 def shipped_prices_date() -> date:
     """The date the shipped prices were read (`# prices-as-of:` in proxy/data/pricing.yaml)."""
-    found = _AS_OF.search(_shipped_text())
+    found = _AS_OF.search(shipped_text())
     if found is None:
         raise ValueError("proxy/data/pricing.yaml has no '# prices-as-of: YYYY-MM-DD' line")
     return date.fromisoformat(found.group(1))
@@ -348,7 +348,7 @@ def stale_prices_warning(as_of: date, today: date) -> str | None:
 
 @functools.cache
 def _shipped() -> PriceTable:
-    return PriceTable.from_yaml_text(_shipped_text(), source="proxy/data/pricing.yaml")
+    return PriceTable.from_yaml_text(shipped_text(), source="proxy/data/pricing.yaml")
 
 
 def price_of_exchange(prices: PriceTable, upstream_model: str | None, requested_model: str | None) -> Price | None:
