@@ -171,7 +171,7 @@ def metrics_port(reuse_port: bool) -> Callable[[web.Application], AsyncIterator[
 
 async def housekeeping(app: web.Application, every: float = 2.0) -> AsyncIterator[None]:
     """Sample the event loop's task count and close what a reload retired once its time
-    is up; at shutdown, stop the start-up probes and close everything retired."""
+    is up; at shutdown, close everything retired (upstream_sessions stops the probes)."""
     rt = app[RUNTIME]
 
     async def housekeeping_rounds() -> None:
@@ -184,7 +184,6 @@ async def housekeeping(app: web.Application, every: float = 2.0) -> AsyncIterato
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    await rt.cancel_probes()
     await close_retired(rt, everything=True)
 
 

@@ -87,37 +87,24 @@ class Observers:
             except Exception:  # noqa: BLE001 - a broken counter must not break the others
                 log.exception("observer failure callback failed")
 
-    def on_start(self, ex: Exchange) -> None:
-        for method in self._hooks["on_start"]:
+    def _fire(self, hook: str, *args: object) -> None:
+        for method in self._hooks[hook]:
             try:
-                method(ex)
+                method(*args)
             except Exception:  # noqa: BLE001 - measuring must never break forwarding
-                self._failed(method, "on_start")
+                self._failed(method, hook)
+
+    def on_start(self, ex: Exchange) -> None:
+        self._fire("on_start", ex)
 
     def on_request_headers(self, ex: Exchange, headers: MutableMapping[str, str]) -> None:
-        for method in self._hooks["on_request_headers"]:
-            try:
-                method(ex, headers)
-            except Exception:  # noqa: BLE001
-                self._failed(method, "on_request_headers")
+        self._fire("on_request_headers", ex, headers)
 
     def on_response_headers(self, ex: Exchange, headers: MutableMapping[str, str]) -> None:
-        for method in self._hooks["on_response_headers"]:
-            try:
-                method(ex, headers)
-            except Exception:  # noqa: BLE001
-                self._failed(method, "on_response_headers")
+        self._fire("on_response_headers", ex, headers)
 
     def on_first_token(self, ex: Exchange) -> None:
-        for method in self._hooks["on_first_token"]:
-            try:
-                method(ex)
-            except Exception:  # noqa: BLE001
-                self._failed(method, "on_first_token")
+        self._fire("on_first_token", ex)
 
     def on_finish(self, ex: Exchange) -> None:
-        for method in self._hooks["on_finish"]:
-            try:
-                method(ex)
-            except Exception:  # noqa: BLE001
-                self._failed(method, "on_finish")
+        self._fire("on_finish", ex)

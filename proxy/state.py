@@ -20,13 +20,10 @@ from proxy.faults import FaultMetrics
 from proxy.keys import KeyRing
 from proxy.observer import Observers
 from proxy.policy import Policy
-from proxy.pricing import PriceTable
 from proxy.settings import Settings
 from proxy.spend.hold import Hold
 from proxy.spend.ledger import Ledger
 from proxy.spend.lifecycle import Spend, Unsettled
-from proxy.spend.metrics import BudgetMetrics
-from proxy.spend.webhook import WebhookSender
 from proxy.upstream import Upstream
 
 log = logging.getLogger("tollgate")
@@ -62,10 +59,6 @@ class Runtime:
         return self.policy.settings
 
     @property
-    def prices(self) -> PriceTable:
-        return self.policy.prices
-
-    @property
     def keyring(self) -> KeyRing:
         return self.policy.keyring
 
@@ -93,14 +86,6 @@ class Runtime:
     @property
     def background(self) -> set[asyncio.Task[Any]]:
         return self.spend.background
-
-    @property
-    def budget_metrics(self) -> BudgetMetrics:
-        return self.spend.metrics
-
-    @property
-    def webhook(self) -> WebhookSender:
-        return self.spend.webhook
 
     @property
     def ready(self) -> bool:

@@ -194,7 +194,6 @@ async def admit(
         if not decision.clamped:
             verdict = "warn"
     ex.budget_verdict = verdict
-    hold.headers = headers
     return Admission(hold, cap_override, headers)
 
 
@@ -223,5 +222,4 @@ def _unreserved(
         # As when admitted normally: the cost charged later stays within what was estimated.
         cap_override = (oc.field, cap)
         ex.output_cap = cap
-    hold.headers = {"x-tollgate-budget-unchecked": "ledger-unavailable"}
-    return Admission(hold, cap_override, dict(hold.headers))
+    return Admission(hold, cap_override, {"x-tollgate-budget-unchecked": "ledger-unavailable"})

@@ -28,17 +28,12 @@ class Hold:
     buckets: list[Bucket]
     amount: Decimal
     reserved: bool
-    headers: dict[str, str] = field(default_factory=dict)
     # Admitted without a reservation because the ledger was down (fail_open): settlement
     # charges the actual cost to `buckets` all the same, when the ledger is back if need be.
     charge_on_settle: bool = False
     # Set when the hold is settled or released; the task doing it (awaited by a response
     # that must not look complete before it is charged).
     ending: asyncio.Task[Any] | None = None
-
-    @property
-    def ended(self) -> bool:
-        return self.ending is not None
 
 
 @dataclass(frozen=True, slots=True)
