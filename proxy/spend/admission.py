@@ -33,6 +33,7 @@ from proxy.spend.budgets import (
 )
 from proxy.spend.hold import NOT_ADMITTED, Admission, Hold, ledger_down, new_ledger_id
 from proxy.spend.ledger import IfInterrupted, SpendRow, admit_and_reserve
+from proxy.spend.quota import leasable
 from proxy.usage import Usage
 
 if TYPE_CHECKING:
@@ -126,13 +127,18 @@ async def admit(
         input_cost = worst_case_cost(input_tokens, 0, price)
         clamp = ClampInput(input_cost, input_tokens, cap, price.output / Decimal(1_000_000), outputs)
     ledger_id = new_ledger_id(ex.request_id)
+    tokens = input_tokens + cap * outputs
+    if spend.quota.enabled and leasable(buckets):
+        leased = await _from_leases(spend, ex, ledger_id, buckets, amount, tokens, now)
+        if leased is not None:
+            return _admitted_from_lease(ex, leased, oc, cap, write_cap)
     try:
         reserved = await admit_and_reserve(
             spend.ledger,
             ledger_id,
             buckets,
             amount,
-            tokens=input_tokens + cap * outputs,
+            tokens=tokens,
             clamp=clamp,
             lease_seconds=spend.lease_seconds,
             now=now,
@@ -195,6 +201,34 @@ async def admit(
             verdict = "warn"
     ex.budget_verdict = verdict
     return Admission(hold, cap_override, headers)
+
+
+async def _from_leases(
+    spend: Spend, ex: Exchange, ledger_id: str, buckets: list[Bucket], amount: Decimal, tokens: int, now: datetime
+) -> Hold | None:
+    """The worst case taken from this process's quota leases, or None: the request must
+    reserve on its own (a budget is near its edge, or the ledger failed while sizing)."""
+    amount_q = quantize_up(amount)
+    try:
+        draw = await spend.quota.draw(spend.ledger, buckets, amount_q, tokens, now)
+    except Exception as exc:
+        if not ledger_down(exc):
+            raise
+        return None  # the per-request reservation meets the outage and applies on_unavailable
+    if draw is None:
+        return None
+    return Hold(ledger_id, list(buckets), amount_q, False, draw=draw)
+
+
+def _admitted_from_lease(ex: Exchange, hold: Hold, oc: OutputCap | None, cap: int, write_cap: bool) -> Admission:
+    # Leased buckets all block and none has a warn threshold to announce: the only
+    # difference from a plain reservation is that the ledger was not called.
+    cap_override = None
+    if write_cap and oc is not None:
+        cap_override = (oc.field, cap)
+        ex.output_cap = cap
+    ex.budget_verdict = "ok"
+    return Admission(hold, cap_override, {})
 
 
 def _unreserved(

@@ -18,6 +18,7 @@ from typing import Any
 
 from proxy.spend.buckets import Bucket
 from proxy.spend.ledger import DuplicateReservation, LedgerError
+from proxy.spend.quota import Draw
 
 
 @dataclass(slots=True, eq=False)
@@ -31,6 +32,10 @@ class Hold:
     # Admitted without a reservation because the ledger was down (fail_open): settlement
     # charges the actual cost to `buckets` all the same, when the ledger is back if need be.
     charge_on_settle: bool = False
+    # Admitted from this process's quota leases (proxy.spend.quota), not reserved on its
+    # own: settlement charges the actual cost to `buckets` and gives the leases back
+    # their worst case once the ledger has it.
+    draw: Draw | None = None
     # Set when the hold is settled or released; the task doing it (awaited by a response
     # that must not look complete before it is charged).
     ending: asyncio.Task[Any] | None = None

@@ -42,6 +42,7 @@ from proxy.spend.forecast import crossed, forecast
 from proxy.spend.hold import Hold, ledger_down, new_ledger_id
 from proxy.spend.ledger import Ledger, LedgerError, Settled, SpendRow, open_ledger
 from proxy.spend.metrics import BudgetMetrics
+from proxy.spend.quota import QuotaBook
 from proxy.spend.rules import LedgerSettings, WebhookSettings
 from proxy.spend.webhook import WebhookSender
 
@@ -93,6 +94,8 @@ class Spend:
         # the forecast is a projection, not a ledger fact, so workers or instances sharing a
         # ledger may each send one for the same window; a restart may send it again.
         self.forecast_sent: dict[str, datetime] = {}
+        # Quota leases: most budgeted requests are admitted from them with no ledger call.
+        self.quota = QuotaBook(settings.leasing, settings.lease_seconds)
 
     @property
     def ledger(self) -> Ledger:
@@ -132,8 +135,10 @@ class Spend:
             if hold.ending is not None:
                 return None
             self.live.pop(hold.ledger_id, None)
-        if hold is not None and (hold.reserved or hold.charge_on_settle):
+        if hold is not None and (hold.reserved or hold.charge_on_settle or hold.draw is not None):
             job = Unsettled(hold.ledger_id, charges(hold.buckets, spent, tokens), row, hold)
+            if hold.draw is not None:
+                self.quota.settling(hold.draw, spent, tokens)
         else:
             job = Unsettled(new_ledger_id(row.request_id), [], row, hold)
         task = self.spawn(self._settle(job), f"settling {row.request_id}")
@@ -146,6 +151,8 @@ class Spend:
         if hold.ending is not None:
             return None
         self.live.pop(hold.ledger_id, None)
+        if hold.draw is not None:
+            self.quota.released(hold.draw)
         hold.ending = self.spawn(self._release(hold), f"releasing {hold.ledger_id}")
         return hold.ending
 
@@ -164,6 +171,7 @@ class Spend:
         except Exception as exc:  # noqa: BLE001 - a request that was served must be charged
             if not ledger_down(exc):
                 log.exception("settling %s failed; its reservation will expire with its lease", job.row.request_id)
+                self._landed(job)
                 return
             if len(self.outbox) >= MAX_UNSETTLED:
                 lost = self.outbox.popleft()
@@ -173,7 +181,13 @@ class Spend:
             self.faults.unsettled.set(len(self.outbox))
             log.warning("ledger unavailable; settlement of %s ($%s) kept for retry: %s", job.row.request_id, plain_usd(job.row.cost), exc)
             return
+        self._landed(job)
         self._after_settle(job.hold, results, now)
+
+    def _landed(self, job: Unsettled) -> None:
+        # Every charge of a settlement is the same amount and tokens (`charges`).
+        if job.hold is not None and job.hold.draw is not None and job.actual:
+            self.quota.landed(job.hold.draw, job.actual[0].amount, job.actual[0].tokens)
 
     def _after_settle(self, hold: Hold | None, results: Sequence[Settled], now: datetime) -> None:
         if hold is None:
@@ -238,8 +252,10 @@ class Spend:
                     self.outbox.appendleft(job)
                     break
                 log.exception("late settlement of %s failed for good", job.row.request_id)
+                self._landed(job)
                 continue
             done += 1
+            self._landed(job)
             self._after_settle(job.hold, results, self.clock())
         self.faults.unsettled.set(len(self.outbox))
         if done:
@@ -266,12 +282,18 @@ class Spend:
         renew_at = 0.0
         while True:
             lease = self.lease_seconds
-            if self.live and time.monotonic() >= renew_at:
+            held = [*self.live, *self.quota.lease_ids()]
+            if held and time.monotonic() >= renew_at:
                 renew_at = time.monotonic() + lease / 3
                 try:
-                    await self.ledger.renew(list(self.live), lease, self.clock())
+                    await self.ledger.renew(held, lease, self.clock())
                 except Exception:  # noqa: BLE001 - retried at the next round; a lease lasts 3 rounds
-                    log.exception("renewing %d leases failed", len(self.live))
+                    log.exception("renewing %d leases failed", len(held))
+            if self.quota.leases:
+                try:
+                    await self.quota.give_back(self.ledger, self.clock())
+                except Exception:  # noqa: BLE001 - kept, and tried again at the next round
+                    log.warning("giving back idle quota leases failed", exc_info=True)
             if self.outbox:
                 await self.retry_outbox()
             if self.abandoned:
@@ -320,6 +342,7 @@ class Spend:
     async def drain(self) -> None:
         if self.background:
             await asyncio.wait(self.background, timeout=10)
+        await self.quota.close(self.ledger, self.clock())
         if self.outbox:
             # Last chance for settlements kept while the ledger was down.
             await self.retry_outbox()

@@ -133,6 +133,27 @@ def _unique_names(rules: tuple[BudgetRule, ...]) -> tuple[BudgetRule, ...]:
 BudgetRules = Annotated[tuple[BudgetRule, ...], AfterValidator(_unique_names)]
 
 
+class LeasingSettings(BaseModel):
+    """Quota leasing (proxy.spend.quota): admit from slices of each budget's headroom leased
+    from the ledger, instead of one ledger transaction per request."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Off by default: a leased request whose process is killed mid-flight is not charged
+    # its prompt (a reservation of its own is), and near a limit one process may refuse
+    # while another holds an unused slice. On, a budgeted request costs no ledger call.
+    enabled: bool = False
+    # A lease takes this share of what is left of a budget (its limit minus everyone's
+    # spend and reservations): geometric, so N processes leave (1 - share)^N of it free.
+    share: Annotated[Decimal, Field(gt=0, le=Decimal("0.5"))] = Decimal("0.25")
+    # A request is leased only when the slice is at least this many of its worst case;
+    # below that the budget is near its edge and each request reserves on its own.
+    min_requests: Annotated[int, Field(ge=1, le=10_000)] = 1
+    # A lease unused this long is given back (shrunk to what its requests in flight hold),
+    # so an idle process does not sit on headroom another needs.
+    idle_seconds: Annotated[float, Field(gt=0, le=3600)] = 2.0
+
+
 class LedgerSettings(BaseModel):
     """Where budget state and the spend log live."""
 
@@ -152,6 +173,7 @@ class LedgerSettings(BaseModel):
     # unchecked); `fail_open` admits without a reservation, logs and counts it, and charges
     # the request's actual cost to its budgets once the ledger is back.
     on_unavailable: Literal["fail_closed", "fail_open"] = "fail_closed"
+    leasing: LeasingSettings = LeasingSettings()
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> LedgerSettings:

@@ -3,6 +3,7 @@ budget, with processes killed under it, and the books checked against what the u
 
     python -m tests.integrity.run                               # all three set-ups
     python -m tests.integrity.run --setup redis2 --requests 600 --concurrency 300 --seed 7
+    python -m tests.integrity.run --leasing on                  # quota leasing only (default: both)
 
 Set-ups: `sqlite` (one process), `sqlite2` (one process, 2 workers), `redis2` (two instances
 sharing a Redis that keeps an fsync-always append-only file, as a production Redis would).
@@ -334,7 +335,9 @@ def logged_usd(paths: list[Path]) -> tuple[Decimal, Counter[str]]:
     return total, outcomes
 
 
-async def run_setup(setup: str, requests: int, concurrency: int, seed: int, workdir: Path) -> dict[str, Any]:
+async def run_setup(
+    setup: str, requests: int, concurrency: int, seed: int, workdir: Path, leasing: bool = False
+) -> dict[str, Any]:
     rng = random.Random(seed)
     upstream = BillingUpstream()
     upstream.start()
@@ -344,6 +347,7 @@ async def run_setup(setup: str, requests: int, concurrency: int, seed: int, work
     spend_logs: list[Path] = []
     out = Outcome()
     faults: list[str] = []
+    lease_yaml = f"leasing: {{enabled: {str(leasing).lower()}}}"
     try:
         if redis is not None:
             redis.start()
@@ -351,12 +355,12 @@ async def run_setup(setup: str, requests: int, concurrency: int, seed: int, work
                 spend_logs.append(workdir / f"spend-{i}.db")
                 cfg = workdir / f"tollgate-{i}.yaml"
                 cfg.write_text(config(upstream.api_base, f"ledger: {{backend: redis, redis_url: \"{redis.url}\", "
-                                      f"path: {spend_logs[-1]}, lease_seconds: {LEASE_S}}}"))
+                                      f"path: {spend_logs[-1]}, lease_seconds: {LEASE_S}, {lease_yaml}}}"))
                 configs.append(cfg)
         else:
             spend_logs.append(workdir / "ledger.db")
             cfg = workdir / "tollgate.yaml"
-            cfg.write_text(config(upstream.api_base, f"ledger: {{backend: sqlite, path: {spend_logs[0]}, lease_seconds: {LEASE_S}}}"))
+            cfg.write_text(config(upstream.api_base, f"ledger: {{backend: sqlite, path: {spend_logs[0]}, lease_seconds: {LEASE_S}, {lease_yaml}}}"))
             configs.append(cfg)
         workers = 2 if setup == "sqlite2" else 1
         for i, cfg in enumerate(configs):
@@ -427,7 +431,7 @@ async def run_setup(setup: str, requests: int, concurrency: int, seed: int, work
     if overspend > unseen:
         problems.append(f"overspend {overspend} beyond what Tollgate could not see ({unseen})")
     return {
-        "setup": setup, "requests": requests, "concurrency": concurrency, "seed": seed,
+        "setup": setup, "leasing": leasing, "requests": requests, "concurrency": concurrency, "seed": seed,
         "seconds": round(elapsed, 1), "faults": faults, "by_kind": dict(out.by_kind),
         "statuses": dict(out.statuses), "spend_log_outcomes": dict(outcomes),
         "limit_usd": str(LIMIT), "ledger_spent_usd": str(spent), "spend_log_usd": str(logged),
@@ -444,13 +448,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--concurrency", type=int, default=300)
     parser.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(2), "big"))
+    parser.add_argument(
+        "--leasing", choices=("off", "on", "both"), default="both",
+        help="quota leasing (ledger.leasing.enabled) in the proxies: off, on, or each set-up both ways",
+    )
     args = parser.parse_args(argv)
     ok = True
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.leasing]
     for setup in SETUPS if args.setup == "all" else (args.setup,):
-        with tempfile.TemporaryDirectory(prefix=f"tollgate-integrity-{setup}-") as tmp:
-            report = asyncio.run(run_setup(setup, args.requests, args.concurrency, args.seed, Path(tmp)))
-        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode(), flush=True)
-        ok = ok and not report["problems"]
+        for leasing in modes:
+            with tempfile.TemporaryDirectory(prefix=f"tollgate-integrity-{setup}-") as tmp:
+                report = asyncio.run(
+                    run_setup(setup, args.requests, args.concurrency, args.seed, Path(tmp), leasing=leasing)
+                )
+            print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode(), flush=True)
+            ok = ok and not report["problems"]
     return 0 if ok else 1
 
 

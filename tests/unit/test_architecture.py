@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "proxy.upstream", "proxy.engine_telemetry", "proxy.policy", "proxy.observer", "proxy.measure", "proxy.observers",
         "proxy.spend.ledger", "proxy.spend.metrics", "proxy.spend.webhook",
     ]),
-    ("spend", ["proxy.spend.hold", "proxy.spend.lifecycle", "proxy.state"]),
+    ("spend", ["proxy.spend.quota", "proxy.spend.hold", "proxy.spend.lifecycle", "proxy.state"]),
     # The pipeline's stages, in the order a request meets them.
     ("stages", ["proxy.accept", "proxy.route", "proxy.spend.admission", "proxy.forward", "proxy.finish"]),
     ("assembly", ["proxy.handlers", "proxy.app"]),

@@ -176,6 +176,22 @@ class Ledger(Protocol):
         if_interrupted: IfInterrupted | None = None,
     ) -> ReserveResult: ...
 
+    async def lease(
+        self, lease_id: str, charges: Sequence[Charge], lease_seconds: float, now: datetime,
+        give_back: bool = False,
+    ) -> ReserveResult:
+        """Set a quota lease (a reservation one process admits many requests from, see
+        proxy.spend.quota) to `charges`, all or nothing: each block bucket is checked as
+        `reserve` checks it, but without the lease's own current size, and only if all fit
+        does the lease become `charges` (a zero charge drops it from that bucket).
+        `give_back`: the lease shrinks to what its requests in flight hold, and is never
+        refused. (Any other shrink is checked like a grow: the spend of the lease's own
+        settled requests is counted inside it too until it is sized, so a smaller lease
+        can still be more than is left.) The
+        states returned are the buckets' without this lease, fitted or refused. Renewed,
+        released and expired like any reservation; a lease carries no `if_interrupted`."""
+        ...
+
     async def settle(
         self, request_id: str, actual: Sequence[Charge], spend_row: SpendRow | None, now: datetime
     ) -> list[Settled]: ...

@@ -131,6 +131,7 @@ class RedisLedger:
         self.spend_log = spend_log
         self.prefix = "{" + key_prefix + "}"
         self._reserve = client.register_script(lua.RESERVE)
+        self._lease = client.register_script(lua.LEASE)
         self._settle = client.register_script(lua.SETTLE)
         self._release = client.register_script(lua.RELEASE)
         self._expire = client.register_script(lua.EXPIRE)
@@ -195,12 +196,7 @@ class RedisLedger:
         for c in charges:
             if c.amount < 0 or c.tokens < 0:
                 raise ValueError("charges must not be negative")
-            b = c.bucket
-            args += [
-                b.id, str(to_nanos(c.amount)), str(c.tokens), "1" if b.blocking else "0",
-                _opt(to_nanos(b.limit_usd) if b.limit_usd is not None else None),
-                _opt(b.limit_tokens), _opt(b.limit_requests), *_expiry(b, now_ms), _meta(b),
-            ]
+            args += self._bucket_args(c, now_ms)
         ok, refused, reason, flat = await self._call(self._reserve, args)
         if int(ok) == -1:
             raise DuplicateReservation(f"request id {request_id!r} was already reserved")
@@ -214,6 +210,41 @@ class RedisLedger:
         bucket = charges[int(refused) - 1].bucket
         why: LimitKind = reason
         return ReserveResult(False, states, bucket, states[bucket.id], why)
+
+    async def lease(
+        self, lease_id: str, charges: Sequence[Charge], lease_seconds: float, now: datetime,
+        give_back: bool = False,
+    ) -> ReserveResult:
+        ids = [c.bucket.id for c in charges]
+        if len(set(ids)) != len(ids):
+            raise ValueError("charges must name each bucket at most once")
+        now_ms = epoch_ms(now)
+        args: list[Any] = [
+            lease_id, now_ms, now_ms + int(lease_seconds * 1000),
+            int(lease_seconds * 1000) + BUCKET_EXPIRY_MARGIN_MS, "1" if give_back else "0", len(charges),
+        ]
+        for c in charges:
+            if c.amount < 0 or c.tokens < 0:
+                raise ValueError("charges must not be negative")
+            args += self._bucket_args(c, now_ms)
+        ok, refused, reason, flat = await self._call(self._lease, args)
+        states = {
+            bid: _state(flat[i * _STATE_FIELDS:(i + 1) * _STATE_FIELDS]) for i, bid in enumerate(ids)
+        }
+        if int(ok) == 1:
+            return ReserveResult(True, states)
+        bucket = charges[int(refused) - 1].bucket
+        why: LimitKind = reason
+        return ReserveResult(False, states, bucket, states[bucket.id], why)
+
+    @staticmethod
+    def _bucket_args(c: Charge, now_ms: int) -> list[Any]:
+        b = c.bucket
+        return [
+            b.id, str(to_nanos(c.amount)), str(c.tokens), "1" if b.blocking else "0",
+            _opt(to_nanos(b.limit_usd) if b.limit_usd is not None else None),
+            _opt(b.limit_tokens), _opt(b.limit_requests), *_expiry(b, now_ms), _meta(b),
+        ]
 
     async def settle(
         self, request_id: str, actual: Sequence[Charge], spend_row: SpendRow | None, now: datetime

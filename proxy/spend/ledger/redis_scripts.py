@@ -116,6 +116,71 @@ if refused ~= 0 then ok = 0 end
 return {ok, refused, reason, flat}
 """
 
+# ARGV: P, lease id, now, lease_until, request_key_ttl_ms, give_back ('1': never refused),
+# n, then n x 10 as for RESERVE. The lease's own current size is left out of the check;
+# only if every block bucket fits does the lease become the new amounts (zero: dropped
+# from that bucket). Returns {ok, index of the refusing bucket, reason, 6 counters per
+# bucket without this lease}.
+LEASE = COMMON + r"""
+local lid, now, lease, qttl, give_back, n = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+local W = 10
+local states = {}
+local refused, reason = 0, ''
+for i = 1, n do
+  local b = 7 + (i - 1) * W
+  local bid = ARGV[b + 1]
+  clean(bid, now)
+  local s = read(bid)
+  local own = redis.call('HGET', rkey(bid), lid)
+  local amt, tok = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  if own then
+    local sep = string.find(own, ':', 1, true)
+    s[2] = string.format('%d', tonumber(s[2]) - tonumber(string.sub(own, 1, sep - 1)))
+    s[4] = string.format('%d', tonumber(s[4]) - tonumber(string.sub(own, sep + 1)))
+    s[6] = string.format('%d', tonumber(s[6]) - 1)
+  end
+  states[i] = s
+  if refused == 0 and ARGV[b + 4] == '1' and give_back ~= '1' then
+    if ARGV[b + 5] ~= '' and tonumber(s[1]) + tonumber(s[2]) + amt > tonumber(ARGV[b + 5]) then
+      refused, reason = i, 'usd'
+    elseif ARGV[b + 6] ~= '' and tonumber(s[3]) + tonumber(s[4]) + tok > tonumber(ARGV[b + 6]) then
+      refused, reason = i, 'tokens'
+    elseif ARGV[b + 7] ~= '' and tonumber(s[5]) + tonumber(s[6]) + 1 > tonumber(ARGV[b + 7]) then
+      refused, reason = i, 'requests'
+    end
+  end
+end
+if refused == 0 then
+  drop_request(lid)
+  local Q = P .. ':q:' .. lid
+  local held = 0
+  for i = 1, n do
+    local b = 7 + (i - 1) * W
+    local bid, amt, tok = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
+    if amt ~= '0' or tok ~= '0' then
+      local B = bkey(bid)
+      redis.call('HINCRBY', B, 'reserved', amt)
+      redis.call('HINCRBY', B, 'rtokens', tok)
+      redis.call('HINCRBY', B, 'rcount', 1)
+      redis.call('HSET', rkey(bid), lid, amt .. ':' .. tok)
+      redis.call('ZADD', lkey(bid), lease, lid)
+      redis.call('HSET', Q, bid, '1')
+      held = held + 1
+    end
+    keep_until(bid, ARGV[b + 8], ARGV[b + 9], ARGV[b + 10])
+  end
+  if held > 0 then
+    redis.call('PEXPIRE', Q, qttl)
+    redis.call('ZADD', P .. ':leases', lease, lid)
+  end
+end
+local flat = {}
+for i = 1, n do for j = 1, 6 do flat[#flat + 1] = states[i][j] end end
+local ok = 1
+if refused ~= 0 then ok = 0 end
+return {ok, refused, reason, flat}
+"""
+
 # ARGV: P, rid, now, settled_marker_ttl_ms, spend row JSON ('' for none), spend log identity,
 # n, then n x 6: bid, amount, tokens, window_end, ttl_ms, meta
 # The spend row waits in P:s:<rid> (listed in P:pending:<identity>) until the settling

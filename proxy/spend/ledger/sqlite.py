@@ -145,6 +145,13 @@ def _plus(st: BucketState, amount: Decimal, tokens: int) -> BucketState:
     )
 
 
+def _minus(st: BucketState, amount: Decimal, tokens: int) -> BucketState:
+    return BucketState(
+        spent=st.spent, reserved=st.reserved - amount, tokens=st.tokens, requests=st.requests,
+        reserved_tokens=st.reserved_tokens - tokens, reserved_requests=st.reserved_requests - 1,
+    )
+
+
 def _settle_interrupted(
     conn: sqlite3.Connection, request_id: str, bucket_ids: Sequence[str], what: IfInterrupted, now_ms: int
 ) -> None:
@@ -219,6 +226,49 @@ class SqliteLedger:
                 conn.execute(
                     "INSERT INTO if_interrupted (request_id, json) VALUES (?, ?)", (request_id, interrupted_json)
                 )
+            return ReserveResult(True, states)
+
+        return await self.db.transact(body)
+
+    async def lease(
+        self, lease_id: str, charges: Sequence[Charge], lease_seconds: float, now: datetime,
+        give_back: bool = False,
+    ) -> ReserveResult:
+        _check_charges(charges)
+        now_ms = epoch_ms(now)
+        lease_until = now_ms + int(lease_seconds * 1000)
+        quantized = [(c, to_nanos(c.amount)) for c in charges]
+
+        def body(conn: sqlite3.Connection) -> ReserveResult:
+            states: dict[str, BucketState] = {}
+            stored: dict[str, _BucketConfig | None] = {}
+            refused: tuple[Bucket, BucketState, LimitKind] | None = None
+            for c, nanos in quantized:
+                st, stored[c.bucket.id] = _bucket_state_and_config(conn, c.bucket.id, now_ms)
+                own = conn.execute(
+                    "SELECT amount_nanos, tokens FROM reservations WHERE request_id = ? AND bucket_id = ? "
+                    "AND lease_until_ms > ?",
+                    (lease_id, c.bucket.id, now_ms),
+                ).fetchone()
+                if own is not None:
+                    st = _minus(st, from_nanos(own[0]), own[1])
+                states[c.bucket.id] = st
+                if refused is None and c.bucket.blocking and not give_back:
+                    reason = exceeds(c.bucket, st, from_nanos(nanos), c.tokens)
+                    if reason is not None:
+                        refused = (c.bucket, st, reason)
+            if refused is not None:
+                return ReserveResult(False, states, refused[0], refused[1], refused[2])
+            conn.execute("DELETE FROM reservations WHERE request_id = ?", (lease_id,))
+            for c, nanos in quantized:
+                if stored[c.bucket.id] != _config_of(c.bucket):
+                    _upsert_bucket(conn, c.bucket)
+                if nanos or c.tokens:
+                    conn.execute(
+                        "INSERT INTO reservations (request_id, bucket_id, amount_nanos, tokens, "
+                        "lease_until_ms) VALUES (?, ?, ?, ?, ?)",
+                        (lease_id, c.bucket.id, nanos, c.tokens, lease_until),
+                    )
             return ReserveResult(True, states)
 
         return await self.db.transact(body)
