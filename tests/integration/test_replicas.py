@@ -18,7 +18,7 @@ from tests.integration.conftest import Proxy, StartProxy
 from tests.integration.test_real_llamacpp import sample, scrape
 from tests.support.cassettes import openai_capture
 from tests.support.fake_upstream import FakeUpstream, RecordedRequest, Reply, openai_usage_aware
-from tests.support.procs import free_port, wait_until
+from tests.support.procs import free_port
 
 USAGE = {"prompt_tokens": 19, "completion_tokens": 26, "total_tokens": 45}
 
