@@ -10,7 +10,11 @@ from typing import Any
 
 import openai
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from proxy.app import reconfigure
 from proxy.config_file import parse_settings
 from proxy.errors import ConfigError
 from proxy.replicas import ReplicaState, choose, default_replica_name
@@ -18,7 +22,7 @@ from tests.integration.conftest import Proxy, StartProxy
 from tests.integration.test_real_llamacpp import sample, scrape
 from tests.support.cassettes import openai_capture
 from tests.support.fake_upstream import FakeUpstream, RecordedRequest, Reply, openai_usage_aware
-from tests.support.procs import free_port
+from tests.support.procs import free_port, wait_until
 
 USAGE = {"prompt_tokens": 19, "completion_tokens": 26, "total_tokens": 45}
 
@@ -99,7 +103,12 @@ async def test_requests_spread_and_a_dead_replica_never_shows(start_proxy: Start
         # The dead one first: the first request picks it (a tie goes round-robin from the
         # first), fails to connect, and goes on to another replica. No health checks: they
         # would find it down before any request.
-        proxy = await start_proxy(config([named(dead, "dead"), named(a, "a"), named(b, "b")], checks=False))
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        proxy = await start_proxy(
+            config([named(dead, "dead"), named(a, "a"), named(b, "b")], checks=False), tracer_provider=provider
+        )
         sdk = client(proxy)
         texts = [await ask(sdk, stream=i % 2 == 0) for i in range(8)]
         assert all(texts), texts
@@ -115,6 +124,11 @@ async def test_requests_spread_and_a_dead_replica_never_shows(start_proxy: Start
         assert await replica_metric(proxy, "tollgate_replica_up", replica="a") == 1
         assert await replica_metric(proxy, "tollgate_replica_requests_total", replica="a", outcome="ok") == 4
         assert await replica_metric(proxy, "tollgate_replica_in_flight_requests", replica="a") == 0
+        # The span names the replica, and its server.port is that replica's.
+        first_span = exporter.get_finished_spans()[0].attributes or {}
+        assert first_span["tollgate.replica"] == first["replica"]
+        assert first_span["tollgate.replica_connect_failures"] == ("dead",)
+        assert first_span["server.port"] == (a if first["replica"] == "a" else b).port
         # The request went to the replica's own address, with the upstream's key.
         assert len(posts(a)) == 4 and posts(a)[0].headers["Authorization"] == "Bearer sk-pool"
 
@@ -312,3 +326,30 @@ def test_a_replica_key_counts_as_tollgates_own_key_for_exposure() -> None:
             "default_upstream: pool\n",
             env={},
         )
+
+
+async def test_reload_swaps_the_replicas_and_stops_the_old_checks(start_proxy: StartProxy) -> None:
+    async with FakeUpstream() as a, FakeUpstream() as b:
+        serve_chat(a)
+        serve_chat(b)
+        a.route("POST", "/v1/chat/completions", chat_reply(headers_delay=0.5))
+        proxy = await start_proxy(config([named(a, "a")], interval=0.05))
+        sdk = client(proxy)
+        old = proxy.runtime.upstreams["pool"]
+        assert old.replicas is not None
+        await wait_until(lambda: len(a.requests) >= 2, "health checks of a", 5)
+        # A request in flight across the reload finishes on the replica it started on.
+        held = asyncio.create_task(ask(sdk))
+        await wait_until(lambda: len(posts(a)) == 1, "the request on a", 5)
+        ledger = f"ledger: {{path: '{proxy.runtime.settings.ledger.path}'}}\n"
+        kept = await reconfigure(proxy.app, parse_settings(config([named(b, "b")], interval=0.05) + ledger, env={}))
+        assert kept == []
+        assert old.retired and proxy.runtime.upstreams["pool"] is not old
+        assert await replica_metric(proxy, "tollgate_replica_in_flight_requests", replica="a") == 1
+        assert await ask(sdk)
+        assert await held
+        assert served_by(proxy) == ["b", "a"]
+        assert await replica_metric(proxy, "tollgate_replica_in_flight_requests", replica="a") == 0
+        checks_of_a = len(a.requests)
+        await asyncio.sleep(0.3)
+        assert len(a.requests) == checks_of_a  # the old upstream's checks stopped
