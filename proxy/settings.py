@@ -209,7 +209,9 @@ class UpstreamSettings(Section):
         if (self.base_url is None) == (self.replicas is None):
             got = "both" if self.base_url is not None else "neither"
             raise ValueError(f"set exactly one of base_url and replicas (got {got})")
-        if self.replicas is None and "health_check" in self.model_fields_set:
+        # Compared with the default rather than asked whether it was given: a dumped and
+        # revalidated config (workers, reloads) carries the default explicitly.
+        if self.replicas is None and self.health_check != HealthCheck():
             raise ValueError("health_check applies only to an upstream with replicas")
         return self
 

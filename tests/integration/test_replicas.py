@@ -319,6 +319,20 @@ def test_replicas_of_a_llamacpp_upstream_are_server_roots() -> None:
     assert settings.upstreams["local"].api_base == "http://h1:8080/v1"
 
 
+def test_settings_survive_a_dump_and_revalidation() -> None:
+    # What worker start-up and a reload that keeps restart-only sections do.
+    from proxy.settings import Settings
+
+    settings = parse_settings(
+        "upstreams:\n  one: {base_url: 'http://a/v1'}\n"
+        "  pool: {kind: llamacpp, replicas: ['http://h1:1/v1', {base_url: 'http://h2:1', name: b, api_key: k}],"
+        " health_check: {interval: 1}}\ndefault_upstream: pool\n",
+        env={},
+    )
+    again = Settings.model_validate(settings.model_dump())
+    assert again.upstreams == settings.upstreams
+
+
 def test_a_replica_key_counts_as_tollgates_own_key_for_exposure() -> None:
     with pytest.raises(ConfigError, match="upstreams.pool"):
         parse_settings(
