@@ -23,10 +23,11 @@ from proxy.observer import Observers
 from proxy.observers import AccessLogObserver, MetricsObserver, SummaryObserver, start_metrics_server
 from proxy.observers.otel_env import tracing_requested
 from proxy.policy import Policy
+from proxy.replica_health import watch_replicas
 from proxy.settings import Settings
 from proxy.spend.lifecycle import Spend
 from proxy.state import RUNTIME, Runtime, utc_now
-from proxy.upstream import open_upstream, read_llamacpp_context
+from proxy.upstream import Upstream, open_upstream, read_llamacpp_context
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -134,17 +135,27 @@ async def spend_ledger(app: web.Application) -> AsyncIterator[None]:
 
 async def upstream_sessions(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
-    opened = {name: open_upstream(name, upstream, rt.settings) for name, upstream in rt.settings.upstreams.items()}
+    metrics = app[METRICS]
+    opened = {
+        name: open_upstream(name, upstream, rt.settings, metrics) for name, upstream in rt.settings.upstreams.items()
+    }
     rt.policy = rt.policy.with_upstreams(opened)
-    for _name, upstream in opened.items():
-        if upstream.settings.kind == "llamacpp":
-            # In the background: a llama-server still loading must not delay readiness.
-            rt.probe(read_llamacpp_context(upstream, app[METRICS]))
-            # For the app's lifetime: cancelled with the probes at shutdown.
-            rt.probe(scrape_llamacpp(upstream, app[METRICS]))
+    for upstream in opened.values():
+        watch_upstream(rt, upstream, metrics)
     yield
     await rt.cancel_probes()
     await asyncio.gather(*(u.session.close() for u in rt.upstreams.values()))
+
+
+def watch_upstream(rt: Runtime, upstream: Upstream, metrics: MetricsObserver) -> None:
+    """What runs beside an upstream for as long as it is in use, as probes (cancelled at
+    shutdown; a reload that replaces the upstream stops them)."""
+    if upstream.settings.kind == "llamacpp":
+        # In the background: a llama-server still loading must not delay readiness.
+        rt.probe(read_llamacpp_context(upstream, metrics))
+        rt.probe(scrape_llamacpp(upstream, metrics))
+    if upstream.replicas is not None:
+        rt.probe(watch_replicas(upstream))
 
 
 async def tokenizers(app: web.Application) -> AsyncIterator[None]:
@@ -226,12 +237,12 @@ async def reconfigure(app: web.Application, new: Settings) -> list[str]:
     for name, upstream in rt.upstreams.items():
         if name not in new.upstreams or new.upstreams[name] != old.upstreams.get(name) or new.timeouts != old.timeouts:
             rt.retired.append((time.monotonic() + RETIRE_AFTER_S, upstream.session.close))
+            upstream.retired = True
             del upstreams[name]
     for name, upstream_settings in new.upstreams.items():
         if name not in upstreams:
-            upstreams[name] = open_upstream(name, upstream_settings, new)
-            if upstream_settings.kind == "llamacpp":
-                rt.probe(read_llamacpp_context(upstreams[name], app[METRICS]))
+            upstreams[name] = open_upstream(name, upstream_settings, new, app[METRICS])
+            watch_upstream(rt, upstreams[name], app[METRICS])
     close_old_webhook = rt.spend.set_webhook(new.webhook)
     if close_old_webhook is not None:
         rt.retired.append((time.monotonic() + RETIRE_AFTER_S, close_old_webhook))

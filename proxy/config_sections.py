@@ -113,3 +113,15 @@ class AdminSettings(Section):
     # Who may read /v1/tollgate/summary once virtual keys exist: any valid key or the admin
     # key ("keys"), or the admin key alone ("admin"). Without keys it is open, like the API.
     summary_access: Literal["keys", "admin"] = "keys"
+
+
+class HealthCheck(Section):
+    """How the replicas of a replicated upstream are watched (README "Replicated upstreams")."""
+
+    # A GET every `interval` seconds: llama-server's /health, otherwise {api base}/models;
+    # any answer under 500 is up. Off: replicas are marked down only by failed connects.
+    enabled: StrictBool = True
+    interval: Seconds = 5.0
+    timeout: Seconds = 2.0
+    # How long a replica whose connect failed is left out before it is tried again.
+    eject_for: Seconds = 10.0

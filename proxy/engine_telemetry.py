@@ -1,5 +1,7 @@
 """The engine's own telemetry, joined to Tollgate's: llama-server's `/metrics` (Prometheus
-text, `--metrics`) and `/slots`, scraped per llama.cpp upstream for the app's lifetime.
+text, `--metrics`) and `/slots`, scraped per llama.cpp upstream (each of its replicas) for
+the app's lifetime. A replicated upstream's gauges add up its replicas' (the KV-cache ratio
+is the highest), and each replica's free slots feed the choice of replica.
 
 What each scrape reads (absent from the server's answer: left unset, never 0):
 `llamacpp:requests_processing`, `llamacpp:requests_deferred`, `llamacpp:kv_cache_usage_ratio`
@@ -14,7 +16,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from proxy.upstream import Upstream
+from proxy.upstream import Replica, Upstream
 
 log = logging.getLogger("tollgate.engine")
 
@@ -58,10 +60,10 @@ def slot_counts(slots: Any) -> tuple[int, int] | None:
     return busy, len(slots)
 
 
-async def scrape_once(upstream: Upstream) -> dict[str, float] | None:
-    """One scrape of both endpoints; None when neither answered."""
-    root = upstream.settings.root_url
-    headers = upstream.own_headers()
+async def scrape_once(upstream: Upstream, replica: Replica | None = None) -> dict[str, float] | None:
+    """One scrape of both endpoints (of `replica`, or the one server); None when neither answered."""
+    root = upstream.settings.root_url if replica is None else replica.root_url
+    headers = upstream.own_headers(replica)
     values: dict[str, float] = {}
     answered = False
     try:
@@ -84,10 +86,36 @@ async def scrape_once(upstream: Upstream) -> dict[str, float] | None:
     return values if answered else None
 
 
+def combined(scrapes: list[dict[str, float] | None]) -> dict[str, float] | None:
+    """A replicated upstream's values from its replicas' scrapes: sums, but the KV-cache
+    ratio (a fraction) is the highest; None when no replica answered."""
+    answered = [v for v in scrapes if v is not None]
+    if not answered:
+        return None
+    out: dict[str, float] = {}
+    for values in answered:
+        for name, value in values.items():
+            if name == "kv_cache_usage_ratio":
+                out[name] = max(out.get(name, value), value)
+            else:
+                out[name] = out.get(name, 0.0) + value
+    return out
+
+
 async def scrape_llamacpp(upstream: Upstream, sink: EngineSink) -> None:
-    """Scrape until cancelled (the app's shutdown) or the upstream's session is closed (a
-    reload replaced it). A server without --metrics or with /slots off just reports less."""
-    while not upstream.closed:
-        values = await scrape_once(upstream)
+    """Scrape until cancelled (the app's shutdown) or the upstream is replaced by a reload
+    (or its session closed). A server without --metrics or with /slots off just reports less."""
+    replicas = upstream.replicas
+    while not upstream.stopped:
+        if replicas is None:
+            values = await scrape_once(upstream)
+        else:
+            scrapes = await asyncio.gather(*(scrape_once(upstream, r) for r in replicas.replicas))
+            for replica, got in zip(replicas.replicas, scrapes, strict=True):
+                free = None
+                if got is not None and "slots_total" in got:
+                    free = int(got["slots_total"] - got["slots_busy"])
+                replicas.slots(replica, free)
+            values = combined(scrapes)
         sink.set_llamacpp_engine(upstream.name, values or {}, values is not None)
         await asyncio.sleep(SCRAPE_INTERVAL)

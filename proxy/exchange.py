@@ -132,6 +132,10 @@ class Exchange:
     upstream_model: str | None = None
     route_model: str | None = None  # the configured name used as the bounded `model` label
     upstream_url: str | None = None  # the upstream's API base: the span's server.address
+    # The replica of a replicated upstream that took the request (its configured name or
+    # host:port), and those whose connect failed before it, in order.
+    replica: str | None = None
+    replica_failures: tuple[str, ...] = ()
     usage_injected: bool = False
     # The request came in Azure's deployment layout: the path named the model (a deployment
     # name), so the response's model may price it.

@@ -23,7 +23,7 @@ from proxy.exchange import Exchange
 from proxy.measure import StreamTap
 from proxy.observer import Observers
 from proxy.strip import UsageStripper
-from proxy.upstream import _ATTEMPT, Upstream, _Attempt
+from proxy.upstream import _ATTEMPT, Replica, ReplicaSet, Upstream, _Attempt
 
 log = logging.getLogger("tollgate.forward")
 
@@ -107,33 +107,102 @@ async def send(
     body: bytes | None,
     ex: Exchange,
 ) -> aiohttp.ClientResponse:
-    """Send the request and wait for response headers; errors come back translated."""
-    url = upstream.api_base + path_qs
+    """Send the request and wait for response headers; errors come back translated.
+
+    To a replicated upstream: to the least busy replica, and to the next one when a connect
+    fails (nothing was sent, so nothing can have been acted on), each at most once. The
+    chosen replica is `ex.replica`, counted in flight until the caller releases it
+    (`ReplicaSet.release`) once the response is relayed; on an error raised here it is
+    already released."""
     ex.t_upstream_sent_ns = time.perf_counter_ns()
+    replicas = upstream.replicas
+    if replicas is None:
+        try:
+            resp = await _request(upstream, method, upstream.api_base + path_qs, headers, body)
+        except Exception as exc:  # noqa: BLE001 - translated in exactly one place
+            raise translate_upstream_exception(exc, upstream.name, _phase_of(exc)) from exc
+    else:
+        resp = await _send_replicated(upstream, replicas, method, path_qs, headers, body, ex)
+    ex.t_headers_ns = time.perf_counter_ns()
+    return resp
+
+
+async def _send_replicated(
+    upstream: Upstream,
+    replicas: ReplicaSet,
+    method: str,
+    path_qs: str,
+    headers: CIMultiDict[str],
+    body: bytes | None,
+    ex: Exchange,
+) -> aiohttp.ClientResponse:
+    tried: list[Replica] = []
+    while True:
+        replica = replicas.acquire(tried, time.monotonic())
+        assert replica is not None  # the loop leaves before every replica has been tried
+        tried.append(replica)
+        ex.replica = replica.name
+        ex.upstream_url = replica.api_base
+        try:
+            resp = await _request(
+                upstream, method, replica.api_base + path_qs, _replica_headers(headers, upstream, replica), body
+            )
+        except BaseException as exc:
+            replicas.release(replica.name)
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the client left
+            phase = _phase_of(exc)
+            if phase != "connect":
+                raise translate_upstream_exception(exc, upstream.name, phase) from exc
+            replicas.connect_failed(replica, time.monotonic())
+            ex.replica_failures += (replica.name,)
+            if len(tried) == len(replicas.replicas):
+                raise translate_upstream_exception(exc, upstream.name, phase) from exc
+            log.info("upstream %s: replica %s could not be reached (%s); trying another", upstream.name, replica.name, exc)
+            continue
+        if not replica.up:
+            replicas.verdict(replica, True)
+        return resp
+
+
+def _replica_headers(headers: CIMultiDict[str], upstream: Upstream, replica: Replica) -> CIMultiDict[str]:
+    """The request's headers with the replica's own key, where it has one."""
+    key = replica.api_key
+    if key is None:
+        return headers
+    out = headers.copy()
+    if upstream.settings.kind == "azure":
+        out.popall("Authorization", None)
+        out["api-key"] = key.get_secret_value()
+    else:
+        out.popall("api-key", None)
+        out["Authorization"] = f"Bearer {key.get_secret_value()}"
+    return out
+
+
+async def _request(
+    upstream: Upstream, method: str, url: str, headers: CIMultiDict[str], body: bytes | None
+) -> aiohttp.ClientResponse:
+    """One request on the upstream's session; lower-layer errors are raised as they are."""
     attempt = _Attempt()
     token = _ATTEMPT.set(attempt)
     try:
-        for retry in range(STALE_CONNECTION_RETRIES + 1):
+        retry = 0
+        while True:
             attempt.reused = False
             try:
-                resp = await upstream.session.request(
-                    method, url, headers=headers, data=body, allow_redirects=False
-                )
-                break
+                return await upstream.session.request(method, url, headers=headers, data=body, allow_redirects=False)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 # A pooled keep-alive connection the upstream closed as we reused it: nothing
                 # was answered, so the request goes again on another connection. aiohttp does
                 # this only for idempotent methods; a POST met the same race. A fresh
                 # connection that fails is never retried: the upstream may have acted on it.
                 if not attempt.reused or retry == STALE_CONNECTION_RETRIES:
-                    raise translate_upstream_exception(exc, upstream.name, _phase_of(exc)) from exc
+                    raise
+                retry += 1
                 log.debug("upstream %s dropped a reused connection (%s); sending again", upstream.name, exc)
-            except Exception as exc:  # noqa: BLE001 - translated in exactly one place
-                raise translate_upstream_exception(exc, upstream.name, _phase_of(exc)) from exc
     finally:
         _ATTEMPT.reset(token)
-    ex.t_headers_ns = time.perf_counter_ns()
-    return resp
 
 
 def _phase_of(exc: BaseException) -> str:

@@ -135,15 +135,17 @@ async def _forward(
     # from the parsed target, so an absolute-form request line cannot smuggle in a host.
     path_qs = request.rel_url.raw_path_qs[3:] if upstream_path is None else upstream_path
     resp = await send(upstream, request.method, path_qs, headers, body, ex)
-    return await relay(
-        request,
-        resp,
-        upstream,
-        ex,
-        admission.headers,
-        rt.observers,
-        lambda: _complete(ex, policy, admission, rt),
-    )
+    if upstream.replicas is None:
+        return await relay(
+            request, resp, upstream, ex, admission.headers, rt.observers, lambda: _complete(ex, policy, admission, rt)
+        )
+    try:
+        return await relay(
+            request, resp, upstream, ex, admission.headers, rt.observers, lambda: _complete(ex, policy, admission, rt)
+        )
+    finally:
+        if ex.replica is not None:
+            upstream.replicas.release(ex.replica)
 
 
 async def _complete(ex: Exchange, policy: Policy, admission: Admission, rt: Runtime) -> None:
@@ -260,12 +262,14 @@ async def _served_models(request: web.Request, policy: Policy) -> dict[str, dict
 
     async def fetch(name: str) -> list[dict[str, object]]:
         upstream = policy.upstreams[name]
-        headers = upstream.own_headers()
-        if upstream.settings.api_key is None and not policy.keyring.enabled and "Authorization" in request.headers:
+        api_base, replica = upstream.healthy_api_base()
+        headers = upstream.own_headers(replica)
+        own_key = upstream.settings.api_key if replica is None or replica.api_key is None else replica.api_key
+        if own_key is None and not policy.keyring.enabled and "Authorization" in request.headers:
             headers["Authorization"] = request.headers["Authorization"]
         try:
             async with upstream.session.get(
-                upstream.api_base + "/models", headers=headers, timeout=aiohttp.ClientTimeout(total=5)
+                api_base + "/models", headers=headers, timeout=aiohttp.ClientTimeout(total=5)
             ) as resp:
                 if resp.status != 200:
                     return []

@@ -17,6 +17,7 @@ model is validated: a dict for exact names, precompiled regexes for globs.
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from functools import cached_property
 from typing import Annotated, Any, Literal
@@ -46,6 +47,7 @@ from proxy.config_base import (
 )
 from proxy.config_sections import (
     AdminSettings,
+    HealthCheck,
     LoggingSettings,
     MetricsSettings,
     PassthroughSettings,
@@ -55,6 +57,7 @@ from proxy.config_sections import (
 )
 from proxy.errors import ConfigError
 from proxy.keys import VirtualKeys
+from proxy.replicas import default_replica_name
 from proxy.routing import ResolvedRoute, Router
 from proxy.spend.budgets import BudgetRules, LedgerSettings, WebhookSettings
 
@@ -62,8 +65,10 @@ __all__ = [
     "AdminSettings",
     "LoggingSettings",
     "MetricsSettings",
+    "HealthCheck",
     "ModelPrice",
     "Pricing",
+    "ReplicaSettings",
     "ResolvedRoute",
     "Route",
     "ServerSettings",
@@ -75,6 +80,65 @@ __all__ = [
 ]
 
 
+_REPLICA_NAME = re.compile(r"[A-Za-z0-9_.:-]+")
+
+
+def _check_replica_name(value: str) -> str:
+    if not _REPLICA_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a valid replica name (use letters, digits, _ . : -)")
+    return value
+
+
+def _normalised_base(kind: str, url: str) -> str:
+    """llamacpp: the server root (a trailing /v1 removed); azure: the resource endpoint (a
+    trailing /openai removed); openai: the API base as given."""
+    url = check_http_url(url)
+    if kind == "llamacpp" and url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    if kind == "azure" and url.endswith("/openai"):
+        url = url[: -len("/openai")]
+    return url
+
+
+def _api_base(kind: str, base_url: str) -> str:
+    if kind == "llamacpp":
+        return base_url + "/v1"
+    if kind == "azure":
+        return base_url + "/openai"
+    return base_url
+
+
+def _root_url(kind: str, base_url: str) -> str:
+    if kind in ("llamacpp", "azure"):
+        return base_url
+    return base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
+
+
+def _replica_shorthand(value: Any) -> Any:
+    # A bare URL is a replica with nothing else to say.
+    return {"base_url": value} if isinstance(value, str) else value
+
+
+class ReplicaSettings(Section):
+    """One server of a replicated upstream. It speaks the upstream's kind and serves the
+    same model names; only its address, its metric name and (optionally) its key differ."""
+
+    base_url: str
+    # The `replica` label on metrics, spans and log lines; host:port of base_url by default.
+    name: Annotated[str, AfterValidator(_check_replica_name)] | None = None
+    # This replica's own key, in place of the upstream's (e.g. a second account or region).
+    api_key: Secret = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return check_http_url(value)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name is not None else default_replica_name(self.base_url)
+
+
 class UpstreamSettings(Section):
     kind: Literal["openai", "llamacpp", "azure"] = "openai"
     # openai: the API base as the OpenAI SDK takes it (.../v1). llamacpp: the server root;
@@ -83,7 +147,17 @@ class UpstreamSettings(Section):
     # a trailing /openai is removed. Its API lives under /openai: deployments
     # (/openai/deployments/{deployment}/...) and the v1 API (/openai/v1/...); the key goes
     # up as `api-key`.
-    base_url: str
+    # Exactly one of base_url and replicas: several servers of the same kind serving the
+    # same models, each request sent to the least busy one (README "Replicated upstreams").
+    base_url: str | None = None
+    replicas: (
+        tuple[
+            Annotated[ReplicaSettings, BeforeValidator(_replica_shorthand, json_schema_input_type=str | ReplicaSettings)],
+            ...,
+        ]
+        | None
+    ) = None
+    health_check: HealthCheck = Field(default_factory=HealthCheck)
     api_key: Secret = None
     inject_stream_usage: bool = True
     max_connections: Count = 100
@@ -102,13 +176,44 @@ class UpstreamSettings(Section):
 
     @field_validator("base_url")
     @classmethod
-    def _base_url(cls, value: str, info: ValidationInfo) -> str:
-        url = check_http_url(value)
-        if info.data.get("kind") == "llamacpp" and url.endswith("/v1"):
-            url = url[: -len("/v1")]
-        if info.data.get("kind") == "azure" and url.endswith("/openai"):
-            url = url[: -len("/openai")]
-        return url
+    def _base_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _normalised_base(info.data.get("kind", "openai"), value)
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas(
+        cls, value: tuple[ReplicaSettings, ...] | None, info: ValidationInfo
+    ) -> tuple[ReplicaSettings, ...] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("[] must list at least one replica (or use base_url)")
+        kind = info.data.get("kind", "openai")
+        seen: dict[str, str] = {}
+        out = []
+        for i, replica in enumerate(value):
+            url = _normalised_base(kind, replica.base_url)
+            if url in seen.values():
+                raise ValueError(f"[{i}] {replica.base_url!r} is listed twice")
+            label = replica.label
+            if label in seen:
+                raise ValueError(
+                    f"[{i}] {label!r} names both {seen[label]!r} and {replica.base_url!r}: give one a distinct `name`"
+                )
+            seen[label] = url
+            out.append(replica.model_copy(update={"base_url": url, "name": label}))
+        return tuple(out)
+
+    @model_validator(mode="after")
+    def _one_address(self) -> UpstreamSettings:
+        if (self.base_url is None) == (self.replicas is None):
+            got = "both" if self.base_url is not None else "neither"
+            raise ValueError(f"set exactly one of base_url and replicas (got {got})")
+        # Compared with the default rather than asked whether it was given: a dumped and
+        # revalidated config (workers, reloads) carries the default explicitly.
+        if self.replicas is None and self.health_check != HealthCheck():
+            raise ValueError("health_check applies only to an upstream with replicas")
+        return self
 
     @field_validator("headers")
     @classmethod
@@ -119,21 +224,35 @@ class UpstreamSettings(Section):
         return value
 
     @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every base URL this upstream sends to: its one base_url, or its replicas'."""
+        if self.replicas is not None:
+            return tuple(r.base_url for r in self.replicas)
+        assert self.base_url is not None
+        return (self.base_url,)
+
+    @property
     def api_base(self) -> str:
         """Where /v1/* requests go, without a trailing slash (for azure, the /openai root:
-        /v1/... lands on Azure's v1 API, /deployments/... on a deployment)."""
-        if self.kind == "llamacpp":
-            return self.base_url + "/v1"
-        if self.kind == "azure":
-            return self.base_url + "/openai"
-        return self.base_url
+        /v1/... lands on Azure's v1 API, /deployments/... on a deployment). Of the first
+        replica, for a replicated upstream."""
+        return _api_base(self.kind, self.addresses[0])
 
     @property
     def root_url(self) -> str:
         """The server root: llama-server's /props, /health and /metrics live here."""
-        if self.kind in ("llamacpp", "azure"):
-            return self.base_url
-        return self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
+        return _root_url(self.kind, self.addresses[0])
+
+    def api_base_of(self, base_url: str) -> str:
+        return _api_base(self.kind, base_url)
+
+    def root_url_of(self, base_url: str) -> str:
+        return _root_url(self.kind, base_url)
+
+    @property
+    def keyed(self) -> bool:
+        """Whether Tollgate holds a key of its own for this upstream (or any replica)."""
+        return self.api_key is not None or any(r.api_key is not None for r in self.replicas or ())
 
     def effective_timeouts(self, defaults: Timeouts) -> Timeouts:
         return self.timeouts.over(defaults)
@@ -307,7 +426,7 @@ class Settings(Section):
         server = self.server
         if self.keys or server.allow_anonymous or is_loopback(server.host):
             return None
-        keyed = [name for name, u in self.upstreams.items() if u.api_key is not None]
+        keyed = [name for name, u in self.upstreams.items() if u.keyed]
         if not keyed:
             return None  # each client's own Authorization goes upstream: nothing of ours to spend
         names = ", ".join(f"upstreams.{n}.api_key" for n in keyed)

@@ -178,6 +178,10 @@ class AccessLogObserver(Observer):
             rec["key_metadata"] = ex.key_metadata
         if ex.error_detail is not None:
             rec["error_detail"] = ex.error_detail
+        if ex.replica is not None:
+            rec["replica"] = ex.replica
+        if ex.replica_failures:
+            rec["replica_connect_failures"] = list(ex.replica_failures)
         unmetered = ex.unmetered
         if unmetered is not None:
             rec["unmetered"] = unmetered

@@ -306,6 +306,39 @@ class MetricsObserver(Observer):
         self.llamacpp_scrape_up = engine_gauge(
             "tollgate_llamacpp_scrape_up", "1 when the last scrape of /metrics or /slots answered, else 0."
         )
+        # Replicated upstreams (README "Replicated upstreams"): `replica` is the configured
+        # name or host:port, from a bounded, configured set.
+        self.replica_requests = counter(
+            "tollgate_replica_requests_total",
+            "Requests a replica of a replicated upstream took, by outcome (ok, upstream_error, "
+            "proxy_error, client_gone).",
+            ("upstream", "replica", "outcome"),
+        )
+        self.replica_connect_failures = counter(
+            "tollgate_replica_connect_failures_total",
+            "Connects to a replica that failed; the request went on to another replica "
+            "unless none was left.",
+            ("upstream", "replica"),
+        )
+        self.replica_in_flight_gauge = _Children(
+            Gauge(
+                "tollgate_replica_in_flight_requests",
+                "Requests sent to a replica and not yet finished.",
+                ("upstream", "replica"),
+                registry=registry,
+                multiprocess_mode="livesum",
+            )
+        )
+        # Each worker checks on its own; the lowest says whether any of them sees it down.
+        self.replica_up_gauge = _Children(
+            Gauge(
+                "tollgate_replica_up",
+                "1 while a replica is taken to be up (health checks, connects), else 0.",
+                ("upstream", "replica"),
+                registry=registry,
+                multiprocess_mode="livemin",
+            )
+        )
         build_info = Gauge(
             "tollgate_build_info",
             "Always 1; labels carry the Tollgate version and the Python version.",
@@ -397,6 +430,12 @@ class MetricsObserver(Observer):
         if ex.outcome in _FAILED_UPSTREAM_OUTCOMES:
             self.upstream_errors.get(upstream, ex.error_type or ex.outcome).inc()
 
+        replica = ex.replica
+        if replica is not None:
+            self.replica_requests.get(upstream, replica, ex.outcome or "none").inc()
+        for failed in ex.replica_failures:
+            self.replica_connect_failures.get(upstream, failed).inc()
+
         timings = ex.llamacpp_timings
         if timings:
             prompt_ms = timings.get("prompt_ms")
@@ -429,3 +468,10 @@ class MetricsObserver(Observer):
             gauge = self.llamacpp_engine.get(name)
             if gauge is not None:
                 gauge.get(upstream).set(value)
+
+    def replica_in_flight(self, upstream: str, replica: str, delta: int) -> None:
+        """Wire to `proxy.upstream.ReplicaSet` (a ReplicaSink)."""
+        self.replica_in_flight_gauge.get(upstream, replica).inc(delta)
+
+    def replica_up(self, upstream: str, replica: str, up: bool) -> None:
+        self.replica_up_gauge.get(upstream, replica).set(1 if up else 0)

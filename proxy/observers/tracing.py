@@ -169,6 +169,10 @@ class TracingObserver(Observer):
             a["gen_ai.provider.name"] = provider
         if ex.upstream:
             a["tollgate.upstream"] = ex.upstream
+        if ex.replica is not None:
+            a["tollgate.replica"] = ex.replica
+        if ex.replica_failures:
+            a["tollgate.replica_connect_failures"] = list(ex.replica_failures)
         if ex.key_name:
             a["tollgate.key"] = ex.key_name
         if ex.status is not None:

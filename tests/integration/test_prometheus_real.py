@@ -4,9 +4,10 @@ One scenario feeds every test here: a real `prometheus` (1 s scrape interval, th
 grafana/prometheus/prometheus.yml with only its targets rewritten, the shipped alert rules
 loaded) scrapes a Tollgate serving scripted traffic - OpenAI streams and non-streams
 replayed from captures, upstream 500s, an unreachable upstream, a llama.cpp upstream whose
-`timings` feed the llamacpp histograms - and the fake llama-server's own /metrics
-(llamacpp:* series). Then every panel query of every dashboard runs through the HTTP API
-with the template variables substituted, and must return at least one finite value:
+`timings` feed the llamacpp histograms, a replicated upstream whose first replica is
+dead (the replica panels) - and the fake llama-server's own /metrics (llamacpp:* series).
+Then every panel query of every dashboard runs through the HTTP API with the template
+variables substituted, and must return at least one finite value:
 a panel whose query returns nothing is a broken panel.
 
 The budget panels are a set of their own (`BUDGET_PANELS`, asserted by
@@ -189,6 +190,13 @@ upstreams:
   openai: {{kind: openai, base_url: "{openai_base}", api_key: sk-upstream}}
   llamacpp: {{kind: llamacpp, base_url: "{llama_root}"}}
   dead: {{kind: openai, base_url: "{dead_base}"}}
+  # The dead replica first, so the first request picks it, fails to connect and goes on
+  # to the live one; no health checks, which would find it down before any request.
+  pool:
+    kind: openai
+    api_key: sk-upstream
+    replicas: [{{base_url: "{dead_base}", name: gone}}, {{base_url: "{openai_base}", name: live}}]
+    health_check: {{enabled: false}}
 routes:
   - models: ["gpt-*", "babbage-*", "text-embedding-*"]
     upstream: openai
@@ -197,6 +205,8 @@ routes:
     model: "models/gemma-3-270m-q4_k_m.gguf"
   - models: ["dead-*"]
     upstream: dead
+  - models: ["pool-*"]
+    upstream: pool
 metrics: {{host: 127.0.0.1, port: 0}}
 """
     if ledger:
@@ -251,6 +261,7 @@ def traffic() -> list[tuple[str, dict[str, Any], int]]:
         ("/embeddings", embeddings, 200),
         *[("/chat/completions", {**chat, "model": BROKEN_MODEL}, 500)] * 2,
         ("/chat/completions", {**chat, "model": "dead-model"}, 502),
+        *[("/chat/completions", {**chat, "model": "pool-model"}, 200)] * 2,
         *[("/chat/completions", {**local, "stream": True}, 200)] * 2,
         ("/chat/completions", local, 200),
         ("/completions", {"model": "local", "prompt": "Once upon", "max_tokens": 8, "stream": True}, 200),

@@ -19,10 +19,10 @@ LAYERS: list[tuple[str, list[str]]] = [
         "proxy.encodings", "proxy.globs", "proxy.output_cap", "proxy.keys", "proxy.paths", "proxy.settings", "proxy.config_base",
         "proxy.config_sections", "proxy.routing", "proxy.config_file", "proxy.config_schema",
         "proxy.faults", "proxy.images", "proxy.azure", "proxy.output", "proxy.strip", "proxy.body", "proxy.client_cost", "proxy.spend", "proxy.spend.money", "proxy.spend.rules", "proxy.spend.buckets",
-        "proxy.spend.messages", "proxy.spend.budgets", "proxy.spend.forecast",
+        "proxy.spend.messages", "proxy.spend.budgets", "proxy.spend.forecast", "proxy.replicas",
     ]),
     ("infrastructure", [
-        "proxy.upstream", "proxy.engine_telemetry", "proxy.policy", "proxy.observer", "proxy.measure", "proxy.observers",
+        "proxy.upstream", "proxy.replica_health", "proxy.engine_telemetry", "proxy.policy", "proxy.observer", "proxy.measure", "proxy.observers",
         "proxy.spend.ledger", "proxy.spend.metrics", "proxy.spend.webhook",
     ]),
     ("spend", ["proxy.spend.quota", "proxy.spend.hold", "proxy.spend.lifecycle", "proxy.state"]),
