@@ -24,7 +24,11 @@ def cmd_run(argv: list[str]) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny run that only checks the machinery")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--duration", type=float, default=3.0, help="seconds per measure")
-    p.add_argument("--targets", default=None, help="comma-separated subset, e.g. passthrough,tollgate (direct always runs)")
+    p.add_argument(
+        "--targets", default=None,
+        help="comma-separated subset, e.g. passthrough,tollgate (direct always runs); litellm runs only "
+        "in a run without --targets or when named here, and installs LiteLLM into its own venv on first use",
+    )
     p.add_argument("--workloads", default=None, help="comma-separated subset of ns-c1,ns-c64,s64-c1,s64-c256")
     p.add_argument("--out", type=Path, default=None, help=f"default: {RESULTS} (smoke: stdout only)")
     p.add_argument(

@@ -21,6 +21,12 @@ import orjson
 # A content delta; the role-only first chunk has `"delta":{"role":...}` and does not match.
 _CONTENT = b'"delta":{"content":"'
 _MAX_SAMPLES = 200_000
+# The bearer token of every request (LiteLLM's master key in the bench).
+CLIENT_KEY = "sk-bench-client"
+
+
+def has_content_delta(piece: bytes) -> bool:
+    return _CONTENT in piece
 
 
 def request_body(stream: bool, model: str = "gpt-4o-mini", max_tokens: int = 256) -> bytes:
@@ -87,7 +93,7 @@ async def run_load(
     body: bytes | None = None,
 ) -> LoadResult:
     payload = body if body is not None else request_body(stream)
-    headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench-client"}
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {CLIENT_KEY}"}
     result = LoadResult()
     started = 0
     perf = time.perf_counter
@@ -110,7 +116,7 @@ async def run_load(
                         if last is not None:
                             gaps.append((now - last) * 1000)
                         last = now
-                        if ttft is None and _CONTENT in piece:
+                        if ttft is None and has_content_delta(piece):
                             ttft = (now - t0) * 1000
                 else:
                     await resp.read()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen, nginx, procs
+from bench import litellm, loadgen, nginx, procs
 
 PY = sys.executable
 _TOLLGATE_READY = r"tollgate ready on http://127\.0\.0\.1:(\d+)/v1"
@@ -68,6 +68,10 @@ class Plan:
     # A/B while tuning: also run the Tollgate of another source tree (its `proxy` package
     # first on PYTHONPATH), as target "tollgate-ref", interleaved with the rest.
     ref_tree: Path | None = None
+    # LiteLLM proxy as target "litellm" (its own venv, installed on first use): in a full
+    # run, and in a --targets run that names it; never in the smoke run, which must not
+    # install anything.
+    litellm: bool = False
 
 
 FULL_WORKLOADS = (
@@ -101,6 +105,7 @@ def full_plan(
         smoke=False,
         only_targets=targets,
         ref_tree=ref_tree,
+        litellm=targets is None or "litellm" in targets,
     )
 
 
@@ -153,6 +158,7 @@ class RunResult:
     started: float = field(default_factory=time.time)
     wall_s: float = 0.0
     nginx_version: str | None = None
+    litellm_version: str | None = None
     budget_on: bool = False
     loadavg: list[str] = field(default_factory=list)
 
@@ -265,6 +271,24 @@ def start_servers(
             targets.append(
                 Target("passthrough", "bare aiohttp passthrough", f"http://127.0.0.1:{bare.port}", bare)
             )
+
+        if plan.litellm:
+            try:
+                lite_bin = litellm.ensure_installed(log)
+                lite = keep(litellm.start(lite_bin, workdir, upstream.port))
+            except RuntimeError as exc:
+                result.notes.append(f"LiteLLM not measured: {exc}".replace("\n", " "))
+                log(f"LiteLLM not measured: {exc}")
+            else:
+                result.litellm_version = litellm.version_of() or litellm.VERSION
+                targets.append(
+                    Target(
+                        "litellm",
+                        f"LiteLLM {result.litellm_version} proxy, 1 worker",
+                        f"http://127.0.0.1:{lite.port}",
+                        lite,
+                    )
+                )
 
         sink = keep(procs.start("otlp-sink", [PY, "-m", "bench", "sink"], workdir, ready=r"READY (\d+)"))
 
