@@ -270,6 +270,62 @@ async def test_contract_lease_expiry_frees_a_dead_reservation(make_ledger: MakeL
     assert (st.spent, st.reserved) == (D("0.05"), D("0.2"))
 
 
+async def test_contract_a_lease_is_sized_without_its_own_old_size(make_ledger: MakeLedger) -> None:
+    ledger, other = await make_ledger(), await make_ledger()
+    b = one(rule(limit_usd="1", limit_tokens=1000))
+    assert (await other.reserve("a", [Charge(b, D("0.3"), 100)], LEASE, NOW)).ok
+    r = await ledger.lease("L", [Charge(b, D("0.5"), 400)], LEASE, NOW)
+    # The states are the bucket's without the lease: what the next sizing can count on.
+    assert r.ok and r.states[b.id] == BucketState(reserved=D("0.3"), reserved_tokens=100, reserved_requests=1)
+    # Growing to exactly the limit fits: the old 0.5 is not counted against the new 0.7.
+    assert (await ledger.lease("L", [Charge(b, D("0.7"), 400)], LEASE, NOW)).ok
+    refused = await ledger.lease("L", [Charge(b, D("0.700000001"), 400)], LEASE, NOW)
+    assert not refused.ok and refused.refused == b and refused.reason == "usd"
+    assert refused.refused_state == BucketState(reserved=D("0.3"), reserved_tokens=100, reserved_requests=1)
+    too_many_tokens = await ledger.lease("L", [Charge(b, D("0.1"), 901)], LEASE, NOW)
+    assert not too_many_tokens.ok and too_many_tokens.reason == "tokens"
+    # A refused sizing leaves the lease as it was; the lease counts as one reservation.
+    st = (await other.state([b], NOW))[b.id]
+    assert (st.reserved, st.reserved_tokens, st.reserved_requests) == (D("1.0"), 500, 2)
+    assert not (await other.reserve("b", [Charge(b, D("0.000000001"))], LEASE, NOW)).ok
+
+
+async def test_contract_a_lease_given_back_is_never_refused(make_ledger: MakeLedger) -> None:
+    ledger = await make_ledger()
+    b = one(rule(limit_usd="1"))
+    assert (await ledger.lease("L", [Charge(b, D("0.8"))], LEASE, NOW)).ok
+    # Requests admitted from the lease settle on their own ids: their spend is in the
+    # bucket and still inside the lease until it is sized, so on paper it is over.
+    await ledger.settle("r1", [Charge(b, D("0.5"))], row("r1", cost="0.5"), NOW)
+    assert (await ledger.state([b], NOW))[b.id].used == D("1.3")
+    # A smaller lease is still checked (0.6 < 0.8, but only 0.5 is left)...
+    assert not (await ledger.lease("L", [Charge(b, D("0.6"))], LEASE, NOW)).ok
+    assert (await ledger.lease("L", [Charge(b, D("0.5"))], LEASE, NOW)).ok
+    # ...but giving back to what is in flight never is.
+    assert (await ledger.settle("r2", [Charge(b, D("0.45"))], None, NOW)) != []
+    assert (await ledger.lease("L", [Charge(b, D("0.2"))], LEASE, NOW, give_back=True)).ok
+    assert (await ledger.state([b], NOW))[b.id] == BucketState(
+        spent=D("0.95"), reserved=D("0.2"), requests=2, reserved_requests=1
+    )
+    assert (await ledger.lease("L", [Charge(b, D("0"))], LEASE, NOW, give_back=True)).ok
+    assert (await ledger.state([b], NOW))[b.id] == BucketState(spent=D("0.95"), requests=2)
+
+
+async def test_contract_a_lease_is_renewed_and_expires_like_a_reservation(make_ledger: MakeLedger) -> None:
+    ledger = await make_ledger()
+    b = one(rule(limit_usd="1"))
+    assert (await ledger.lease("L", [Charge(b, D("0.6"))], LEASE, NOW)).ok
+    assert await ledger.renew(["L"], LEASE, NOW + timedelta(seconds=LEASE / 2)) == 1
+    assert (await ledger.state([b], NOW + timedelta(seconds=LEASE)))[b.id].reserved == D("0.6")
+    gone = NOW + timedelta(seconds=LEASE * 1.5)
+    assert (await ledger.state([b], gone))[b.id] == BucketState()
+    # Its process died: nothing is charged for it (a lease has no if_interrupted).
+    interrupted = ledger.interrupted
+    assert await ledger.expire(gone + timedelta(seconds=1)) == 1
+    assert ledger.interrupted == interrupted
+    assert (await ledger.state([b], gone))[b.id] == BucketState()
+
+
 async def test_contract_restart_keeps_spend_and_open_reservations(make_ledger: MakeLedger) -> None:
     first = await make_ledger()
     b = one(rule(limit_usd="1"))
