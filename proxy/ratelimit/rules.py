@@ -49,7 +49,7 @@ class LimitRule(BaseModel):
     @classmethod
     def _name(cls, value: str) -> str:
         if not _NAME_RE.match(value):
-            raise ValueError("limit names are 1-64 characters of letters, digits, '_', '.', ':' or '-'")
+            raise ValueError(f"{value!r}: limit names are 1-64 characters of letters, digits, '_', '.', ':' or '-'")
         return value
 
     @model_validator(mode="after")
