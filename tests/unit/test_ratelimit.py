@@ -13,6 +13,7 @@ from proxy.config_file import parse_settings
 from proxy.errors import ConfigError
 from proxy.ratelimit import gcra
 from proxy.ratelimit.rules import LimitRule, checks_for
+from proxy.spend.rules import BudgetScope
 from proxy.throttle import ratelimit_headers
 
 limits_st = st.integers(min_value=1, max_value=1_000_000_000)
@@ -82,7 +83,7 @@ def test_durations_read_like_openais(ms: int, text: str) -> None:
 def test_headers_report_the_tightest_counter_of_each_kind() -> None:
     rules = (
         LimitRule(name="wide", requests_per_minute=100, tokens_per_minute=1000),
-        LimitRule(name="narrow", scope={"user": "*"}, requests_per_minute=10),
+        LimitRule(name="narrow", scope=BudgetScope(user="*"), requests_per_minute=10),
     )
     checks = checks_for(rules, None, "alice", "gpt-4o", None)
     assert [c.id for c in checks] == ["wide|requests", "wide|tokens", "narrow|requests|user=alice"]
@@ -99,8 +100,8 @@ def test_headers_report_the_tightest_counter_of_each_kind() -> None:
 
 def test_scopes_match_as_budgets_do() -> None:
     rules = (
-        LimitRule(name="k", scope={"key": "alpha"}, max_in_flight=2),
-        LimitRule(name="t", scope={"team": "*", "model": "gpt-4o*"}, requests_per_minute=5),
+        LimitRule(name="k", scope=BudgetScope(key="alpha"), max_in_flight=2),
+        LimitRule(name="t", scope=BudgetScope(team="*", model="gpt-4o*"), requests_per_minute=5),
     )
     assert checks_for(rules, "beta", None, "gpt-4o", None) == []
     assert [c.id for c in checks_for(rules, "alpha", None, "gpt-4o-mini", "red|x")] == [
