@@ -73,6 +73,8 @@ class Limiter:
         # Grants holding slots, by id: their leases are renewed while they run.
         self.live: dict[str, Grant] = {}
         self.background: set[asyncio.Task[Any]] = set()
+        # Whether this process has charged a limit: until then the chore has nothing to sweep.
+        self.used = False
 
     @property
     def store(self) -> LimitStore:
@@ -81,6 +83,7 @@ class Limiter:
         return self._store
 
     async def acquire(self, grant_id: str, wants: Sequence[Want]) -> Acquired:
+        self.used = True
         return await self.store.acquire(grant_id, wants, self.lease_ms, epoch_ms(self.clock()))
 
     def count_unavailable(self, mode: str) -> None:
@@ -136,7 +139,7 @@ class Limiter:
                     renew_at = now + self.lease_ms / 3000
                     slots = [(s, g.id) for g in list(self.live.values()) for s in g.slots]
                     await self.store.renew(slots, self.lease_ms, epoch_ms(self.clock()))
-                if now >= sweep_at:
+                if self.used and now >= sweep_at:
                     sweep_at = now + SWEEP_EVERY_S
                     await self.store.sweep(epoch_ms(self.clock()))
             except Exception:  # noqa: BLE001 - retried next round; a lease lasts 3 rounds
