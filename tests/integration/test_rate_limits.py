@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,6 +22,7 @@ from proxy.estimate import estimate_prompt_tokens
 from proxy.spend.admission import INPUT_MARGIN, INPUT_MARGIN_TOKENS
 from tests.integration.conftest import Proxy, StartProxy, proxy_yaml
 from tests.support.fake_upstream import FakeUpstream, RecordedRequest, Reply
+from tests.support.redis_server import RedisServer
 
 T0 = datetime(2025, 6, 15, 20, 0, 0, tzinfo=UTC)
 MESSAGES: list[Any] = [{"role": "user", "content": "Hello!"}]
@@ -309,3 +311,31 @@ limits:
     raw = await ask(sdk(proxy))
     assert raw.headers["x-ratelimit-limit-requests"] == "10000"
     assert proxy.runtime.limiter.live == {}
+
+
+@pytest.mark.parametrize("mode", ["fail_closed", "fail_open"])
+async def test_a_ledger_outage_follows_on_unavailable(
+    start_proxy: StartProxy, fake_openai: FakeUpstream, tmp_path: Path, mode: str
+) -> None:
+    """Redis shared by instances, then gone: refuse (503) or admit unlimited, as configured."""
+    with RedisServer() as redis:
+        proxy = await start(start_proxy, fake_openai, f"""
+ledger: {{backend: redis, redis_url: "{redis.url}", path: "{tmp_path / 'spend.db'}", on_unavailable: {mode}}}
+limits:
+  - name: rpm
+    requests_per_minute: 100
+""")
+        client = sdk(proxy)
+        ok = await ask(client)
+        # Decided on Redis's clock: the counter holds one request, whatever the host's clock.
+        assert ok.headers["x-ratelimit-remaining-requests"] == "99"
+        redis.stop()
+        if mode == "fail_closed":
+            with pytest.raises(openai.APIStatusError) as down:
+                await ask(client)
+            assert down.value.status_code == 503 and down.value.code == "ledger_unavailable"
+            assert len(fake_openai.requests) == 1
+        else:
+            raw = await ask(client)
+            assert raw.headers["x-ratelimit-limit-requests"] == "10000"  # no limit of ours applied
+            assert len(fake_openai.requests) == 2
