@@ -83,8 +83,28 @@ class Limiter:
         return self._store
 
     async def acquire(self, grant_id: str, wants: Sequence[Want]) -> Acquired:
+        """Charge every want or none. A request cancelled meanwhile (its client left) may
+        still be charged once the store answers: that charge is undone then, so no slot
+        waits out a lease for a request that is gone."""
         self.used = True
-        return await self.store.acquire(grant_id, wants, self.lease_ms, epoch_ms(self.clock()))
+        charging = asyncio.ensure_future(self.store.acquire(grant_id, wants, self.lease_ms, epoch_ms(self.clock())))
+        try:
+            return await asyncio.shield(charging)
+        except asyncio.CancelledError:
+            charging.add_done_callback(lambda done: self._undo(done, grant_id, wants))
+            raise
+
+    def _undo(self, done: asyncio.Future[Acquired], grant_id: str, wants: Sequence[Want]) -> None:
+        if done.cancelled() or done.exception() is not None or not done.result().ok:
+            return
+        # Nothing was sent: the slots go back and the tokens are refunded (the request
+        # itself stays counted, as any admitted request).
+        grant = Grant(
+            grant_id,
+            slots=tuple(w.id for w in wants if w.kind == "in_flight"),
+            tokens=tuple((w.id, w.limit, w.cost) for w in wants if w.kind == "tokens"),
+        )
+        self.end(grant, 0)
 
     def count_unavailable(self, mode: str) -> None:
         self.faults.ledger_unavailable.labels("rate_limit", mode).inc()
