@@ -23,6 +23,7 @@ from proxy.observer import Observers
 from proxy.observers import AccessLogObserver, MetricsObserver, SummaryObserver, start_metrics_server
 from proxy.observers.otel_env import tracing_requested
 from proxy.policy import Policy
+from proxy.ratelimit.limiter import Limiter
 from proxy.replica_health import watch_replicas
 from proxy.settings import Settings
 from proxy.spend.lifecycle import Spend
@@ -85,7 +86,10 @@ def make_app(
     # Who may ask and how requests are routed and priced (the policy), what they may spend.
     faults = FaultMetrics(registry)
     spend = Spend(settings.ledger, settings.webhook, registry, faults, clock)
-    app[RUNTIME] = Runtime(policy=Policy.of(settings), spend=spend, observers=observers, faults=faults, clock=clock)
+    limiter = Limiter(registry, faults, clock, settings.ledger.lease_seconds)
+    app[RUNTIME] = Runtime(
+        policy=Policy.of(settings), spend=spend, observers=observers, faults=faults, limiter=limiter, clock=clock
+    )
     app[METRICS] = metrics
     app[SUMMARY] = summary
 
@@ -129,7 +133,7 @@ def _shut_down(provider: TracerProvider) -> Callable[[web.Application], AsyncIte
 
 async def spend_ledger(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
-    async with rt.spend.running(lambda: rt.policy.settings.budgets):
+    async with rt.spend.running(lambda: rt.policy.settings.budgets), rt.limiter.running(rt.spend.ledger):
         yield
 
 

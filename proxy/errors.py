@@ -13,7 +13,8 @@
     │   ├── RequestTimeout          408 (the client did not send its whole body in time)
     │   ├── BodyTooLarge            413
     │   ├── UnsupportedEncoding     415 (a Content-Encoding the proxy cannot decode)
-    │   └── BudgetExceeded          429 budget_exceeded (+ retry-after)
+    │   ├── BudgetExceeded          429 budget_exceeded (+ retry-after)
+    │   └── RateLimited             429 rate_limit_exceeded, code names the limit's kind (+ retry-after)
     └── UpstreamError               the upstream is at fault: 5xx made by the proxy
         ├── UpstreamUnreachable     502 (connect refused, DNS, reset before headers)
         ├── UpstreamBroken          502 (reset or garbage after headers)
@@ -184,6 +185,15 @@ class BudgetExceeded(ClientError):
     status = 429
     type = "budget_exceeded"
     code = "budget_exceeded"
+
+
+class RateLimited(ClientError):
+    """A Tollgate rate or concurrency limit: `code` is requests_per_minute_exceeded,
+    tokens_per_minute_exceeded or max_in_flight_exceeded."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
 
 
 class UpstreamError(HttpError):

@@ -50,6 +50,10 @@ def finish(ex: Exchange, policy: Policy, admission: Admission, rt: Runtime) -> a
         log.exception("accounting for %s failed", ex.request_id)
     started(ex, rt)
     rt.observers.on_finish(ex)
+    if admission.grant is not None:
+        # Nothing sent upstream: no token was used. No usage at all: the charge stands.
+        used = 0 if ex.t_upstream_sent_ns is None else ex.usage.total_tokens if ex.usage is not None else None
+        rt.limiter.end(admission.grant, used)
     hold = admission.hold
     if ex.t_upstream_sent_ns is None:
         # Nothing left Tollgate, so nothing was spent: what was reserved goes back.
@@ -64,6 +68,9 @@ async def complete(ex: Exchange, policy: Policy, admission: Admission, rt: Runti
     settling = finish(ex, policy, admission, rt)
     if settling is not None:
         await asyncio.shield(settling)
+    if admission.grant is not None and admission.grant.ending is not None:
+        # Its slots free before the client sees the end, so its next request finds them.
+        await asyncio.shield(admission.grant.ending)
 
 
 def spend_row(ex: Exchange, rt: Runtime) -> SpendRow:

@@ -3,6 +3,7 @@
     accept   → Accepted    target, key, body (proxy.accept)
     route    → Routed      upstream by model, key's model allow-list (proxy.route)
     admit    → Admission   budgets reserved, with its Hold (proxy.spend.admission)
+    throttle → Admission   rate and concurrency limits charged, with its Grant (proxy.throttle)
     forward  → response    sent upstream, relayed as it arrives (proxy.forward)
     finish                 usage, cost, observers, the hold settled or released (proxy.finish)
 
@@ -44,6 +45,7 @@ from proxy.spend.forecast import forecast_fields
 from proxy.spend.hold import NOT_ADMITTED, Admission
 from proxy.spend.money import report_value
 from proxy.state import RUNTIME, Runtime
+from proxy.throttle import throttle
 
 log = logging.getLogger("tollgate.handlers")
 
@@ -96,6 +98,7 @@ async def _run(
             routed = route(ex, policy, accepted)
             limits = OutputLimits(routed.default_output_cap, routed.upstream.context_size)
             admission = await admit(rt.spend, ex, policy, accepted.payload, limits)
+            admission = await throttle(rt.limiter, ex, policy, accepted.payload, limits, admission)
             payload = accepted.payload
             if azure is not None:
                 kind = policy.settings.upstreams[routed.upstream.name].kind

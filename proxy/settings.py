@@ -57,6 +57,7 @@ from proxy.config_sections import (
 )
 from proxy.errors import ConfigError
 from proxy.keys import VirtualKeys
+from proxy.ratelimit.rules import LimitRules
 from proxy.replicas import default_replica_name
 from proxy.routing import ResolvedRoute, Router
 from proxy.spend.budgets import BudgetRules, LedgerSettings, WebhookSettings
@@ -326,6 +327,8 @@ class Settings(Section):
     # Header naming the end user (wins over the body's `user` field), for per-user budgets.
     user_header: str | None = None
     budgets: BudgetRules = ()
+    # Requests and tokens per minute and requests in flight, per key, user, team or model.
+    limits: LimitRules = ()
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     # Output cap assumed for a budget reservation when neither the request nor its route or
@@ -393,18 +396,20 @@ class Settings(Section):
             )
 
         key_names = {k.name for k in self.keys}
-        for i, rule in enumerate(self.budgets):
-            key = rule.scope.key
+        teams = {k.metadata["team"] for k in self.keys if "team" in k.metadata}
+        scoped = [("budgets", i, r.scope) for i, r in enumerate(self.budgets)]
+        scoped += [("limits", i, r.scope) for i, r in enumerate(self.limits)]
+        for section, i, scope in scoped:
+            key = scope.key
             if key is not None and key != "*" and key not in key_names:
                 known = ", ".join(sorted(key_names)) or "none configured"
-                problems.append(f"budgets[{i}].scope.key: {key!r} is not a configured key (have: {known})")
-        teams = {k.metadata["team"] for k in self.keys if "team" in k.metadata}
-        for i, rule in enumerate(self.budgets):
-            team = rule.scope.team
+                problems.append(f"{section}[{i}].scope.key: {key!r} is not a configured key (have: {known})")
+        for section, i, scope in scoped:
+            team = scope.team
             if team is not None and team != "*" and team not in teams:
                 # It would never apply: a request's team is its key's metadata.team.
                 known = ", ".join(sorted(teams)) or "no key has metadata.team"
-                problems.append(f"budgets[{i}].scope.team: {team!r} is not the metadata.team of any configured key (have: {known})")
+                problems.append(f"{section}[{i}].scope.team: {team!r} is not the metadata.team of any configured key (have: {known})")
 
         exposure = self._anonymous_exposure()
         if exposure is not None:

@@ -20,6 +20,7 @@ from proxy.faults import FaultMetrics
 from proxy.keys import KeyRing
 from proxy.observer import Observers
 from proxy.policy import Policy
+from proxy.ratelimit.limiter import Limiter
 from proxy.settings import Settings
 from proxy.spend.hold import Hold
 from proxy.spend.ledger import Ledger
@@ -40,6 +41,7 @@ class Runtime:
     spend: Spend
     observers: Observers
     faults: FaultMetrics
+    limiter: Limiter
     clock: Callable[[], datetime] = utc_now
     # Start-up look-ups (llama-server's /props) that nothing waits on: cancelled at
     # shutdown.

@@ -55,7 +55,7 @@ class OutputLimits:
     context_size: int | None  # llama-server's context: where an uncapped request stops
 
 
-def _per_output_cap(policy: Policy, limits: OutputLimits, oc: OutputCap | None) -> tuple[int, bool]:
+def per_output_cap(policy: Policy, limits: OutputLimits, oc: OutputCap | None) -> tuple[int, bool]:
     """The most tokens one output may run to, and whether Tollgate must write that cap into
     the body for the upstream to hold to it (the request set none it could reserve for)."""
     if oc is None:
@@ -113,7 +113,7 @@ async def admit(
     if not buckets:
         return NOT_ADMITTED
     oc = output_cap_of(ex.endpoint, ex.upstream_kind or "openai", payload)
-    cap, write_cap = _per_output_cap(policy, limits, oc)
+    cap, write_cap = per_output_cap(policy, limits, oc)
     outputs = oc.outputs if oc is not None else 1
     # The model's own table, built off the event loop if this is the first estimate for it.
     await encoding_ready(model)

@@ -27,6 +27,7 @@ from proxy.spend.rules import (
     HEADER_RESERVED,
     TEMPLATE,
     BudgetRule,
+    BudgetScope,
     LimitKind,
     Period,
     window,
@@ -123,6 +124,22 @@ def _resolve(pattern: str | None, value: str | None) -> tuple[bool, str | None]:
     return value == pattern, value
 
 
+def scope_match(
+    scope: BudgetScope, key_name: str | None, user: str | None, model: str | None, team: str | None
+) -> tuple[str | None, str | None, str | None] | None:
+    """Whether `scope` applies to a request, and if so its resolved (key, user, team): the
+    request's own value where the scope names one (or `*`), None where it names none. Rate
+    limits (proxy.ratelimit) scope their counters the same way."""
+    key_ok, key = _resolve(scope.key, key_name)
+    user_ok, usr = _resolve(scope.user, user)
+    team_ok, tm = _resolve(scope.team, team)
+    if not (key_ok and user_ok and team_ok):
+        return None
+    if scope.model is not None and (model is None or not fnmatch.fnmatchcase(model, scope.model)):
+        return None
+    return key, usr, tm
+
+
 def bucket_for(
     rule: BudgetRule,
     key_name: str | None,
@@ -132,13 +149,10 @@ def bucket_for(
     team: str | None = None,
 ) -> Bucket | None:
     """The bucket of `rule` for this request, or None when the rule does not apply."""
-    key_ok, key = _resolve(rule.scope.key, key_name)
-    user_ok, usr = _resolve(rule.scope.user, user)
-    team_ok, tm = _resolve(rule.scope.team, team)
-    if not (key_ok and user_ok and team_ok):
+    matched = scope_match(rule.scope, key_name, user, model, team)
+    if matched is None:
         return None
-    if rule.scope.model is not None and (model is None or not fnmatch.fnmatchcase(model, rule.scope.model)):
-        return None
+    key, usr, tm = matched
     start, end, start_text = _window_of(rule.period, rule.timezone, now)
     parts = [rule.name]
     if key is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from proxy.ratelimit.limiter import Grant
 from proxy.spend.buckets import Bucket
 from proxy.spend.ledger import DuplicateReservation, LedgerError
 from proxy.spend.quota import Draw
@@ -47,12 +48,14 @@ class Admission:
 
     `hold` is None when no budget applies. `cap_override` is (field, cap) when the body
     must carry a (lower) output cap for the upstream to hold to what was reserved;
-    `headers` go on the client's response.
+    `headers` go on the client's response. `grant` is what the rate limits charged
+    (proxy.throttle), None when none applies.
     """
 
     hold: Hold | None = None
     cap_override: tuple[str, int] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    grant: Grant | None = None
 
 
 NOT_ADMITTED = Admission()

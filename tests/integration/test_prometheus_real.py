@@ -82,6 +82,13 @@ USAGE = {
 }
 BROKEN_MODEL = "gpt-5-broken"  # the fake OpenAI answers 500 for it
 BUDGETED_MODEL = "gpt-4.1-nano"  # a zero budget refuses it
+LIMITED_MODEL = "gpt-4.1-mini"  # one request a minute: the rest are refused (rate-limit panel)
+LIMITS_YAML = f"""
+limits:
+  - name: one-a-minute
+    scope: {{model: "{LIMITED_MODEL}"}}
+    requests_per_minute: 1
+"""
 
 # Budgets are configured only when the settings know the section, so the rest of the
 # scenario keeps running while budgets are being wired in.
@@ -213,6 +220,7 @@ metrics: {{host: 127.0.0.1, port: 0}}
         text += f"ledger: {{backend: sqlite, path: '{tmp / 'ledger.db'}'}}\n"
     if budgets:
         text += BUDGETS_YAML
+    text += LIMITS_YAML
     return text, budgets
 
 
@@ -284,6 +292,10 @@ async def send_round(base_url: str, budgets: bool) -> list[int]:
             assert status == expected, (path, body.get("model"), status)
 
         await asyncio.gather(*(one(*req) for req in traffic()))
+        # The first of these in the scenario is admitted, every later one refused: the
+        # refusal counter moves in both rounds.
+        limited = {**openai_capture("chat-basic").request_json, "model": LIMITED_MODEL}
+        assert [await post("/chat/completions", limited) for _ in range(2)][1] == 429
         if not budgets:
             return []
         refused = {**openai_capture("chat-basic").request_json, "model": BUDGETED_MODEL}

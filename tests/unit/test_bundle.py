@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.config_file import load_settings
 from proxy.observers.metrics import MetricsObserver
+from proxy.ratelimit.limiter import LimitMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "grafana"
@@ -73,6 +74,7 @@ def exported_metric_names() -> set[str]:
     """Sample names Tollgate exposes (counters with _total, histograms with their parts)."""
     registry = CollectorRegistry()
     MetricsObserver(registry, version="test")
+    LimitMetrics(registry)
     names: set[str] = set()
     for family in registry.collect():
         if family.type == "counter":
