@@ -206,7 +206,7 @@ def write_spend_csv(rows: Sequence[dict[str, Any]], group_by: Sequence[str], out
     for r in rows:
         writer.writerow(
             [*("" if r[g] is None else r[g] for g in group_by), *(r[c] for c in _SUM_COLUMNS[:-1]), f"{r['cost']:f}",
-             *([f"{r['saved']:f}"] if saved else [])]
+             *([f"{r.get('saved', Decimal(0)):f}"] if saved else [])]
         )
 
 
@@ -215,12 +215,12 @@ def write_spend_table(rows: Sequence[dict[str, Any]], group_by: Sequence[str], o
     header = [*group_by, "requests", "input", "cached", "output", "reasoning", "cost_usd", *(["saved_usd"] if saved else [])]
     lines = [
         [*("-" if r[g] is None else str(r[g]) for g in group_by), *(str(r[c]) for c in _SUM_COLUMNS[:-1]), f"{r['cost']:f}",
-         *([f"{r['saved']:f}"] if saved else [])]
+         *([f"{r.get('saved', Decimal(0)):f}"] if saved else [])]
         for r in rows
     ]
     totals = [sum(int(r[c]) for r in rows) for c in _SUM_COLUMNS[:-1]]
     cost = sum((r["cost"] for r in rows), Decimal(0))
-    money = [f"{cost:f}", *([f"{sum((r['saved'] for r in rows), Decimal(0)):f}"] if saved else [])]
+    money = [f"{cost:f}", *([f"{sum((r.get('saved', Decimal(0)) for r in rows), Decimal(0)):f}"] if saved else [])]
     lines.append(["total", *([""] * (len(group_by) - 1)), *(str(t) for t in totals), *money] if group_by
                  else [*(str(t) for t in totals), *money])
     _table(header, lines, numeric_from=len(group_by), out=out)

@@ -7,8 +7,10 @@ spend log's cost-0 rows with their savings."""
 from __future__ import annotations
 
 import asyncio
+import io
 import sqlite3
 from collections.abc import Iterator
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import openai
 import orjson
 import pytest
 
+from proxy.cli_ledger import write_spend_table
 from proxy.response_cache import Entry
 from proxy.state import RUNTIME
 from tests.integration.conftest import Proxy, StartProxy, proxy_yaml
@@ -143,6 +146,13 @@ async def test_plain_chat_hit_is_free_and_identical(
         ("miss", COST, 0), ("hit", 0, COST),
     ]
     assert rows[1]["input_tokens"] == 0 and rows[1]["outcome"] == "ok"
+    rt = proxy.app[RUNTIME]
+    now = rt.clock()
+    report = await rt.ledger.spend_report(now - timedelta(days=1), now + timedelta(days=1), [])
+    assert [(r["requests"], r["cost"], r["saved"]) for r in report] == [(2, COST, COST)]
+    table = io.StringIO()
+    write_spend_table(report, [], table)
+    assert table.getvalue().split()[:8] == ["requests", "input", "cached", "output", "reasoning", "cost_usd", "saved_usd", "2"]
     labels = {"model": "gpt-*", "upstream": "openai", "endpoint": "chat.completions"}
     assert metric(proxy, "tollgate_response_cache_hits_total", **labels) == 1
     assert metric(proxy, "tollgate_response_cache_misses_total", **labels) == 1

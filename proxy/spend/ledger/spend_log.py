@@ -68,7 +68,8 @@ _GROUP_SQL = {
 def query_spend(
     conn: sqlite3.Connection, start: datetime, end: datetime, group_by: Sequence[GroupBy]
 ) -> list[dict[str, Any]]:
-    """Totals over [start, end), grouped; `day` is the UTC calendar day."""
+    """Totals over [start, end), grouped; `day` is the UTC calendar day; `saved` (USD) only
+    where response-cache hits saved something."""
     groups = check_group_by(group_by)
     cols = [f"{_GROUP_SQL[g]} AS g_{g}" for g in groups]
     sums = (
@@ -92,8 +93,11 @@ def query_spend(
             output_tokens=outp or 0,
             reasoning_tokens=reasoning or 0,
             cost=from_nanos(cost or 0),
-            saved=from_nanos(saved or 0),
         )
+        if saved:
+            # What response-cache hits saved: only where there were some, so reports of a
+            # proxy without the cache keep their shape.
+            values["saved"] = from_nanos(saved)
         out.append(values)
     return out
 

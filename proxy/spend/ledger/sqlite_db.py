@@ -74,9 +74,9 @@ CREATE TABLE IF NOT EXISTS spend_log (
     key_metadata TEXT,                -- JSON object, or NULL
     seq INTEGER,                      -- commit order: MAX + 1 under the write lock
     body_sha256 TEXT,                 -- sha256 hex of the request body, never the body
-    finish_reason TEXT,               -- the first choice's, NULL when none was seen
+    finish_reason TEXT,               -- of the first choice (NULL when none was seen)
     saved_nanos INTEGER NOT NULL DEFAULT 0,  -- nano-USD a response-cache hit did not spend
-    cache TEXT                        -- hit, miss, bypass, or NULL: the cache was off
+    cache TEXT                        -- hit or miss or bypass (NULL when the cache is off)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS spend_log_time ON spend_log(time);
 -- This file's identity, made once: with Redis, the spend rows an instance settled but had not
