@@ -62,12 +62,11 @@ async def look_up(
 
 
 def store(cache: ResponseCache, ex: Exchange, recorder: Recorder) -> None:
-    """File the recorded response if it completed whole and successfully."""
-    if ex.outcome != "ok" or ex.status != 200 or ex.upstream is None:
+    """File the recorded response if it is one to keep (`Recorder.keeps`)."""
+    if ex.upstream is None or not recorder.keeps(ex.outcome, ex.status, ex.finish_reasons):
         return
     entry = recorder.entry(ex.usage)
-    # A stream that ended without a finish_reason was cut short upstream, however cleanly.
-    if entry is not None and not (entry.is_sse and not ex.finish_reasons):
+    if entry is not None:
         cache.put(recorder.plan.key, entry, (ex.model_label, ex.upstream, ex.endpoint))
 
 

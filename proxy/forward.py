@@ -337,8 +337,9 @@ async def relay(
         if held is not None:
             await completing()
             whole = b"".join(held)
-            if recorder is not None:
+            if recorder is not None and resp.status == 200:
                 recorder.add(whole)
+                out.headers["Cache-Status"] = recorder.final_status(ex.outcome, resp.status, ex.finish_reasons)
             await _send_held(request, out, ex, whole)
             started = True
             held = None

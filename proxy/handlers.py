@@ -109,6 +109,8 @@ async def _run(
                     )
             limits = OutputLimits(routed.default_output_cap, routed.upstream.context_size)
             admission = await admit(rt.spend, ex, policy, accepted.payload, limits)
+            if recorder is not None and admission.cap_override is not None:
+                recorder.capped = True
             payload = accepted.payload
             if azure is not None:
                 kind = policy.settings.upstreams[routed.upstream.name].kind

@@ -214,11 +214,16 @@ class Recorder:
     size: int = 0
     content_type: str = ""
     failed: bool = False
+    # Admission wrote an output cap of its own into the request (a budget's clamp, or the
+    # assumed cap of a capless request): an answer that stopped at that cap was cut for
+    # this request's budget alone, so it is not stored.
+    capped: bool = False
 
     def cache_status(self, status: int, content_type: str) -> str:
-        """The response's `Cache-Status`, sent with its headers. `stored` is said when the
-        response will be stored if it completes (headers go out before a stream ends); one
-        cut short or too large is not stored after all."""
+        """The response's `Cache-Status` when its headers go out. `stored` is said when the
+        response will be stored if it completes: a stream's headers go out before its end,
+        so one cut short or grown too large is not stored after all (a held plain body's
+        headers wait for its end and get `final_status`)."""
         self.content_type = content_type
         if status != 200 or not self.plan.store:
             self.failed = True
@@ -233,6 +238,21 @@ class Recorder:
             self.chunks = []
             return
         self.chunks.append(chunk)
+
+    def keeps(self, outcome: str | None, status: int | None, finish_reasons: list[str]) -> bool:
+        """Whether the response, now whole, is one to store: complete and successful, a
+        stream that ended with a finish_reason (one without was cut short upstream, however
+        cleanly), and not stopped by an output cap admission wrote in."""
+        if self.failed or not self.chunks or outcome != "ok" or status != 200:
+            return False
+        if self.capped and "length" in finish_reasons:
+            return False
+        return bool(finish_reasons) or not self.content_type.startswith("text/event-stream")
+
+    def final_status(self, outcome: str | None, status: int, finish_reasons: list[str]) -> str:
+        """`Cache-Status` for a response whose headers wait for its end (a held plain body):
+        `stored` only if it will be."""
+        return forward_status(self.plan.fwd, status, self.keeps(outcome, status, finish_reasons))
 
     def entry(self, usage: Usage | None) -> Entry | None:
         if self.failed or not self.chunks:

@@ -7,6 +7,7 @@ spend log's cost-0 rows with their savings."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import io
 import sqlite3
 from collections.abc import Iterator
@@ -71,10 +72,16 @@ def routes(fake: FakeUpstream) -> None:
     broken = Reply(status=500, headers=[("Content-Type", "application/json")],
                    chunks=[openai_error_body("The server had an error", "server_error")])
 
+    stopped_by_cap = copy.deepcopy(chat_body)
+    stopped_by_cap["choices"][0]["finish_reason"] = "length"
+
     def chat(request: Any) -> Reply:
         body = request.json
-        if body.get("messages", [{}])[0].get("content") == "break":
+        content = body.get("messages", [{}])[0].get("content")
+        if content == "break":
             return broken
+        if content == "long":
+            return Reply.json(stopped_by_cap)
         return stream(request) if body.get("stream") else plain
 
     fake.route("POST", "/v1/chat/completions", chat)
@@ -340,6 +347,36 @@ budgets:
     with pytest.raises(openai.RateLimitError):
         await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "new"}], temperature=0)
     assert len(fake_openai.requests) == 1
+
+
+async def test_an_answer_stopped_by_a_cap_the_budget_wrote_is_not_stored(
+    start_proxy: StartProxy, fake_openai: FakeUpstream, backend: str
+) -> None:
+    """Under a blocking budget a capless request carries the assumed cap: an answer that
+    ended before it is stored, one that stopped at it (`length`) is not."""
+    budget = """
+default_max_tokens: 5
+budgets:
+  - name: roomy
+    period: daily
+    limit_usd: 100
+"""
+    proxy = await start(start_proxy, fake_openai, backend, extra=budget)
+    c = client(proxy)
+    for content, expected in (
+        ("long", "tollgate; fwd=uri-miss; fwd-status=200"),
+        ("long", "tollgate; fwd=uri-miss; fwd-status=200"),
+        ("Say hi", "tollgate; fwd=uri-miss; fwd-status=200; stored"),
+        ("Say hi", "tollgate; hit"),
+    ):
+        raw = await c.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": content}], temperature=0
+        )
+        await writes_done(proxy)
+        status = raw.headers["cache-status"]
+        assert status.startswith(expected) if "hit" in expected else status == expected, content
+    assert fake_openai.requests[0].json["max_completion_tokens"] == 5
+    assert len(fake_openai.requests) == 3
 
 
 async def test_stored_entry_is_what_the_client_got(start_proxy: StartProxy, fake_openai: FakeUpstream, tmp_path: Path) -> None:

@@ -125,3 +125,25 @@ def test_recorder_gives_up_past_its_limit_and_on_errors() -> None:
     assert failed.entry(None) is None
     bypass = Recorder(Plan("k", lookup=False, store=False, fwd="bypass"), limit=10)
     assert bypass.cache_status(200, "application/json") == "tollgate; fwd=bypass; fwd-status=200"
+
+
+def test_what_a_recorder_keeps() -> None:
+    store = Plan("k", lookup=True, store=True, fwd="uri-miss")
+
+    def recorder(content_type: str, capped: bool = False) -> Recorder:
+        r = Recorder(store, limit=100, capped=capped)
+        r.cache_status(200, content_type)
+        r.add(b"x")
+        return r
+
+    assert recorder("application/json").keeps("ok", 200, [])  # embeddings have no finish_reason
+    assert not recorder("application/json").keeps("client_gone", 200, ["stop"])
+    assert not recorder("application/json").keeps("ok", 201, ["stop"])
+    assert recorder("text/event-stream").keeps("ok", 200, ["stop"])
+    assert not recorder("text/event-stream").keeps("ok", 200, [])  # a stream cut short upstream
+    assert recorder("application/json", capped=True).keeps("ok", 200, ["stop"])
+    assert not recorder("application/json", capped=True).keeps("ok", 200, ["length"])
+    assert recorder("application/json").keeps("ok", 200, ["length"])  # the client's own cap
+    assert recorder("application/json", capped=True).final_status("ok", 200, ["length"]) == (
+        "tollgate; fwd=uri-miss; fwd-status=200"
+    )
