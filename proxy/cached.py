@@ -15,13 +15,16 @@ from typing import Any
 from aiohttp import web
 
 from proxy.cache_store import Found, ResponseCache
-from proxy.client_cost import COST_SOURCE_PRICED
+from proxy.client_cost import COST_SOURCE_PRICED, with_usage_cost
 from proxy.exchange import Exchange
 from proxy.observer import Observers
 from proxy.policy import Policy
-from proxy.pricing import cost, plain_usd, price_of_exchange
+from proxy.pricing import CostParts, cost, plain_usd, price_of_exchange
 from proxy.response_cache import Recorder, cache_key, hit_status, plan, scope_id
 from proxy.route import Routed
+
+
+_FREE = CostParts(Decimal(0), Decimal(0), Decimal(0), Decimal(0))
 
 
 def _credential(headers: Mapping[str, str]) -> str | None:
@@ -109,6 +112,12 @@ async def replay(
     out.headers["X-Tollgate-Saved-Usd"] = plain_usd(ex.saved)
     observers.on_response_headers(ex, out.headers)
     chunks = entry.chunks
+    if ex.include_cost and not entry.is_sse and entry.content_type.startswith("application/json"):
+        # The `usage.cost` the client asked for: this answer cost nothing.
+        rewritten = with_usage_cost(b"".join(chunks), _FREE)
+        if rewritten is not None:
+            chunks = (rewritten,)
+            out.content_length = len(rewritten)
     await out.prepare(request)
     last = len(chunks) - 1
     for i, chunk in enumerate(chunks):

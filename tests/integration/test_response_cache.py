@@ -147,24 +147,30 @@ async def test_plain_chat_hit_is_free_and_identical(
     assert second.content == first.content
     assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
     assert len(fake_openai.requests) == 1
+    # A client that asked for usage.cost sees the hit's: 0.
+    with_cost = await client(proxy, **{"x-tollgate-include-cost": "true"}).chat.completions.create(
+        model=MODEL, messages=MESSAGES, temperature=0
+    )
+    assert with_cost.usage is not None and with_cost.usage.model_extra is not None
+    assert with_cost.usage.model_extra["cost"]["total_usd"] == 0 and len(fake_openai.requests) == 1
 
     rows = await spend_rows(proxy)
     assert [(r["cache"], Decimal(r["cost_nanos"]) / 10**9, Decimal(r["saved_nanos"]) / 10**9) for r in rows] == [
-        ("miss", COST, 0), ("hit", 0, COST),
+        ("miss", COST, 0), ("hit", 0, COST), ("hit", 0, COST),
     ]
     assert rows[1]["input_tokens"] == 0 and rows[1]["outcome"] == "ok"
     rt = proxy.app[RUNTIME]
     now = rt.clock()
     report = await rt.ledger.spend_report(now - timedelta(days=1), now + timedelta(days=1), [])
-    assert [(r["requests"], r["cost"], r["saved"]) for r in report] == [(2, COST, COST)]
+    assert [(r["requests"], r["cost"], r["saved"]) for r in report] == [(3, COST, 2 * COST)]
     table = io.StringIO()
     write_spend_table(report, [], table)
-    assert table.getvalue().split()[:8] == ["requests", "input", "cached", "output", "reasoning", "cost_usd", "saved_usd", "2"]
+    assert table.getvalue().split()[:8] == ["requests", "input", "cached", "output", "reasoning", "cost_usd", "saved_usd", "3"]
     labels = {"model": "gpt-*", "upstream": "openai", "endpoint": "chat.completions"}
-    assert metric(proxy, "tollgate_response_cache_hits_total", **labels) == 1
+    assert metric(proxy, "tollgate_response_cache_hits_total", **labels) == 2
     assert metric(proxy, "tollgate_response_cache_misses_total", **labels) == 1
     assert metric(proxy, "tollgate_response_cache_stores_total", **labels) == 1
-    assert metric(proxy, "tollgate_response_cache_saved_usd_total", model="gpt-*", upstream="openai", key="none") == float(COST)
+    assert metric(proxy, "tollgate_response_cache_saved_usd_total", model="gpt-*", upstream="openai", key="none") == float(2 * COST)
     # The hit billed nothing: the cost counter holds the first request's cost alone.
     assert metric(proxy, "tollgate_cost_usd_total", model="gpt-*", upstream="openai", key="none") == float(COST)
 
