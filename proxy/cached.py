@@ -23,7 +23,6 @@ from proxy.pricing import CostParts, cost, plain_usd, price_of_exchange
 from proxy.response_cache import Recorder, cache_key, hit_status, plan, scope_id
 from proxy.route import Routed
 
-
 _FREE = CostParts(Decimal(0), Decimal(0), Decimal(0), Decimal(0))
 
 
