@@ -160,7 +160,9 @@ class SqliteBackend:
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
+            # A lookup waits for another worker's write at most this long: a request is
+            # never held longer by its cache than a slow miss would cost.
+            conn = sqlite3.connect(self.path, timeout=1.0, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.executescript(_SCHEMA)
@@ -176,7 +178,10 @@ class SqliteBackend:
         row = conn.execute("SELECT blob, expires_at FROM entries WHERE key = ? AND expires_at > ?", (key, now)).fetchone()
         if row is None:
             return None
-        conn.execute("UPDATE entries SET used_at = ? WHERE key = ?", (now, key))
+        try:
+            conn.execute("UPDATE entries SET used_at = ? WHERE key = ?", (now, key))
+        except sqlite3.OperationalError as exc:  # busy: the LRU order is a little stale, no more
+            log.debug("response cache: last use of an entry not recorded: %s", exc)
         return bytes(row[0]), float(row[1]) - now
 
     def _put(self, key: str, blob: bytes) -> tuple[int, int]:
