@@ -28,6 +28,7 @@ from proxy.state import RUNTIME
 from tests.integration.conftest import Proxy, StartProxy, proxy_yaml
 from tests.support.cassettes import openai_capture
 from tests.support.fake_upstream import FakeUpstream, Reply, openai_error_body, openai_usage_aware
+from tests.support.procs import free_port
 from tests.support.redis_server import RedisServer
 
 MODEL = "gpt-5-nano"
@@ -408,3 +409,19 @@ async def test_cache_off_adds_nothing(start_proxy: StartProxy, fake_openai: Fake
         assert "tollgate_response_cache" not in await r.text()
     rows = await spend_rows(proxy)
     assert [(r["cache"], r["saved_nanos"]) for r in rows] == [(None, 0), (None, 0)]
+
+
+async def test_a_cache_that_cannot_be_reached_never_fails_a_request(
+    start_proxy: StartProxy, fake_openai: FakeUpstream
+) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    proxy = await start(start_proxy, fake_openai, f"backend: redis\n  redis_url: {dead}")
+    c = client(proxy)
+    for _ in range(2):
+        raw = await c.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, temperature=0)
+        await writes_done(proxy)
+        assert raw.headers["cache-status"].startswith("tollgate; fwd=uri-miss; fwd-status=200")
+        assert raw.parse().choices[0].message.content
+    assert len(fake_openai.requests) == 2
+    assert metric(proxy, "tollgate_response_cache_errors_total", op="get") == 2
+    assert metric(proxy, "tollgate_response_cache_errors_total", op="put") == 2
