@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy import handlers
+from proxy.cache_store import ResponseCache
 from proxy.encodings import load_in_background, verify
 from proxy.engine_telemetry import scrape_llamacpp
 from proxy.errors import HttpError, install_openai_shaped_protocol_errors
@@ -87,8 +88,11 @@ def make_app(
     faults = FaultMetrics(registry)
     spend = Spend(settings.ledger, settings.webhook, registry, faults, clock)
     limiter = Limiter(registry, faults, clock, settings.ledger.lease_seconds)
+    # The response cache, only when enabled: off, the request path never touches it.
+    cache = ResponseCache(settings.response_cache, registry) if settings.response_cache.enabled else None
     app[RUNTIME] = Runtime(
-        policy=Policy.of(settings), spend=spend, observers=observers, faults=faults, limiter=limiter, clock=clock
+        policy=Policy.of(settings), spend=spend, observers=observers, faults=faults, limiter=limiter, clock=clock,
+        response_cache=cache,
     )
     app[METRICS] = metrics
     app[SUMMARY] = summary
@@ -97,6 +101,8 @@ def make_app(
     # flight drained), upstream sessions, tokenizers, the metrics port, the event-loop
     # sampler and what a reload retired.
     app.cleanup_ctx.append(spend_ledger)
+    if cache is not None:
+        app.cleanup_ctx.append(response_cache)
     app.cleanup_ctx.append(upstream_sessions)
     app.cleanup_ctx.append(tokenizers)
     if settings.metrics.enabled:
@@ -135,6 +141,13 @@ async def spend_ledger(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
     async with rt.spend.running(lambda: rt.policy.settings.budgets), rt.limiter.running(rt.spend.ledger):
         yield
+
+
+async def response_cache(app: web.Application) -> AsyncIterator[None]:
+    yield
+    cache = app[RUNTIME].response_cache
+    if cache is not None:
+        await cache.close()  # after the writes in flight
 
 
 async def upstream_sessions(app: web.Application) -> AsyncIterator[None]:
@@ -219,7 +232,7 @@ async def close_retired(rt: Runtime, *, everything: bool = False) -> None:
 
 # Sections a reload cannot change in a running process (they hold sockets, files or
 # registered metrics): a reload that changes them keeps the old values and says so.
-RESTART_ONLY = ("server", "metrics", "logging", "ledger")
+RESTART_ONLY = ("server", "metrics", "logging", "ledger", "response_cache")
 
 
 async def reconfigure(app: web.Application, new: Settings) -> list[str]:

@@ -193,25 +193,36 @@ def cmd_spend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _any_saved(rows: Sequence[dict[str, Any]]) -> bool:
+    # The saved_usd column (response-cache hits) appears only where the cache saved
+    # something, so reports of a proxy without the cache read as they always did.
+    return any(r.get("saved", 0) for r in rows)
+
+
 def write_spend_csv(rows: Sequence[dict[str, Any]], group_by: Sequence[str], out: IO[str]) -> None:
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*group_by, *_SUM_COLUMNS[:-1], "cost_usd"])
+    saved = _any_saved(rows)
+    writer.writerow([*group_by, *_SUM_COLUMNS[:-1], "cost_usd", *(["saved_usd"] if saved else [])])
     for r in rows:
         writer.writerow(
-            [*("" if r[g] is None else r[g] for g in group_by), *(r[c] for c in _SUM_COLUMNS[:-1]), f"{r['cost']:f}"]
+            [*("" if r[g] is None else r[g] for g in group_by), *(r[c] for c in _SUM_COLUMNS[:-1]), f"{r['cost']:f}",
+             *([f"{r.get('saved', Decimal(0)):f}"] if saved else [])]
         )
 
 
 def write_spend_table(rows: Sequence[dict[str, Any]], group_by: Sequence[str], out: IO[str]) -> None:
-    header = [*group_by, "requests", "input", "cached", "output", "reasoning", "cost_usd"]
+    saved = _any_saved(rows)
+    header = [*group_by, "requests", "input", "cached", "output", "reasoning", "cost_usd", *(["saved_usd"] if saved else [])]
     lines = [
-        [*("-" if r[g] is None else str(r[g]) for g in group_by), *(str(r[c]) for c in _SUM_COLUMNS[:-1]), f"{r['cost']:f}"]
+        [*("-" if r[g] is None else str(r[g]) for g in group_by), *(str(r[c]) for c in _SUM_COLUMNS[:-1]), f"{r['cost']:f}",
+         *([f"{r.get('saved', Decimal(0)):f}"] if saved else [])]
         for r in rows
     ]
     totals = [sum(int(r[c]) for r in rows) for c in _SUM_COLUMNS[:-1]]
     cost = sum((r["cost"] for r in rows), Decimal(0))
-    lines.append(["total", *([""] * (len(group_by) - 1)), *(str(t) for t in totals), f"{cost:f}"] if group_by
-                 else [*(str(t) for t in totals), f"{cost:f}"])
+    money = [f"{cost:f}", *([f"{sum((r.get('saved', Decimal(0)) for r in rows), Decimal(0)):f}"] if saved else [])]
+    lines.append(["total", *([""] * (len(group_by) - 1)), *(str(t) for t in totals), *money] if group_by
+                 else [*(str(t) for t in totals), *money])
     _table(header, lines, numeric_from=len(group_by), out=out)
 
 

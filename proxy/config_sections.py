@@ -1,5 +1,5 @@
 """The configuration sections that hold no routing: server, timeouts, metrics, logging,
-passthrough, admin."""
+passthrough, admin, response_cache."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BeforeValidator,
+    Field,
     field_validator,
+    model_validator,
 )
 
 from proxy.config_base import Count, HeaderName, Host, Port, Seconds, Secret, Section, StrictBool
@@ -125,3 +127,34 @@ class HealthCheck(Section):
     timeout: Seconds = 2.0
     # How long a replica whose connect failed is left out before it is tried again.
     eject_for: Seconds = 10.0
+
+
+CacheEndpoint = Literal["chat.completions", "completions", "embeddings"]
+
+
+class ResponseCacheSettings(Section):
+    """The exact-match response cache (README "Response cache"). Off unless enabled."""
+
+    enabled: StrictBool = False
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    # The SQLite file (its own, never the ledger's: a cache may be deleted at any time).
+    path: str = "./data/response-cache.db"
+    redis_url: str | None = None
+    key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] = "tollgate"
+    ttl_seconds: Seconds = 3600.0
+    max_entries: Count = 10_000
+    # An entry is one whole response; the sum of entries is bounded by max_bytes.
+    max_entry_bytes: Count = 1024 * 1024
+    max_bytes: Count = 256 * 1024 * 1024
+    # Who shares entries: the virtual key (or, without keys, the client's credentials),
+    # the end user within the key, the key's team, or everyone allowed the model.
+    scope: Literal["key", "user", "team", "global"] = "key"
+    endpoints: tuple[CacheEndpoint, ...] = ("chat.completions", "completions", "embeddings")
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> ResponseCacheSettings:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("redis_url is required when backend is redis")
+        if self.max_entry_bytes > self.max_bytes:
+            raise ValueError(f"max_entry_bytes ({self.max_entry_bytes}) must not exceed max_bytes ({self.max_bytes})")
+        return self

@@ -143,6 +143,12 @@ class Exchange:
     # Why a path Tollgate cannot meter went through: the passthrough glob, or "unguarded".
     unmetered: str | None = None
 
+    # The response cache (proxy/cached.py): `hit` (answered from it), `miss` (looked up,
+    # forwarded), `bypass` (not looked up); None when the cache is off. A hit costs 0 and
+    # `saved` is what it would have cost upstream.
+    cache: Literal["hit", "miss", "bypass"] | None = None
+    saved: Decimal | None = None
+
     # admit: ok, warn, clamped:<budget>, refused:<budget>, unchecked, ledger_unavailable
     budget_verdict: str | None = None
 

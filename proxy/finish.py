@@ -55,8 +55,9 @@ def finish(ex: Exchange, policy: Policy, admission: Admission, rt: Runtime) -> a
         used = 0 if ex.t_upstream_sent_ns is None else ex.usage.total_tokens if ex.usage is not None else None
         rt.limiter.end(admission.grant, used)
     hold = admission.hold
-    if ex.t_upstream_sent_ns is None:
-        # Nothing left Tollgate, so nothing was spent: what was reserved goes back.
+    if ex.t_upstream_sent_ns is None and ex.cache != "hit":
+        # Nothing left Tollgate, so nothing was spent: what was reserved goes back. (A
+        # cache hit reserved nothing and spent nothing, but is logged with what it saved.)
         return rt.spend.release(hold) if hold is not None else None
     return rt.spend.settle(hold, spend_row(ex, rt), ex.cost or Decimal(0), ex.usage.total_tokens if ex.usage else 0)
 
@@ -90,6 +91,8 @@ def spend_row(ex: Exchange, rt: Runtime) -> SpendRow:
         key_metadata=ex.key_metadata,
         body_sha256=ex.body_sha256,
         finish_reason=ex.finish_reasons[0] if ex.finish_reasons else None,
+        saved=ex.saved or Decimal(0),
+        cache=ex.cache,
     )
 
 

@@ -22,6 +22,7 @@ from proxy.errors import UpstreamError, translate_upstream_exception
 from proxy.exchange import Exchange
 from proxy.measure import StreamTap
 from proxy.observer import Observers
+from proxy.response_cache import Recorder
 from proxy.strip import UsageStripper
 from proxy.upstream import _ATTEMPT, Replica, ReplicaSet, Upstream, _Attempt
 
@@ -283,6 +284,7 @@ async def relay(
     admission_headers: Mapping[str, str],
     observers: Observers,
     complete: Callable[[], Awaitable[None]],
+    recorder: Recorder | None = None,
 ) -> web.StreamResponse:
     """Relay the upstream response to the client as it arrives; fill the Exchange on the way.
 
@@ -290,12 +292,17 @@ async def relay(
     client (the final chunk of a chunked or SSE body, or the last piece of a Content-Length
     body), so a response the client sees complete has already been accounted and settled.
 
+    `recorder`: the response cache's, when the response may be stored: it gets each piece
+    of the body as the client gets it (a plain body before any `usage.cost` is spliced in).
+
     Raises UpstreamError before the response has started; after, failures are reported to
     the client in-stream (SSE) or by closing the connection (plain bodies), and recorded.
     """
     ex.status = resp.status
     is_sse = resp.headers.get("Content-Type", "").startswith("text/event-stream")
     out = client_response(resp, ex, admission_headers, is_sse)
+    if recorder is not None:
+        out.headers["Cache-Status"] = recorder.cache_status(resp.status, out.headers.get("Content-Type", ""))
     expected_length = out.content_length
     observers.on_response_headers(ex, out.headers)
     _set_idle_timeout(resp, upstream.idle_timeout)
@@ -362,6 +369,8 @@ async def relay(
                 started = True
                 await out.write(chunk)
                 ex.bytes_out += len(chunk)
+                if recorder is not None:
+                    recorder.add(chunk)
                 continue
             if not started:
                 await out.prepare(request)
@@ -374,6 +383,8 @@ async def relay(
             await out.write(chunk)
             t_written = perf()
             ex.bytes_out += len(chunk)
+            if recorder is not None:
+                recorder.add(chunk)
             if tap is not None and stripper is None:
                 tap.tap(chunk, t_read)
             if tap is not None and not first_output_counted:
@@ -390,9 +401,15 @@ async def relay(
                         await out.prepare(request)
                         started = True
                     await out.write(rest)
+                    if recorder is not None:
+                        recorder.add(rest)
         if held is not None:
             await completing()
-            await _send_held(request, out, ex, b"".join(held))
+            whole = b"".join(held)
+            if recorder is not None and resp.status == 200:
+                recorder.add(whole)
+                out.headers["Cache-Status"] = recorder.final_status(ex.outcome, resp.status, ex.finish_reasons)
+            await _send_held(request, out, ex, whole)
             started = True
             held = None
         if not started:

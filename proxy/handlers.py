@@ -2,6 +2,7 @@
 
     accept   → Accepted    target, key, body (proxy.accept)
     route    → Routed      upstream by model, key's model allow-list (proxy.route)
+    cached   → a hit       answered from the response cache, when on (proxy.cached)
     admit    → Admission   budgets reserved, with its Hold (proxy.spend.admission)
     throttle → Admission   rate and concurrency limits charged, with its Grant (proxy.throttle)
     forward  → response    sent upstream, relayed as it arrives (proxy.forward)
@@ -23,6 +24,7 @@ from aiohttp import web
 
 from proxy.accept import accept, authenticate, new_exchange
 from proxy.azure import AZURE_DEPLOYMENT_ENDPOINTS, AzureTarget
+from proxy.cached import look_up, replay, store
 from proxy.encodings import encoding_ready
 from proxy.errors import (
     ClientError,
@@ -39,6 +41,7 @@ from proxy.forward import relay, send, upstream_headers
 from proxy.keys import parse_bearer
 from proxy.paths import CANONICAL, MODEL_PATHS, metered_endpoint
 from proxy.policy import Policy
+from proxy.response_cache import Recorder
 from proxy.route import Routed, outgoing_body, route, route_unmetered
 from proxy.spend.admission import OutputLimits, admit
 from proxy.spend.forecast import forecast_fields
@@ -87,6 +90,7 @@ async def _run(
     policy = rt.policy  # this request's configuration, whatever a reload does meanwhile
     ex = new_exchange(request, endpoint, policy.settings.server.request_id_header)
     admission = NOT_ADMITTED
+    recorder: Recorder | None = None
     try:
         # An Azure deployment names the model in the path; Azure ignores (and clients often
         # omit) the body's `model`.
@@ -96,16 +100,27 @@ async def _run(
             body = accepted.body or None
         else:
             routed = route(ex, policy, accepted)
+            cache = rt.response_cache
+            if cache is not None and azure is None:
+                found, recorder = await look_up(cache, request, ex, policy, accepted.payload, routed)
+                if found is not None:
+                    # Free, so served whatever the budgets say: no reservation, no upstream.
+                    started(ex, rt)
+                    return await replay(
+                        request, cache, ex, policy, found, rt.observers, lambda: complete(ex, policy, admission, rt)
+                    )
             limits = OutputLimits(routed.default_output_cap, routed.upstream.context_size)
             admission = await admit(rt.spend, ex, policy, accepted.payload, limits)
             admission = await throttle(rt.limiter, ex, policy, accepted.payload, limits, admission)
+            if recorder is not None and admission.cap_override is not None:
+                recorder.capped = True
             payload = accepted.payload
             if azure is not None:
                 kind = policy.settings.upstreams[routed.upstream.name].kind
                 upstream_path, payload = azure.upstream_request(ex, kind, payload)
             inject = policy.settings.upstreams[routed.upstream.name].inject_stream_usage
             body = outgoing_body(ex, accepted.body, payload, inject, admission.cap_override)
-        return await _forward(request, rt, policy, ex, routed, admission, body, upstream_path)
+        return await _forward(request, rt, policy, ex, routed, admission, body, upstream_path, recorder)
     except HttpError as err:
         return _refused(ex, err)
     except asyncio.CancelledError:
@@ -128,6 +143,7 @@ async def _forward(
     admission: Admission,
     body: bytes | None,
     upstream_path: str | None,
+    recorder: Recorder | None,
 ) -> web.StreamResponse:
     upstream = routed.upstream
     started(ex, rt)
@@ -138,17 +154,17 @@ async def _forward(
     # from the parsed target, so an absolute-form request line cannot smuggle in a host.
     path_qs = request.rel_url.raw_path_qs[3:] if upstream_path is None else upstream_path
     resp = await send(upstream, request.method, path_qs, headers, body, ex)
-    if upstream.replicas is None:
-        return await relay(
-            request, resp, upstream, ex, admission.headers, rt.observers, lambda: _complete(ex, policy, admission, rt)
-        )
     try:
-        return await relay(
-            request, resp, upstream, ex, admission.headers, rt.observers, lambda: _complete(ex, policy, admission, rt)
+        out = await relay(
+            request, resp, upstream, ex, admission.headers, rt.observers,
+            lambda: _complete(ex, policy, admission, rt), recorder,
         )
     finally:
-        if ex.replica is not None:
+        if upstream.replicas is not None and ex.replica is not None:
             upstream.replicas.release(ex.replica)
+    if recorder is not None and rt.response_cache is not None:
+        store(rt.response_cache, ex, recorder)
+    return out
 
 
 async def _complete(ex: Exchange, policy: Policy, admission: Admission, rt: Runtime) -> None:

@@ -51,6 +51,7 @@ from proxy.config_sections import (
     LoggingSettings,
     MetricsSettings,
     PassthroughSettings,
+    ResponseCacheSettings,
     ServerSettings,
     TimeoutOverrides,
     Timeouts,
@@ -331,6 +332,7 @@ class Settings(Section):
     limits: LimitRules = ()
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    response_cache: ResponseCacheSettings = Field(default_factory=ResponseCacheSettings)
     # Output cap assumed for a budget reservation when neither the request nor its route or
     # upstream sets one; also written into such requests while a blocking budget applies,
     # so the worst case reserved is the worst case that can happen.

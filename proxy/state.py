@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.cache_store import ResponseCache
 from proxy.faults import FaultMetrics
 from proxy.keys import KeyRing
 from proxy.observer import Observers
@@ -43,6 +44,8 @@ class Runtime:
     faults: FaultMetrics
     limiter: Limiter
     clock: Callable[[], datetime] = utc_now
+    # The response cache; None when it is off (the request path then never touches it).
+    response_cache: ResponseCache | None = None
     # Start-up look-ups (llama-server's /props) that nothing waits on: cancelled at
     # shutdown.
     probes: set[asyncio.Task[Any]] = field(default_factory=set)

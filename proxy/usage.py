@@ -109,12 +109,18 @@ def _usage_from_object(usage: object) -> Usage | None:
     output_tokens = _count(usage.get(out))
     if input_tokens is None and output_tokens is None:
         return None
+    cache_write = _detail(usage, inp_details, "cache_write_tokens")
+    if not cache_write and not responses:
+        # OpenAI reports no cache writes. Gateways that serve Anthropic models in OpenAI's
+        # format (LiteLLM and the like) put them beside prompt_tokens, which includes them,
+        # as Anthropic's own name.
+        cache_write = _count(usage.get("cache_creation_input_tokens")) or 0
     return _consistent(
         input_tokens or 0,
         output_tokens or 0,
         cached=_detail(usage, inp_details, "cached_tokens"),
         reasoning=_detail(usage, out_details, "reasoning_tokens"),
-        cache_write=_detail(usage, inp_details, "cache_write_tokens"),
+        cache_write=cache_write,
     )
 
 

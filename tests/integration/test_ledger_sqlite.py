@@ -7,6 +7,7 @@ sharing one store) and are imported by test_ledger_redis.py, which supplies its 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import multiprocessing
 import random
@@ -677,7 +678,7 @@ async def test_a_version_1_spend_log_is_migrated_keeping_every_row(tmp_path: Pat
         await ledger.close()
     check = sqlite3.connect(path)
     try:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == 5  # through 2, 3, 4 to 5
+        assert check.execute("PRAGMA user_version").fetchone()[0] == 6  # through 2, 3, 4, 5 to 6
         # The old row numbered first, the new one after it: export order is commit order.
         assert check.execute("SELECT ledger_id, request_id, seq FROM spend_log ORDER BY ledger_id").fetchall() == [
             ("old-1", "old-1", 1), ("old-1:new", "old-1", 2),
@@ -711,7 +712,7 @@ async def test_a_version_2_file_gains_the_team_columns_and_keeps_its_rows(tmp_pa
         await ledger.close()
     check = sqlite3.connect(path)
     try:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert check.execute("PRAGMA user_version").fetchone()[0] == 6
         assert check.execute("SELECT ledger_id, team_name, key_metadata, seq FROM spend_log ORDER BY ledger_id").fetchall() == [
             ("new", "search", '{"team": "search"}', 2), ("old", None, None, 1),
         ]
@@ -738,9 +739,40 @@ async def test_a_version_4_file_gains_the_advise_columns_with_null_in_old_rows(t
         await ledger.close()
     check = sqlite3.connect(path)
     try:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert check.execute("PRAGMA user_version").fetchone()[0] == 6
         assert check.execute("SELECT ledger_id, body_sha256, finish_reason, seq FROM spend_log ORDER BY seq").fetchall() == [
             ("old", None, None, 1), ("new", "ab" * 32, "length", 2),
+        ]
+    finally:
+        check.close()
+
+
+async def test_a_version_5_file_gains_the_cache_columns_with_saved_0_in_old_rows(tmp_path: Path) -> None:
+    """Schema 6 adds saved_nanos and cache (the response cache): old rows read as saved 0
+    and cache NULL; a hit's row carries what it saved, and the report sums it."""
+    path = tmp_path / "v5.db"
+    ledger = await SqliteLedger.open(path)
+    await ledger.settle("old", [], row("old", cost="0.5"), NOW)
+    await ledger.close()
+    conn = sqlite3.connect(path)
+    for column in ("saved_nanos", "cache"):
+        conn.execute(f"ALTER TABLE spend_log DROP COLUMN {column}")
+    conn.execute("PRAGMA user_version = 5")
+    conn.commit()
+    conn.close()
+    ledger = await SqliteLedger.open(path)
+    try:
+        hit = dataclasses.replace(row("hit", cost="0"), saved=D("0.25"), cache="hit")
+        await ledger.settle("hit", [], hit, NOW)
+        report = await ledger.spend_report(NOW - timedelta(days=1), NOW + timedelta(days=1), [])
+        assert [(r["requests"], r["cost"], r["saved"]) for r in report] == [(2, D("0.5"), D("0.25"))]
+    finally:
+        await ledger.close()
+    check = sqlite3.connect(path)
+    try:
+        assert check.execute("PRAGMA user_version").fetchone()[0] == 6
+        assert check.execute("SELECT ledger_id, cost_nanos, saved_nanos, cache FROM spend_log ORDER BY seq").fetchall() == [
+            ("old", 500_000_000, 0, None), ("hit", 0, 250_000_000, "hit"),
         ]
     finally:
         check.close()
@@ -751,9 +783,12 @@ def test_spend_row_json_without_the_advise_fields_still_loads() -> None:
     new = row("r", body_sha256="cd" * 32, finish_reason="stop")
     assert SpendRow.from_json(new.to_json()) == new
     old = json.loads(new.to_json())
-    del old["body_sha256"], old["finish_reason"]
+    del old["body_sha256"], old["finish_reason"], old["saved"], old["cache"]
     loaded = SpendRow.from_json(json.dumps(old))
     assert (loaded.body_sha256, loaded.finish_reason) == (None, None) and loaded.request_id == "r"
+    assert (loaded.saved, loaded.cache) == (D(0), None)
+    hit = dataclasses.replace(new, saved=D("0.000000125"), cache="hit")
+    assert SpendRow.from_json(hit.to_json()) == hit
 
 
 async def test_budget_reports_never_read_the_buckets_of_finished_windows(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ import aiohttp
 import yaml
 
 from proxy.settings import Settings
-from tests.integration.conftest import StartProxy
+from tests.integration.conftest import Proxy, StartProxy
 from tests.support.cassettes import openai_capture
 from tests.support.fake_upstream import (
     FakeLlamaServer,
@@ -141,6 +141,7 @@ class Observed:
     rule_groups: list[dict[str, Any]]
     budgets_configured: bool
     budget_refusal_statuses: list[int]
+    cache_statuses: list[str]
 
 
 def substitute(expr: str) -> str:
@@ -221,6 +222,9 @@ metrics: {{host: 127.0.0.1, port: 0}}
     if budgets:
         text += BUDGETS_YAML
     text += LIMITS_YAML
+    if "response_cache" in Settings.model_fields:
+        # Two entries at most, so the cache round below evicts as well as hits and misses.
+        text += f"response_cache: {{enabled: true, backend: sqlite, path: '{tmp / 'cache.db'}', max_entries: 2}}\n"
     return text, budgets
 
 
@@ -302,6 +306,26 @@ async def send_round(base_url: str, budgets: bool) -> list[int]:
         return [await post("/chat/completions", refused)]
 
 
+async def cache_round(proxy: Proxy) -> list[str]:
+    """Deterministic requests, one after another, through a cache of two entries: a miss
+    that is stored, its hit, and two more misses whose stores evict the least recently
+    used (every round hits, misses, stores and evicts). Returns the Cache-Status values."""
+    cache = proxy.runtime.response_cache
+    if cache is None:
+        return []
+    chat = openai_capture("chat-basic").request_json
+    statuses = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        for word in ("a", "a", "b", "c"):
+            body = {**chat, "temperature": 0, "messages": [{"role": "user", "content": f"cache {word}"}]}
+            async with session.post(proxy.base_url + "/chat/completions", json=body) as r:
+                await r.read()
+                assert r.status == 200
+                statuses.append(r.headers.get("Cache-Status", ""))
+            await asyncio.gather(*cache.writes)  # stored before the next request looks
+    return statuses
+
+
 async def evaluate(prom: PrometheusServer, q: PanelQuery) -> Outcome:
     try:
         result = await prom.query(substitute(q.expr))
@@ -321,8 +345,10 @@ async def run_scenario(start_proxy: StartProxy, tmp: Path) -> Observed:
             # Two rounds with a scrape after each: rate() needs two samples that differ.
             await prom.wait_for_scrapes("tollgate", n=1)
             refusals: list[int] = []
+            cache_statuses: list[str] = []
             for _ in range(2):
                 refusals += await send_round(proxy.base_url, budgets)
+                cache_statuses += await cache_round(proxy)
                 await prom.wait_for_scrapes("tollgate", n=1)
             await prom.wait_for_scrapes("llama-server", n=1)
             panels = list(await asyncio.gather(*(evaluate(prom, q) for q in panel_queries())))
@@ -332,7 +358,7 @@ async def run_scenario(start_proxy: StartProxy, tmp: Path) -> Observed:
                 assert m is not None, query
                 variables[(board, name)] = await prom.label_values(m.group(2), substitute(m.group(1)))
             rule_groups = (await prom.api("rules", {}))["groups"]
-    return Observed(panels, variables, rule_groups, budgets, refusals)
+    return Observed(panels, variables, rule_groups, budgets, refusals, cache_statuses)
 
 
 # One Prometheus run feeds every test below; running it per test would triple the time.
@@ -361,6 +387,12 @@ async def test_budget_panels_return_data(start_proxy: StartProxy, tmp_path: Path
     assert obs.budget_refusal_statuses == [429, 429], "the zero budget did not refuse"
     broken = [o.describe() for o in budget if not o.ok]
     assert not broken, "budget panels without data:\n" + "\n".join(broken)
+
+
+async def test_cache_traffic_hit_missed_and_evicted(start_proxy: StartProxy, tmp_path: Path) -> None:
+    obs = await observed_scenario(start_proxy, tmp_path)
+    kinds = ["hit" if "; hit" in c else "stored" if c.endswith("; stored") else c for c in obs.cache_statuses]
+    assert kinds == ["stored", "hit", "stored", "stored"] * 2, obs.cache_statuses
 
 
 async def test_template_variables_list_values(start_proxy: StartProxy, tmp_path: Path) -> None:

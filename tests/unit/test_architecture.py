@@ -18,16 +18,16 @@ LAYERS: list[tuple[str, list[str]]] = [
         "proxy.errors", "proxy.exchange", "proxy.usage", "proxy.sse", "proxy.pricing", "proxy.estimate",
         "proxy.encodings", "proxy.globs", "proxy.output_cap", "proxy.keys", "proxy.paths", "proxy.settings", "proxy.config_base",
         "proxy.config_sections", "proxy.routing", "proxy.config_file", "proxy.config_schema",
-        "proxy.faults", "proxy.images", "proxy.azure", "proxy.output", "proxy.strip", "proxy.body", "proxy.client_cost", "proxy.spend", "proxy.spend.money", "proxy.spend.rules", "proxy.spend.buckets",
+        "proxy.faults", "proxy.images", "proxy.azure", "proxy.output", "proxy.strip", "proxy.body", "proxy.client_cost", "proxy.response_cache", "proxy.spend", "proxy.spend.money", "proxy.spend.rules", "proxy.spend.buckets",
         "proxy.spend.messages", "proxy.spend.budgets", "proxy.spend.forecast", "proxy.replicas", "proxy.ratelimit",
     ]),
     ("infrastructure", [
-        "proxy.upstream", "proxy.replica_health", "proxy.engine_telemetry", "proxy.policy", "proxy.observer", "proxy.measure", "proxy.observers",
+        "proxy.upstream", "proxy.cache_store", "proxy.replica_health", "proxy.engine_telemetry", "proxy.policy", "proxy.observer", "proxy.measure", "proxy.observers",
         "proxy.spend.ledger", "proxy.spend.metrics", "proxy.spend.webhook", "proxy.ratelimit.store",
     ]),
     ("spend", ["proxy.spend.quota", "proxy.spend.hold", "proxy.spend.lifecycle", "proxy.ratelimit.limiter", "proxy.state"]),
     # The pipeline's stages, in the order a request meets them.
-    ("stages", ["proxy.accept", "proxy.route", "proxy.spend.admission", "proxy.throttle", "proxy.forward", "proxy.finish"]),
+    ("stages", ["proxy.accept", "proxy.route", "proxy.cached", "proxy.spend.admission", "proxy.throttle", "proxy.forward", "proxy.finish"]),
     ("assembly", ["proxy.handlers", "proxy.app"]),
     ("entry points", ["proxy.serve", "proxy.__main__", "proxy.cli_ledger", "proxy.cli_export", "proxy.cli_advise", "proxy.demo", "proxy.demo_report", "proxy.synthetic", "proxy.synthetic_truth", "proxy.healthcheck"]),
 ]

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from proxy.cache_store import CacheMetrics
 from proxy.config_file import load_settings
 from proxy.observers.metrics import MetricsObserver
 from proxy.ratelimit.limiter import LimitMetrics
@@ -75,6 +76,7 @@ def exported_metric_names() -> set[str]:
     registry = CollectorRegistry()
     MetricsObserver(registry, version="test")
     LimitMetrics(registry)
+    CacheMetrics(registry)  # the response cache's, exported while it is enabled
     names: set[str] = set()
     for family in registry.collect():
         if family.type == "counter":

@@ -522,6 +522,27 @@ def test_cached_tokens_are_read() -> None:
     )
 
 
+def test_cache_writes_reported_in_anthropic_style_beside_prompt_tokens() -> None:
+    """OpenAI reports no cache writes; a gateway serving Anthropic models in OpenAI's format
+    reports them as `cache_creation_input_tokens` (within prompt_tokens): cache_write."""
+    body = {"usage": {"prompt_tokens": 3000, "completion_tokens": 20, "total_tokens": 3020,
+                      "cache_creation_input_tokens": 2048, "cache_read_input_tokens": 0,
+                      "prompt_tokens_details": {"cached_tokens": 0}}}
+    assert usage_json.usage_from_body("chat.completions", body) == upstream(
+        input_tokens=3000, output_tokens=20, cache_write_tokens=2048
+    )
+    # The details' own count wins; more than the prompt is clamped, as every part is.
+    both = {"usage": {"prompt_tokens": 100, "completion_tokens": 1, "cache_creation_input_tokens": 999,
+                      "prompt_tokens_details": {"cache_write_tokens": 10}}}
+    assert usage_json.usage_from_body("chat.completions", both) == upstream(
+        input_tokens=100, output_tokens=1, cache_write_tokens=10
+    )
+    over = {"usage": {"prompt_tokens": 100, "completion_tokens": 1, "cache_creation_input_tokens": 999}}
+    assert usage_json.usage_from_body("chat.completions", over) == upstream(
+        input_tokens=100, output_tokens=1, cache_write_tokens=100
+    )
+
+
 def test_responses_usage_body_and_completed_event() -> None:
     usage = {
         "input_tokens": 328, "input_tokens_details": {"cached_tokens": 128, "cache_write_tokens": 100},

@@ -108,6 +108,10 @@ class SpendRow:
     # finish_reason (`length`: the request hit its output cap). Defaults, for older JSON.
     body_sha256: str | None = None
     finish_reason: str | None = None
+    # The response cache (schema 6): `hit` rows cost 0 and carry in `saved` what the
+    # upstream call would have cost; `miss` / `bypass` when the cache saw the request.
+    saved: Decimal = Decimal(0)
+    cache: str | None = None
 
     @classmethod
     def from_usage(cls, usage: Usage | None, cost: Decimal | None, **fields: Any) -> SpendRow:
@@ -134,12 +138,15 @@ class SpendRow:
         # a budgeted request's CPU). No field holds a dataclass, so the JSON is the same.
         d = {name: getattr(self, name) for name in _SPEND_ROW_FIELDS}
         d["time"], d["cost"] = self.time.isoformat(), f"{self.cost:f}"  # plain digits, never 1.4E-7
+        d["saved"] = f"{self.saved:f}"
         return json.dumps(d, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> SpendRow:
         d = json.loads(text)
         d["time"], d["cost"] = datetime.fromisoformat(d["time"]), Decimal(d["cost"])
+        if "saved" in d:
+            d["saved"] = Decimal(d["saved"])
         return cls(**d)
 
 

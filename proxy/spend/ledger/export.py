@@ -30,7 +30,7 @@ _COLUMNS = (
     "seq", "ledger_id", "request_id", "time", "key_name", "user_name", "team_name", "model", "upstream",
     "endpoint", "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens",
     "cache_write_tokens", "input_source", "output_source", "cost_nanos", "outcome", "status", "key_metadata",
-    "body_sha256", "finish_reason",
+    "body_sha256", "finish_reason", "saved_nanos", "cache",
 )
 
 # What `--format jsonl|csv` writes, in order (cost as an exact decimal string).
@@ -38,7 +38,7 @@ RAW_FIELDS = (
     "ledger_id", "request_id", "time", "key", "user", "team", "model", "upstream", "endpoint",
     "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens", "cache_write_tokens",
     "input_source", "output_source", "cost_usd", "outcome", "status", "key_metadata",
-    "body_sha256", "finish_reason",
+    "body_sha256", "finish_reason", "saved_usd", "cache",
 )
 
 # The FOCUS 1.2 columns, then Tollgate's own (FOCUS's `x_` prefix for custom columns).
@@ -142,6 +142,8 @@ def _row(rec: tuple[Any, ...]) -> ExportRow:
         "key_metadata": json.loads(d["key_metadata"]) if d["key_metadata"] else None,
         "body_sha256": d["body_sha256"],
         "finish_reason": d["finish_reason"],
+        "saved_usd": from_nanos(d["saved_nanos"] or 0),
+        "cache": d["cache"],
     })
 
 
@@ -150,6 +152,7 @@ def raw_record(raw: dict[str, Any]) -> dict[str, Any]:
     out = dict(raw)
     out["time"] = raw["time"].astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     out["cost_usd"] = f"{raw['cost_usd']:f}"
+    out["saved_usd"] = f"{raw['saved_usd']:f}"
     return out
 
 

@@ -33,7 +33,9 @@ from proxy.spend.ledger.sqlite_db import (
 # The spend log (shared with the Redis ledger, which keeps its own local copy)
 
 
-_SPEND_COLUMNS = ("ledger_id", *V1_SPEND_COLUMNS, "team_name", "key_metadata", "body_sha256", "finish_reason")
+_SPEND_COLUMNS = (
+    "ledger_id", *V1_SPEND_COLUMNS, "team_name", "key_metadata", "body_sha256", "finish_reason", "saved_nanos", "cache",
+)
 # `seq` is taken inside the write transaction, so commit order is seq order: a reader
 # never sees a row without every row of a lower seq (what makes export cursors gap-free).
 _INSERT_SPEND = (
@@ -52,7 +54,7 @@ def insert_spend_row(conn: sqlite3.Connection, ledger_id: str, row: SpendRow) ->
             row.reasoning_tokens, row.cache_write_tokens, row.input_source, row.output_source,
             spend_nanos(row.cost), row.outcome, row.status, row.team,
             json.dumps(row.key_metadata, sort_keys=True) if row.key_metadata else None,
-            row.body_sha256, row.finish_reason,
+            row.body_sha256, row.finish_reason, spend_nanos(row.saved), row.cache,
         ),
     )
     return cur.rowcount == 1
@@ -66,12 +68,13 @@ _GROUP_SQL = {
 def query_spend(
     conn: sqlite3.Connection, start: datetime, end: datetime, group_by: Sequence[GroupBy]
 ) -> list[dict[str, Any]]:
-    """Totals over [start, end), grouped; `day` is the UTC calendar day."""
+    """Totals over [start, end), grouped; `day` is the UTC calendar day; `saved` (USD) only
+    where response-cache hits saved something."""
     groups = check_group_by(group_by)
     cols = [f"{_GROUP_SQL[g]} AS g_{g}" for g in groups]
     sums = (
         "COUNT(*), SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens), "
-        "SUM(reasoning_tokens), SUM(cost_nanos)"
+        "SUM(reasoning_tokens), SUM(cost_nanos), SUM(saved_nanos)"
     )
     sql = f"SELECT {', '.join([*cols, sums])} FROM spend_log WHERE time >= ? AND time < ?"
     if groups:
@@ -80,7 +83,7 @@ def query_spend(
     out = []
     for rec in conn.execute(sql, (log_time(start), log_time(end))):
         values = dict(zip(groups, rec[: len(groups)], strict=True))
-        requests, inp, cached, outp, reasoning, cost = rec[len(groups):]
+        requests, inp, cached, outp, reasoning, cost, saved = rec[len(groups):]
         if not requests:
             continue  # no GROUP BY and no rows: SQL still returns one row of NULLs
         values.update(
@@ -91,6 +94,10 @@ def query_spend(
             reasoning_tokens=reasoning or 0,
             cost=from_nanos(cost or 0),
         )
+        if saved:
+            # What response-cache hits saved: only where there were some, so reports of a
+            # proxy without the cache keep their shape.
+            values["saved"] = from_nanos(saved)
         out.append(values)
     return out
 

@@ -40,7 +40,11 @@ ADDED_IN_3 = (("spend_log", "team_name"), ("spend_log", "key_metadata"), ("bucke
 # keep NULL there.
 ADDED_IN_5 = (("spend_log", "body_sha256"), ("spend_log", "finish_reason"))
 
-SCHEMA_VERSION = 5
+# 6: `saved_nanos` and `cache` on spend rows: a response-cache hit costs 0 and records what
+# it saved; older rows read as saved 0, cache NULL.
+ADDED_IN_6 = (("spend_log", "saved_nanos", "INTEGER NOT NULL DEFAULT 0"), ("spend_log", "cache", "TEXT"))
+
+SCHEMA_VERSION = 6
 # Settled markers make settle idempotent; a week covers any retry of a finished request.
 SETTLED_RETENTION_MS = 7 * 24 * 3600 * 1000
 # Request ids per statement when leases are renewed (SQLite binds at most 32766 values).
@@ -70,7 +74,9 @@ CREATE TABLE IF NOT EXISTS spend_log (
     key_metadata TEXT,                -- JSON object, or NULL
     seq INTEGER,                      -- commit order: MAX + 1 under the write lock
     body_sha256 TEXT,                 -- sha256 hex of the request body, never the body
-    finish_reason TEXT                -- the first choice's, NULL when none was seen
+    finish_reason TEXT,               -- of the first choice (NULL when none was seen)
+    saved_nanos INTEGER NOT NULL DEFAULT 0,  -- nano-USD a response-cache hit did not spend
+    cache TEXT                        -- hit or miss or bypass (NULL when the cache is off)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS spend_log_time ON spend_log(time);
 -- This file's identity, made once: with Redis, the spend rows an instance settled but had not
@@ -411,11 +417,12 @@ def init_schema(conn: sqlite3.Connection, script: str) -> None:
         for statement in script.split(";"):
             if statement.strip():
                 c.execute(statement)
-        # CREATE TABLE IF NOT EXISTS keeps an older table as it was: add what 3 and 5 added.
-        for table, column in (*ADDED_IN_3, *ADDED_IN_5):
+        # CREATE TABLE IF NOT EXISTS keeps an older table as it was: add what 3, 5 and 6 added.
+        added = [(t, col, "TEXT") for t, col in (*ADDED_IN_3, *ADDED_IN_5)] + list(ADDED_IN_6)
+        for table, column, decl in added:
             have = {r[1] for r in c.execute(f"PRAGMA table_info({table})")}
             if have and column not in have:
-                c.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+                c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
         if old_spend_log:
             # Version 1 keyed rows by request id, so each was one settlement: its id serves.
             columns = ", ".join(V1_SPEND_COLUMNS)
