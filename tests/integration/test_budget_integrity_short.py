@@ -18,3 +18,14 @@ async def test_budgets_hold_under_faults_at_300_concurrent_requests(tmp_path: Pa
     # The budget was spent (the traffic asked for more than the limit), never overspent.
     assert LIMIT / 2 < Decimal(report["ledger_spent_usd"]) <= LIMIT
     assert report["reserved_left"].startswith("0.000000000 (0 requests)")
+
+
+async def test_budgets_hold_under_faults_with_quota_leasing_on(tmp_path: Path) -> None:
+    # The same traffic and faults with every instance admitting from quota leases: the
+    # leases are reservations the ledger counts, so nothing may change in the books.
+    report = await run_setup("redis2", 300, 300, 20261206, tmp_path, leasing=True)
+    print(f"integrity, leasing: {report}")
+    assert report["problems"] == []
+    assert len(report["faults"]) == 3
+    assert LIMIT / 2 < Decimal(report["ledger_spent_usd"]) <= LIMIT
+    assert report["reserved_left"].startswith("0.000000000 (0 requests)")
