@@ -143,6 +143,7 @@ async def _forward(
         admission.headers,
         rt.observers,
         lambda: _complete(ex, policy, admission, rt),
+        policy.prices,
     )
 
 
