@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -104,6 +105,7 @@ def with_usage_cost(body: bytes, parts: CostParts | None, within: str | None = N
 # The endpoints whose streams end with a usage event when the client asks
 # (`stream_options.include_usage`); a Responses stream always ends with one.
 _USAGE_OPTION_ENDPOINTS = frozenset({"chat.completions", "completions"})
+_USAGE_NULL = re.compile(rb'"usage"\s*:\s*null')
 
 
 def stream_wants_cost(ex: Exchange) -> bool:
@@ -145,6 +147,8 @@ class UsageCoster:
         data = ev.data
         if self.done or data is None or b"usage" not in data:
             return ev.raw
+        if data.count(b'"usage"') == 1 and _USAGE_NULL.search(data):
+            return ev.raw  # a content chunk's `"usage": null`: nothing to price, no JSON to decode
         try:
             out = self._rewrite(ev, data)
         except Exception:  # noqa: BLE001 - a surprise here must never break the stream

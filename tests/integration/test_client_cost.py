@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from decimal import Decimal
+from pathlib import Path
 
 import aiohttp
 import openai
@@ -13,9 +14,10 @@ import orjson
 import pytest
 
 from proxy.keys import hash_key
+from proxy.pricing import plain_usd
 from proxy.sse import SSEEvent, SSEParser
 from tests.integration.conftest import StartProxy, proxy_yaml
-from tests.support.cassettes import openai_capture
+from tests.support.cassettes import OPENAI_DIR, OPENAI_EXTRA_DIR, openai_capture
 from tests.support.fake_upstream import FakeUpstream, Reply, StreamDialect, dialect_usage_aware, openai_usage_aware
 from tests.support.recorder import Recorder
 
@@ -204,3 +206,37 @@ async def test_stream_cost_by_key_unpriced_and_never_when_usage_was_not_asked(
     plain = [c async for c in await sdk.chat.completions.create(**body)]
     assert all(c.usage is None and c.choices for c in plain)
     await sdk.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "directory"),
+    [("chat-streaming-detailed-usage", OPENAI_DIR), ("completion-streaming-usage", OPENAI_EXTRA_DIR)],
+)
+async def test_real_openai_usage_streams_get_the_charged_cost(
+    start_proxy: StartProxy, fake_openai: FakeUpstream, name: str, directory: Path
+) -> None:
+    """OpenAI's own include_usage streams, replayed as captured (shipped prices): the usage
+    chunk carries exactly what the spend row is charged, and nothing else changes."""
+    cap = openai_capture(name, directory)
+    assert cap.request_json["stream_options"] == {"include_usage": True}
+    fake_openai.replay(cap)
+    rec = Recorder()
+    proxy = await start_proxy(proxy_yaml(fake_openai.api_base), observers=[rec])
+    sdk = client(proxy.base_url, **{"x-tollgate-include-cost": "true"})
+    create = sdk.chat.completions.create if cap.path.endswith("/chat/completions") else sdk.completions.create
+    chunks = [c async for c in await create(**cap.request_json)]
+    await sdk.close()
+    (usage,) = [c.usage for c in chunks if c.usage is not None]
+    ex = await rec.wait()
+    assert ex.cost is not None and ex.cost > 0 and ex.cost_parts is not None
+    parts = ex.cost_parts
+    assert usage.model_extra is not None and usage.model_extra["cost_source"] == "price_table"
+    assert usage.model_extra["cost"] == {
+        "total_usd": float(parts.total), "input_usd": float(parts.input),
+        "cached_input_usd": float(parts.cached_input), "output_usd": float(parts.output),
+    }
+    raw = await raw_stream(proxy.base_url + cap.path.removeprefix("/v1"), cap.request_json,
+                           **{"x-tollgate-include-cost": "true"})
+    assert b'"cost":{"total_usd":' + plain_usd(parts.total).encode() + b"," in raw
+    changed = [(a, b) for a, b in zip(sse_events(cap.body), sse_events(raw), strict=True) if a.raw != b.raw]
+    assert len(changed) == 1
