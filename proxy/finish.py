@@ -13,7 +13,7 @@ from proxy.accept import MODEL_ENDPOINTS
 from proxy.estimate import estimate_output_tokens, estimate_prompt, is_reasoning_model
 from proxy.exchange import Exchange
 from proxy.policy import Policy
-from proxy.pricing import cost_parts, price_of_exchange
+from proxy.pricing import cost_parts, price_of_answer
 from proxy.spend.hold import Admission
 from proxy.spend.ledger import SpendRow
 from proxy.state import Runtime
@@ -128,12 +128,7 @@ def account(ex: Exchange, policy: Policy, rt: Runtime) -> None:
                      ex.request_id, model)
     if ex.usage is None or model is None:
         return
-    price = price_of_exchange(policy.prices, ex.upstream_model, ex.requested_model)
-    if price is None and ex.response_model and ex.azure_deployment:
-        # An Azure deployment is named by its owner ("prod-chat"); the response names the
-        # model behind it ("gpt-4o-2024-08-06"), which the price table knows. Only there:
-        # elsewhere the requested model is what the operator prices (or leaves unpriced).
-        price = policy.prices.lookup(ex.response_model)
+    price = price_of_answer(policy.prices, ex.upstream_model, ex.requested_model, ex.response_model, ex.azure_deployment)
     if price is None:
         ex.priced = False
         ex.cost = Decimal(0)

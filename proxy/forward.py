@@ -2,7 +2,8 @@
 
 Bytes go to the client as they arrive, one write per upstream chunk, unchanged; the
 measurement tap gets a reference to the same bytes after the write (or before it, when the
-stream must be rewritten to undo Tollgate's own usage injection).
+stream must be rewritten: to undo Tollgate's own usage injection, or to add `usage.cost` to
+the usage event of a client that asked for both).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.body import MAX_PARSED_BODY, BodyKeeper
-from proxy.client_cost import cost_headers, with_usage_cost
+from proxy.client_cost import UsageCoster, cost_headers, stream_wants_cost, with_usage_cost
 from proxy.errors import UpstreamError, translate_upstream_exception
 from proxy.exchange import Exchange
 from proxy.measure import StreamTap
 from proxy.observer import Observers
+from proxy.pricing import PriceTable, price_of_answer
 from proxy.response_cache import Recorder
-from proxy.strip import UsageStripper
+from proxy.strip import EventRewriter, UsageStripper
 from proxy.upstream import _ATTEMPT, Replica, ReplicaSet, Upstream, _Attempt
 
 log = logging.getLogger("tollgate.forward")
@@ -284,6 +286,7 @@ async def relay(
     admission_headers: Mapping[str, str],
     observers: Observers,
     complete: Callable[[], Awaitable[None]],
+    prices: PriceTable,
     recorder: Recorder | None = None,
 ) -> web.StreamResponse:
     """Relay the upstream response to the client as it arrives; fill the Exchange on the way.
@@ -292,6 +295,8 @@ async def relay(
     client (the final chunk of a chunked or SSE body, or the last piece of a Content-Length
     body), so a response the client sees complete has already been accounted and settled.
 
+    `prices` (the request's Policy's) price the usage event of a stream whose client opted
+    into `usage.cost`.
     `recorder`: the response cache's, when the response may be stored: it gets each piece
     of the body as the client gets it (a plain body before any `usage.cost` is spliced in).
 
@@ -301,6 +306,17 @@ async def relay(
     ex.status = resp.status
     is_sse = resp.headers.get("Content-Type", "").startswith("text/event-stream")
     out = client_response(resp, ex, admission_headers, is_sse)
+    rewriter: EventRewriter | None = None
+    if is_sse and ex.usage_injected:
+        rewriter = UsageStripper()
+    elif is_sse and stream_wants_cost(ex):
+        rewriter = UsageCoster(
+            ex.endpoint,
+            lambda: price_of_answer(prices, ex.upstream_model, ex.requested_model, ex.response_model, ex.azure_deployment),
+        )
+    if recorder is not None and isinstance(rewriter, UsageCoster):
+        # This client's usage chunk carries its own cost: bytes no other client may replay.
+        recorder.failed = True
     if recorder is not None:
         out.headers["Cache-Status"] = recorder.cache_status(resp.status, out.headers.get("Content-Type", ""))
     expected_length = out.content_length
@@ -309,7 +325,6 @@ async def relay(
 
     content = resp.content
     tap = StreamTap(ex, observers.on_first_token) if is_sse else None
-    stripper = UsageStripper() if (is_sse and ex.usage_injected) else None
     body = None if is_sse else BodyKeeper()
     # A plain body that can be parsed whole is held back until it has been read and
     # accounted, so its headers can carry its cost (README "Cost where the client sees
@@ -351,9 +366,9 @@ async def relay(
                 break
             if ex.t_first_byte_ns is None:
                 ex.t_first_byte_ns = t_read
-            if stripper is not None:
+            if rewriter is not None:
                 assert tap is not None
-                chunk = tap.strip(chunk, t_read, stripper)
+                chunk = tap.strip(chunk, t_read, rewriter)
                 if not chunk:
                     continue
             if held is not None:
@@ -385,17 +400,17 @@ async def relay(
             ex.bytes_out += len(chunk)
             if recorder is not None:
                 recorder.add(chunk)
-            if tap is not None and stripper is None:
+            if tap is not None and rewriter is None:
                 tap.tap(chunk, t_read)
             if tap is not None and not first_output_counted:
-                # The tap has seen this chunk by now (before the write when stripping).
+                # The tap has seen this chunk by now (before the write when rewriting).
                 first_output_counted = ex.t_first_token_ns == t_read
                 if first_output_counted or ex.relay_delay_ns is None:
                     relay_delay(t_written - t_read)
         if tap is not None:
             tail = tap.finish(perf())
-            if stripper is not None and tail:
-                rest = b"".join([stripper.rewrite(ev) for ev in tail])
+            if rewriter is not None and tail:
+                rest = b"".join([rewriter.rewrite(ev) for ev in tail])
                 if rest:
                     if not started:
                         await out.prepare(request)

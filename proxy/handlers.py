@@ -157,7 +157,7 @@ async def _forward(
     try:
         out = await relay(
             request, resp, upstream, ex, admission.headers, rt.observers,
-            lambda: _complete(ex, policy, admission, rt), recorder,
+            lambda: _complete(ex, policy, admission, rt), policy.prices, recorder,
         )
     finally:
         if upstream.replicas is not None and ex.replica is not None:

@@ -1,9 +1,10 @@
 """The side tap on a relayed stream: reads a copy of what flows to the client and fills the
 Exchange. (Plain bodies: proxy.body; what counts as output: proxy.output.)
 
-It never decides what the client receives, with one exception the caller opts into: when
+It never decides what the client receives, with two exceptions the caller opts into: when
 Tollgate itself injected `stream_options.include_usage`, `UsageStripper` rewrites each event so
-the client gets the bytes it would have got without the option.
+the client gets the bytes it would have got without the option; when the client asked for
+usage and for its cost, `client_cost.UsageCoster` adds `usage.cost` to the usage event.
 
 What counts as output (README "What is measured, exactly"): a chunk carrying non-empty content,
 refusal, reasoning text (`reasoning_content`, `reasoning`), completions `text`, a tool call from
@@ -37,7 +38,7 @@ from proxy.output import (
     output_of_payload,
 )
 from proxy.sse import SSEEvent, SSEParser
-from proxy.strip import UsageStripper
+from proxy.strip import EventRewriter
 from proxy.usage import usage_from_stream_payload
 
 log = logging.getLogger("tollgate.measure")
@@ -80,20 +81,20 @@ class StreamTap:
         """`feed` for a relay that has written the chunk already and needs no events back."""
         self._take(chunk, t_ns, None)
 
-    def strip(self, chunk: bytes, t_ns: int, stripper: UsageStripper) -> bytes:
-        """`feed`, then the bytes `stripper.rewrite` makes of the events: what to relay."""
-        out = self._take(chunk, t_ns, stripper)
+    def strip(self, chunk: bytes, t_ns: int, rewriter: EventRewriter) -> bytes:
+        """`feed`, then the bytes `rewriter.rewrite` makes of the events: what to relay."""
+        out = self._take(chunk, t_ns, rewriter)
         assert out is not None
         return out[0] if len(out) == 1 else b"".join(out)
 
-    def _take(self, chunk: bytes, t_ns: int, stripper: UsageStripper | None) -> list[bytes] | None:
-        """`feed` (and, with `stripper`, the rewritten bytes to relay), with the usual events
+    def _take(self, chunk: bytes, t_ns: int, rewriter: EventRewriter | None) -> list[bytes] | None:
+        """`feed` (and, with `rewriter`, the rewritten bytes to relay), with the usual events
         taken without the parser: whole chat content chunks of OpenAI's shape that repeat
         the stream's last prefix, measured and rewritten as on_events and rewrite would."""
         parser = self.parser
         line = self._prefix_line
         if line is None or not self.healthy:
-            return self._general(chunk, t_ns, stripper)
+            return self._general(chunk, t_ns, rewriter)
         # 1. Cut the chunk, in order, into the parser's events and fast events (matches).
         items: list[list[SSEEvent] | re.Match[bytes]] = []
         n = len(chunk)
@@ -103,7 +104,7 @@ class StreamTap:
             # the chunk can still take the fast path.
             pos = parser.pending_block_end(chunk)
             if pos == 0:
-                return self._general(chunk, t_ns, stripper)
+                return self._general(chunk, t_ns, rewriter)
             items.append(parser.feed(chunk[:pos]))
             if not parser.at_block_start():
                 items.append(parser.feed(chunk[pos:]))
@@ -125,24 +126,24 @@ class StreamTap:
         # 2. Measure them in order; a fast event's id and model are those of the prefix
         # it matched (measuring the parser's events may move the prefix on).
         self._measure_items(items, t_ns, self._prefix_id, self._prefix_model)
-        if stripper is None:
+        if rewriter is None:
             return None
         # 3. What to relay.
         out: list[bytes] = []
         for item in items:
             if isinstance(item, list):
-                out.extend([stripper.rewrite(ev) for ev in item])
+                out.extend([rewriter.rewrite(ev) for ev in item])
                 continue
             start, end = item.pos - skip, item.endpos + 2
-            at = item.start(2)
+            at = item.start(2) if rewriter.cuts_usage_null else -1
             # The event's only `,"usage":null` is the one in its tail (id, model and
             # content hold no unescaped quote): the first, the one rewrite cuts.
             out.append(chunk[start:end] if at < 0 else chunk[start:at] + chunk[item.end(2) : end])
         return out
 
-    def _general(self, chunk: bytes, t_ns: int, stripper: UsageStripper | None) -> list[bytes] | None:
+    def _general(self, chunk: bytes, t_ns: int, rewriter: EventRewriter | None) -> list[bytes] | None:
         events = self.feed(chunk, t_ns)
-        return None if stripper is None else [stripper.rewrite(ev) for ev in events]
+        return None if rewriter is None else [rewriter.rewrite(ev) for ev in events]
 
     def _measure_items(
         self, items: list[list[SSEEvent] | re.Match[bytes]], t_ns: int, prefix_id: str, prefix_model: str

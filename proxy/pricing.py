@@ -358,3 +358,21 @@ def price_of_exchange(prices: PriceTable, upstream_model: str | None, requested_
     if price is None and requested_model and requested_model != model:
         price = prices.lookup(requested_model)
     return price
+
+
+def price_of_answer(
+    prices: PriceTable,
+    upstream_model: str | None,
+    requested_model: str | None,
+    response_model: str | None,
+    azure_deployment: bool,
+) -> Price | None:
+    """The price a finished request is charged at: `price_of_exchange`, and for a request
+    in Azure's deployment layout the model its response names. An Azure deployment is named
+    by its owner ("prod-chat"); the response names the model behind it
+    ("gpt-4o-2024-08-06"), which the price table knows. Only there: elsewhere the requested
+    model is what the operator prices (or leaves unpriced)."""
+    price = price_of_exchange(prices, upstream_model, requested_model)
+    if price is None and response_model and azure_deployment:
+        price = prices.lookup(response_model)
+    return price

@@ -1,16 +1,30 @@
-"""Undoing Tollgate's own `stream_options.include_usage` injection, event by event. Pure."""
+"""Undoing Tollgate's own `stream_options.include_usage` injection, event by event. Pure.
+
+Also the shape every stream rewriter has (`EventRewriter`): the relay hands it whole events
+and writes what it returns instead.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import orjson
 
 from proxy.sse import SSEEvent
 
 log = logging.getLogger("tollgate.measure")
+
+
+class EventRewriter(Protocol):
+    """What the relay writes instead of each whole event of a stream it rewrites."""
+
+    # Whether the `,"usage":null` of an OpenAI content chunk is cut: the tap's fast path
+    # (measure.StreamTap) relays those chunks without calling `rewrite`.
+    cuts_usage_null: ClassVar[bool]
+
+    def rewrite(self, ev: SSEEvent) -> bytes: ...
 
 
 class UsageStripper:
@@ -33,6 +47,7 @@ class UsageStripper:
     """
 
     __slots__ = ()
+    cuts_usage_null: ClassVar[bool] = True
 
     def rewrite(self, ev: SSEEvent) -> bytes:
         data = ev.data
@@ -128,7 +143,7 @@ def _usage_null_span(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _data_lines(raw: bytes) -> list[tuple[int, int, int, int]]:
+def data_lines(raw: bytes) -> list[tuple[int, int, int, int]]:
     """Each `data` line of one SSE block: (line start, value start, value end, next line)."""
     lines: list[tuple[int, int, int, int]] = []
     n = len(raw)
@@ -153,7 +168,7 @@ def _cut_usage_null(raw: bytes, data: bytes, payload: dict[str, Any]) -> bytes:
     span = _usage_null_span(data)
     if span is None:
         return raw
-    lines = _data_lines(raw)
+    lines = data_lines(raw)
     if b"\n".join([raw[s:e] for _, s, e, _ in lines]) != data:
         return raw  # raw and data disagree (not a block the parser made): leave it
     cut_a, cut_b = span
@@ -175,7 +190,7 @@ def _cut_usage_null(raw: bytes, data: bytes, payload: dict[str, Any]) -> bytes:
     # The guarantee, checked rather than argued: the block still parses to the same object
     # without its usage member; anything else relays the upstream's bytes as they were.
     try:
-        after = orjson.loads(b"\n".join([result[s:e] for _, s, e, _ in _data_lines(result)]))
+        after = orjson.loads(b"\n".join([result[s:e] for _, s, e, _ in data_lines(result)]))
     except orjson.JSONDecodeError:
         return raw
     expected = dict(payload)

@@ -1,19 +1,25 @@
 """Cost where the client sees it: x-tollgate-cost-* headers on non-stream responses, and the
-opt-in `usage.cost` in the body, read through the official openai SDK."""
+opt-in `usage.cost` in the body and in a stream's usage chunk, read through the official
+openai SDK."""
 
 from __future__ import annotations
 
 import asyncio
 from decimal import Decimal
+from pathlib import Path
 
 import aiohttp
 import openai
 import orjson
+import pytest
 
 from proxy.keys import hash_key
+from proxy.pricing import plain_usd
+from proxy.sse import SSEEvent, SSEParser
 from tests.integration.conftest import StartProxy, proxy_yaml
-from tests.support.cassettes import openai_capture
-from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.cassettes import OPENAI_DIR, OPENAI_EXTRA_DIR, openai_capture
+from tests.support.fake_upstream import FakeUpstream, Reply, StreamDialect, dialect_usage_aware, openai_usage_aware
+from tests.support.recorder import Recorder
 
 KEY = "tg-cost-key-0123456789"
 PRICES = """
@@ -115,3 +121,122 @@ async def test_streams_and_errors_carry_no_cost_headers(start_proxy: StartProxy,
             await r.read()
             assert r.status == 200 and "x-tollgate-cost-usd" not in r.headers
     await asyncio.sleep(0)
+
+
+# --- the stream's usage event ----------------------------------------------------------------------
+
+STREAM_PRICES = """
+pricing:
+  models:
+    gpt-5-nano: {input: 2.50, cached_input: 1.25, output: 10.00}
+"""
+COST = {"total_usd": 0.004, "input_usd": 0.0015, "cached_input_usd": 0.0005, "output_usd": 0.002}
+
+
+def sse_events(raw: bytes) -> list[SSEEvent]:
+    parser = SSEParser()
+    return parser.feed(raw) + parser.flush()
+
+
+async def raw_stream(url: str, body: dict[str, object], **headers: str) -> bytes:
+    async with aiohttp.ClientSession() as s, s.post(url, json=body, headers=headers) as r:
+        assert r.status == 200 and "x-tollgate-cost-usd" not in r.headers
+        return await r.read()
+
+
+@pytest.mark.parametrize("dialect", ["openai-capture", "multi-line", "everything-in-7-byte-reads"])
+async def test_opted_in_stream_gets_cost_in_the_usage_chunk_it_asked_for(
+    start_proxy: StartProxy, fake_openai: FakeUpstream, dialect: str
+) -> None:
+    cap = openai_capture("chat-streaming")
+    if dialect == "openai-capture":
+        fake_openai.route("POST", cap.path, openai_usage_aware(cap, USAGE))
+    elif dialect == "multi-line":
+        fake_openai.route("POST", cap.path, dialect_usage_aware(cap, StreamDialect(indent=2), USAGE))
+    else:
+        everything = StreamDialect(separators=(", ", ": "), indent=1, usage_first=True, eol="\r\n",
+                                   data_prefix="data:", comments=True, retry=True)
+        fake_openai.route("POST", cap.path, dialect_usage_aware(cap, everything, USAGE, byte_chunk=7))
+    rec = Recorder()
+    proxy = await start_proxy(proxy_yaml(fake_openai.api_base, extra=STREAM_PRICES), observers=[rec])
+    body = {**cap.request_json, "stream_options": {"include_usage": True}}
+
+    sdk = client(proxy.base_url, **{"x-tollgate-include-cost": "true"})
+    text: list[str] = []
+    usages = []
+    async for chunk in await sdk.chat.completions.create(**body):
+        if chunk.choices:
+            text.append(chunk.choices[0].delta.content or "")
+        if chunk.usage is not None:
+            usages.append(chunk.usage)
+    await sdk.close()
+    (usage,) = usages
+    assert usage.prompt_tokens == 1000 and usage.completion_tokens == 200
+    assert usage.model_extra == {"cost": COST, "cost_source": "price_table"}
+    assert "".join(text)
+    # What the client was shown is what was charged.
+    ex = await rec.wait()
+    assert ex.cost == Decimal("0.004") and not ex.usage_injected
+    assert "x-tollgate-include-cost" not in {k.lower() for k in fake_openai.requests[-1].headers}
+
+    # Event for event the upstream's bytes, but for the usage event's `usage`.
+    direct = await raw_stream(fake_openai.api_base + "/chat/completions", body)
+    through = await raw_stream(proxy.base_url + "/chat/completions", body, **{"x-tollgate-include-cost": "true"})
+    changed = [(a, b) for a, b in zip(sse_events(direct), sse_events(through), strict=True) if a.raw != b.raw]
+    assert len(changed) == 1
+    old, new = orjson.loads(changed[0][0].data or b""), orjson.loads(changed[0][1].data or b"")
+    assert new == {**old, "usage": {**old["usage"], "cost": COST, "cost_source": "price_table"}}
+    # Not opted in: the upstream's bytes exactly.
+    assert await raw_stream(proxy.base_url + "/chat/completions", body) == direct
+
+
+async def test_stream_cost_by_key_unpriced_and_never_when_usage_was_not_asked(
+    start_proxy: StartProxy, fake_openai: FakeUpstream
+) -> None:
+    cap = openai_capture("chat-streaming")
+    fake_openai.route("POST", cap.path, openai_usage_aware(cap, USAGE))
+    keys = f"keys:\n  - name: costly\n    key_sha256: {hash_key(KEY)}\n    include_cost: true\n"
+    proxy = await start_proxy(proxy_yaml(fake_openai.api_base, extra=keys, openai_key=None))
+    sdk = client(proxy.base_url, KEY)
+    body = {**cap.request_json, "model": "gpt-nobody-prices-this"}
+    asked = [c async for c in await sdk.chat.completions.create(**body, stream_options={"include_usage": True})]
+    (usage,) = [c.usage for c in asked if c.usage is not None]
+    assert usage.model_extra == {"cost_source": "none"}  # absent, never 0
+    # The client did not ask for usage: Tollgate's own usage event is stripped, cost and all.
+    plain = [c async for c in await sdk.chat.completions.create(**body)]
+    assert all(c.usage is None and c.choices for c in plain)
+    await sdk.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "directory"),
+    [("chat-streaming-detailed-usage", OPENAI_DIR), ("completion-streaming-usage", OPENAI_EXTRA_DIR)],
+)
+async def test_real_openai_usage_streams_get_the_charged_cost(
+    start_proxy: StartProxy, fake_openai: FakeUpstream, name: str, directory: Path
+) -> None:
+    """OpenAI's own include_usage streams, replayed as captured (shipped prices): the usage
+    chunk carries exactly what the spend row is charged, and nothing else changes."""
+    cap = openai_capture(name, directory)
+    assert cap.request_json["stream_options"] == {"include_usage": True}
+    fake_openai.replay(cap)
+    rec = Recorder()
+    proxy = await start_proxy(proxy_yaml(fake_openai.api_base), observers=[rec])
+    sdk = client(proxy.base_url, **{"x-tollgate-include-cost": "true"})
+    create = sdk.chat.completions.create if cap.path.endswith("/chat/completions") else sdk.completions.create
+    chunks = [c async for c in await create(**cap.request_json)]
+    await sdk.close()
+    (usage,) = [c.usage for c in chunks if c.usage is not None]
+    ex = await rec.wait()
+    assert ex.cost is not None and ex.cost > 0 and ex.cost_parts is not None
+    parts = ex.cost_parts
+    assert usage.model_extra is not None and usage.model_extra["cost_source"] == "price_table"
+    assert usage.model_extra["cost"] == {
+        "total_usd": float(parts.total), "input_usd": float(parts.input),
+        "cached_input_usd": float(parts.cached_input), "output_usd": float(parts.output),
+    }
+    raw = await raw_stream(proxy.base_url + cap.path.removeprefix("/v1"), cap.request_json,
+                           **{"x-tollgate-include-cost": "true"})
+    assert b'"cost":{"total_usd":' + plain_usd(parts.total).encode() + b"," in raw
+    changed = [(a, b) for a, b in zip(sse_events(cap.body), sse_events(raw), strict=True) if a.raw != b.raw]
+    assert len(changed) == 1

@@ -12,7 +12,10 @@ a panel whose query returns nothing is a broken panel.
 
 The budget panels are a set of their own (`BUDGET_PANELS`, asserted by
 test_budget_panels_return_data): their series exist only once Tollgate exports budget
-metrics, and the scenario only configures budgets when the settings accept them.
+metrics, and the scenario only configures budgets when the settings accept them. The
+forecast and burn-rate panels read the burn-rate recording rules, so the shipped rules file
+is loaded and evaluated every second; test_burn_rate_rules_read_the_real_spend checks what
+those rules recorded from the scenario's spend.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import pytest
 import yaml
 
 from proxy.settings import Settings
@@ -69,8 +73,17 @@ BUDGET_PANELS = frozenset(
         ("Tollgate / Cost & budgets", "Time to reset"),
         ("Tollgate / Cost & budgets", "Rejections by budget"),
         ("Tollgate / Cost & budgets", "Threshold crossings"),
+        ("Tollgate / Cost & budgets", "Projected spend at window end"),
+        ("Tollgate / Cost & budgets", "Projected use at window end"),
+        ("Tollgate / Cost & budgets", "Burn rate"),
     }
 )
+BURN_WINDOWS = ("5m", "30m", "1h", "6h")
+WINDOW_SECONDS = {"5m": 300, "30m": 1800, "1h": 3600, "6h": 21600}
+WARN_BUDGET = "all-traffic-warn"
+# How long the burn-rate series may take to catch up with the last request: the budget
+# gauges refresh every 2 s (ledger chores), then a scrape and a rule evaluation, 1 s each.
+BURN_WAIT_S = 10.0
 BUDGET_VARIABLES = frozenset({"budget"})
 
 USAGE = {
@@ -142,6 +155,8 @@ class Observed:
     budgets_configured: bool
     budget_refusal_statuses: list[int]
     cache_statuses: list[str]
+    # query -> {budget: value}, taken at one instant once the burn rate shows the spend.
+    burn: dict[str, dict[str, float]]
 
 
 def substitute(expr: str) -> str:
@@ -351,6 +366,7 @@ async def run_scenario(start_proxy: StartProxy, tmp: Path) -> Observed:
                 cache_statuses += await cache_round(proxy)
                 await prom.wait_for_scrapes("tollgate", n=1)
             await prom.wait_for_scrapes("llama-server", n=1)
+            burn = await burn_rate_view(prom) if budgets else {}
             panels = list(await asyncio.gather(*(evaluate(prom, q) for q in panel_queries())))
             variables = {}
             for board, name, query in variable_queries():
@@ -358,7 +374,46 @@ async def run_scenario(start_proxy: StartProxy, tmp: Path) -> Observed:
                 assert m is not None, query
                 variables[(board, name)] = await prom.label_values(m.group(2), substitute(m.group(1)))
             rule_groups = (await prom.api("rules", {}))["groups"]
-    return Observed(panels, variables, rule_groups, budgets, refusals, cache_statuses)
+    return Observed(panels, variables, rule_groups, budgets, refusals, cache_statuses, burn)
+
+
+def burn_queries() -> dict[str, str]:
+    out = {
+        "spent": "max by (budget) (tollgate_budget_bucket_spent_max_usd)",
+        "cost": "sum(tollgate_cost_usd_total)",
+        "limit": "max by (budget) (tollgate_budget_limit_usd)",
+        "period": "max by (budget) (tollgate_budget_period_seconds)",
+        "left": "max by (budget) (tollgate_budget_reset_timestamp_seconds) - time()",
+    }
+    for w in BURN_WINDOWS:
+        out[f"spend_rate_{w}"] = f"tollgate:budget_spend_usd_per_second:rate{w}"
+        out[f"burn_{w}"] = f"tollgate:budget_burn_rate:rate{w}"
+    # The forecast panels' own queries, at the same instant as the series they combine.
+    for q in panel_queries():
+        if q.panel in ("Projected spend at window end", "Projected use at window end") and q.ref_id == "A":
+            out[q.panel] = substitute(q.expr)
+    return out
+
+
+async def burn_rate_view(prom: PrometheusServer) -> dict[str, dict[str, float]]:
+    """Every burn-rate series and the raw ones they derive from, at one instant, once the
+    budget gauge has caught up with the spend counter and the rules have recorded it."""
+    deadline = asyncio.get_running_loop().time() + BURN_WAIT_S
+    while True:
+        at = await prom.query("time()")
+        instant = float(at[0]["value"][1])
+        view = {}
+        for name, expr in burn_queries().items():
+            view[name] = {r["metric"].get("budget", ""): float(r["value"][1]) for r in await prom.query(expr, instant)}
+        spent = view["spent"].get(WARN_BUDGET, 0.0)
+        cost = view["cost"].get("", 0.0)
+        caught_up = cost > 0 and math.isclose(spent, cost, rel_tol=1e-9)
+        recorded = all(view[f"burn_{w}"].get(WARN_BUDGET, 0.0) > 0 for w in BURN_WINDOWS)
+        if caught_up and recorded:
+            return view
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"burn-rate series did not show the spend in {BURN_WAIT_S} s: {view}")
+        await asyncio.sleep(0.25)
 
 
 # One Prometheus run feeds every test below; running it per test would triple the time.
@@ -416,3 +471,42 @@ async def test_shipped_alert_rules_load_and_evaluate(start_proxy: StartProxy, tm
     assert {r["name"] for r in rules} >= {
         "TollgateHighErrorRate", "TollgateUpstreamDown", "TollgateBudgetExhausted", "TollgateCostSpike",
     }
+
+
+async def test_burn_rate_rules_read_the_real_spend(start_proxy: StartProxy, tmp_path: Path) -> None:
+    """The shipped recording rules, evaluated by a real Prometheus on the scenario's real
+    spend: a positive spend rate in every window, and burn rate = spend rate x period /
+    limit. The all-traffic budget's limit ($0.000001 a day) is far below the scenario's
+    spend, so both multi-window alerts see their condition hold (pending: each has a `for`)."""
+    obs = await observed_scenario(start_proxy, tmp_path)
+    burn = obs.burn
+    assert burn, "budgets were not configured"
+    # The budget covers all traffic in a fresh ledger: its spend is every request's cost.
+    assert burn["spent"][WARN_BUDGET] == pytest.approx(burn["cost"][""], rel=1e-9) and burn["cost"][""] > 0
+    limit, period = burn["limit"][WARN_BUDGET], burn["period"][WARN_BUDGET]
+    assert (limit, period) == (0.000001, 86400.0)
+    spent = burn["spent"][WARN_BUDGET]
+    for w in BURN_WINDOWS:
+        rate = burn[f"spend_rate_{w}"][WARN_BUDGET]
+        # The window's increase (rate x its length) is part of the spend so far: it cannot
+        # exceed it by more than Prometheus's extrapolation past the first and last samples
+        # (at most one scrape interval each side of the scenario's few).
+        assert 0 < rate * WINDOW_SECONDS[w] <= 2 * spent, w
+        assert burn[f"burn_{w}"][WARN_BUDGET] == pytest.approx(rate * period / limit, rel=1e-9), w
+    # A budget without a positive USD limit has a spend rate but no burn rate.
+    zero = f"zero-for-{BUDGETED_MODEL}"
+    assert zero in burn["spend_rate_5m"] and zero not in burn["burn_5m"]
+    # Far over its limit at this pace: the projection (panel "Projected use at window end")
+    # lies beyond the spend so far, and far beyond the limit.
+    left = burn["left"][WARN_BUDGET]
+    assert left > 0
+    projected = spent + burn["spend_rate_1h"][WARN_BUDGET] * left
+    assert projected > spent > limit
+    assert burn["Projected spend at window end"][WARN_BUDGET] == pytest.approx(projected, rel=1e-9)
+    assert burn["Projected use at window end"][WARN_BUDGET] == pytest.approx(projected / limit, rel=1e-9)
+    assert zero not in burn["Projected use at window end"]  # no limit to use up
+    rules = {r["name"]: r for g in obs.rule_groups for r in g["rules"]}
+    for name in ("TollgateBudgetFastBurn", "TollgateBudgetSlowBurn"):
+        states = {a["labels"]["budget"]: a["state"] for a in rules[name]["alerts"]}
+        assert states.get(WARN_BUDGET) in ("pending", "firing"), (name, states)
+        assert zero not in states

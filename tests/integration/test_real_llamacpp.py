@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -413,3 +414,33 @@ async def test_metrics_agree_with_llama_servers_own_numbers(start_proxy: StartPr
         assert prompt_eval_s <= ex.ttft_s <= prompt_eval_s + TTFT_SLACK_S
         assert ex.usage.output_tokens == t["predicted_n"] == MAX_TOKENS
         assert span_err_s <= TPOT_SPAN_SLACK_S
+
+
+async def test_opted_in_streams_get_their_cost_in_the_usage_chunk(start_proxy: StartProxy, llama: LlamaServer) -> None:
+    """llama-server's own usage chunk (chat: `choices: []`; completions: the last chunk,
+    which also carries the finish) gains `usage.cost`, equal to what Tollgate charged."""
+    prices = '\npricing:\n  models:\n    "models/*": {input: 1.5, cached_input: 0.5, output: 3}\n'
+    proxy, recorder = await start(start_proxy, proxy_yaml(UNUSED_OPENAI, llama_root=llama.url, extra=prices))
+    proxied = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-client", max_retries=0, timeout=60,
+                                 default_headers={"x-tollgate-include-cost": "true"})
+    asked = {"stream_options": {"include_usage": True}}
+    chunks = [
+        await chat_stream(proxied, "local", CHAT_PROMPTS[0], **asked),
+        await complete_stream(proxied, "local", COMPLETION_PROMPTS[0], **asked),
+    ]
+    finished = await recorder.wait_for(2)
+    for stream, ex in zip(chunks, finished, strict=True):
+        (usage,) = [c.usage for c in stream if c.usage is not None]
+        cost = extra(usage)["cost"]
+        assert extra(usage)["cost_source"] == "price_table"
+        cached = (usage.prompt_tokens_details.cached_tokens or 0) if usage.prompt_tokens_details else 0
+        expected = (
+            Decimal(usage.prompt_tokens - cached) * Decimal("1.5") + Decimal(cached) * Decimal("0.5")
+            + Decimal(usage.completion_tokens) * 3
+        ) / 1_000_000
+        assert Decimal(str(cost["total_usd"])) == expected == ex.cost, (cost, ex.usage)
+        assert usage.completion_tokens > 0 and ex.outcome == "ok"
+        print(f"\n{ex.endpoint} stream: {usage.prompt_tokens} in ({cached} cached), "
+              f"{usage.completion_tokens} out -> usage.cost {cost}")
+    assert chat_text(chunks[0]) and completion_text(chunks[1])
+    await proxied.close()

@@ -167,6 +167,9 @@ def test_dashboard_queries_name_only_exported_metrics(path: Path) -> None:
     exprs += [v["query"]["query"] for v in board["templating"]["list"] if v["type"] == "query"]
     unknown = {name for expr in exprs for name in metric_names_in(expr)} - known
     assert not unknown
+    # Series the recording rules make (tollgate:...) exist only if a rule records them.
+    recorded = {r["record"] for r in recording_rules()}
+    assert {name for expr in exprs for name in re.findall(r"\btollgate:[a-z0-9_:]+", expr)} <= recorded
 
 
 def test_provisioned_datasource_is_what_the_dashboards_select() -> None:
