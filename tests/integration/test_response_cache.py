@@ -425,3 +425,21 @@ async def test_a_cache_that_cannot_be_reached_never_fails_a_request(
     assert len(fake_openai.requests) == 2
     assert metric(proxy, "tollgate_response_cache_errors_total", op="get") == 2
     assert metric(proxy, "tollgate_response_cache_errors_total", op="put") == 2
+
+
+async def test_a_stream_carrying_the_clients_own_cost_is_not_stored(
+    start_proxy: StartProxy, fake_openai: FakeUpstream, backend: str
+) -> None:
+    # The usage chunk of a client that opted into usage.cost holds that request's cost: bytes
+    # no other request may be answered with (a hit costs 0), so the answer is not filed.
+    proxy = await start(start_proxy, fake_openai, backend)
+    c = client(proxy, **{"x-tollgate-include-cost": "true"})
+    for n in (1, 2):
+        raw = await c.chat.completions.with_raw_response.create(
+            model=MODEL, messages=MESSAGES, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+        assert raw.headers["cache-status"] == "tollgate; fwd=uri-miss; fwd-status=200"
+        usage = [ch.usage async for ch in raw.parse() if ch.usage is not None]
+        assert usage and (usage[0].model_extra or {}).get("cost", {}).get("total_usd") is not None
+        await writes_done(proxy)
+        assert len(fake_openai.requests) == n
