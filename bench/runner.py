@@ -33,6 +33,11 @@ ledger:
   backend: sqlite
   path: {ledger_path}
 """
+# Quota leasing (README "Quota leasing"): what "all on" runs with; the per-request variant
+# shows what a ledger transaction per request would cost.
+LEASING_YAML = """  leasing:
+    enabled: true
+"""
 BUDGET_YAML = """
 budgets:
   - name: bench-global
@@ -163,7 +168,7 @@ class RunResult:
     loadavg: list[str] = field(default_factory=list)
 
 
-def tollgate_yaml(upstream_port: int, ledger_path: Path, with_budget: bool) -> str:
+def tollgate_yaml(upstream_port: int, ledger_path: Path, with_budget: bool, leasing: bool = False) -> str:
     base = f"""
 server:
   host: 127.0.0.1
@@ -188,9 +193,17 @@ logging:
   access_log: true
 """
     base += LEDGER_YAML.format(ledger_path=ledger_path)
+    if with_budget and leasing:
+        base += LEASING_YAML
     if with_budget:
         base += BUDGET_YAML
     return base
+
+
+def leasing_supported() -> bool:
+    from proxy.spend.rules import LedgerSettings
+
+    return "leasing" in LedgerSettings.model_fields
 
 
 def budgets_supported() -> bool:
@@ -322,6 +335,11 @@ def start_servers(
             variants.insert(
                 1, ("tollgate-nobudget", "Tollgate (all on but no budget)", [], env, False, False)
             )
+        leasing = result.budget_on and leasing_supported()
+        if leasing:
+            variants.insert(
+                2, ("tollgate-perreq", "Tollgate (all on, budget without leasing)", [], env, True, False)
+            )
         if plan.ref_tree is not None:
             ref = str(plan.ref_tree.resolve())
             ref_env = {**env, "PYTHONPATH": os.pathsep.join([ref, *filter(None, [env.get("PYTHONPATH")])])}
@@ -330,7 +348,9 @@ def start_servers(
             if not wanted(name) and name != "tollgate-ref":
                 continue
             cfg = workdir / f"{name}.yaml"
-            cfg.write_text(tollgate_yaml(upstream.port, workdir / f"{name}-ledger.db", budget))
+            # The reference tree may predate leasing: it runs a ledger transaction per request.
+            lease = leasing and name not in ("tollgate-perreq", "tollgate-ref")
+            cfg.write_text(tollgate_yaml(upstream.port, workdir / f"{name}-ledger.db", budget, lease))
             child = keep(
                 procs.start(
                     name,

@@ -115,6 +115,13 @@ def estimate_prompt_tokens(endpoint: str, body: dict[str, Any], model: str) -> i
     return estimate_prompt(endpoint, body, model).tokens
 
 
+def estimate_prompt_bound(endpoint: str, body: dict[str, Any], model: str) -> int:
+    """An upper bound of `estimate_prompt_tokens` that needs no tokenizer: every text is
+    counted as its UTF-8 bytes (a BPE token is never shorter than one byte); framing,
+    images and audio are counted as there."""
+    return _estimate(endpoint, body, _ByteCounter(model)).tokens
+
+
 def estimate_prompt(endpoint: str, body: dict[str, Any], model: str) -> PromptEstimate:
     """Estimated input tokens of a request body for `endpoint`.
 
@@ -126,7 +133,10 @@ def estimate_prompt(endpoint: str, body: dict[str, Any], model: str) -> PromptEs
     Any shape it does not understand is counted as its JSON text, so it never raises on
     request content (only on a broken tokenizer install).
     """
-    count = _Counter(encoding_for(model), model)
+    return _estimate(endpoint, body, _Counter(encoding_for(model), model))
+
+
+def _estimate(endpoint: str, body: dict[str, Any], count: _Counter) -> PromptEstimate:
     try:
         if not isinstance(body, dict):
             tokens = count.json(body)
@@ -148,7 +158,7 @@ def estimate_prompt(endpoint: str, body: dict[str, Any], model: str) -> PromptEs
 
 
 class _Counter:
-    def __init__(self, enc: tiktoken.Encoding, model: str) -> None:
+    def __init__(self, enc: tiktoken.Encoding | None, model: str) -> None:
         self.enc = enc
         self.model = model if isinstance(model, str) else ""
         self.assumed = False
@@ -159,6 +169,7 @@ class _Counter:
         )
 
     def text(self, text: str) -> int:
+        assert self.enc is not None
         return len(self.enc.encode_ordinary(text))
 
     def json(self, value: object) -> int:
@@ -400,3 +411,12 @@ def _strip_period(value: object) -> str:
 def _is_token_id(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
+
+class _ByteCounter(_Counter):
+    """Counts a text as its UTF-8 bytes: at least its token count in any BPE encoding."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(None, model)
+
+    def text(self, text: str) -> int:
+        return len(text.encode("utf-8", "surrogatepass"))

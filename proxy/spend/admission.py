@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.encodings import encoding_ready
 from proxy.errors import BudgetExceeded, LedgerUnavailable, ModelNotFound
-from proxy.estimate import estimate_prompt_tokens
+from proxy.estimate import estimate_prompt_bound, estimate_prompt_tokens
 from proxy.exchange import Exchange
 from proxy.output_cap import OutputCap, output_cap_of
 from proxy.policy import Policy
@@ -69,6 +69,10 @@ def per_output_cap(policy: Policy, limits: OutputLimits, oc: OutputCap | None) -
     return cap, True
 
 
+def _input_tokens(prompt_tokens: int) -> int:
+    return math.ceil(prompt_tokens * INPUT_MARGIN) + INPUT_MARGIN_TOKENS
+
+
 def _past_a_threshold(buckets: list[Bucket], states: Mapping[str, BucketState]) -> bool:
     """Whether any warn budget's spent + reserved (this request included) is at or past
     its first warning threshold."""
@@ -115,23 +119,29 @@ async def admit(
     oc = output_cap_of(ex.endpoint, ex.upstream_kind or "openai", payload)
     cap, write_cap = per_output_cap(policy, limits, oc)
     outputs = oc.outputs if oc is not None else 1
+    if price is None:
+        price = Price(input=Decimal(0), output=Decimal(0))
+    ledger_id = new_ledger_id(ex.request_id)
+    if spend.quota.enabled and leasable(buckets):
+        # From a lease, the prompt is bounded by its bytes (no BPE token is shorter than a
+        # byte): no tokenizer work, and no table in memory for a process that never needs
+        # one. The exact estimate is left to a request that must reserve on its own.
+        bound = _input_tokens(estimate_prompt_bound(ex.endpoint, payload, model))
+        leased = await _from_leases(
+            spend, ex, ledger_id, buckets, worst_case_cost(bound, cap * outputs, price), bound + cap * outputs, now
+        )
+        if leased is not None:
+            return _admitted_from_lease(ex, leased, oc, cap, write_cap)
     # The model's own table, built off the event loop if this is the first estimate for it.
     await encoding_ready(model)
     prompt_tokens = estimate_prompt_tokens(ex.endpoint, payload, model)
-    input_tokens = math.ceil(prompt_tokens * INPUT_MARGIN) + INPUT_MARGIN_TOKENS
-    if price is None:
-        price = Price(input=Decimal(0), output=Decimal(0))
+    input_tokens = _input_tokens(prompt_tokens)
     amount = worst_case_cost(input_tokens, cap * outputs, price)
     clamp = None
     if oc is not None:
         input_cost = worst_case_cost(input_tokens, 0, price)
         clamp = ClampInput(input_cost, input_tokens, cap, price.output / Decimal(1_000_000), outputs)
-    ledger_id = new_ledger_id(ex.request_id)
     tokens = input_tokens + cap * outputs
-    if spend.quota.enabled and leasable(buckets):
-        leased = await _from_leases(spend, ex, ledger_id, buckets, amount, tokens, now)
-        if leased is not None:
-            return _admitted_from_lease(ex, leased, oc, cap, write_cap)
     try:
         reserved = await admit_and_reserve(
             spend.ledger,

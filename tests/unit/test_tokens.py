@@ -662,3 +662,35 @@ def test_extraction_never_raises_and_keeps_parts_within_totals(payload: dict[str
         assert 0 <= usage.cached_input_tokens + usage.cache_write_tokens <= usage.input_tokens
         assert 0 <= usage.reasoning_tokens <= usage.output_tokens
         assert usage.input_source == usage.output_source == "upstream"
+
+
+_texts = st.text(min_size=0, max_size=60)
+_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant", "tool"]), "content": _texts},
+    optional={"name": st.from_regex(r"[a-z]{1,8}", fullmatch=True)},
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    model=st.sampled_from(["gpt-4o-mini", "gpt-4", "o3-mini", "gpt-3.5-turbo"]),
+    messages=st.lists(_message, min_size=1, max_size=4),
+    prompt=st.one_of(_texts, st.lists(_texts, max_size=3), st.lists(st.integers(0, 50_000), max_size=5)),
+    tools=st.booleans(),
+)
+def test_the_byte_bound_is_never_below_the_estimate(
+    model: str, messages: list[dict[str, Any]], prompt: Any, tools: bool
+) -> None:
+    # Quota leasing admits on the bound without building a table; it must be a worst case.
+    chat: dict[str, Any] = {"model": model, "messages": messages}
+    if tools:
+        chat["tools"] = [{"type": "function", "function": {"name": "f", "description": "d é 日本",
+                                                           "parameters": {"type": "object", "properties": {}}}}]
+    for endpoint, body in (
+        ("chat.completions", chat),
+        ("completions", {"model": model, "prompt": prompt}),
+        ("embeddings", {"model": model, "input": prompt}),
+        ("responses", {"model": model, "input": messages}),
+    ):
+        bound = estimating.estimate_prompt_bound(endpoint, body, model)
+        assert bound >= estimating.estimate_prompt_tokens(endpoint, body, model), (endpoint, body)
