@@ -148,7 +148,7 @@ def main(argv: list[str]) -> int:
         )
         cfg = wd / "tollgate.yaml"
         budget = runner.budgets_supported()
-        cfg.write_text(runner.tollgate_yaml(up.port, wd / "ledger.db", budget))
+        cfg.write_text(runner.tollgate_yaml(up.port, wd / "ledger.db", budget, budget and runner.leasing_supported()))
         tg = procs.start(
             "tollgate",
             [runner.PY, "-m", "proxy", "serve", "--config", str(cfg)],
