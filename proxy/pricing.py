@@ -249,18 +249,23 @@ class _Layer:
         return None
 
 
+_MEMO_MAX = 4096
+
+
 class PriceTable:
     """Model -> Price. Entries are exact names or fnmatch globs (`local/*`, `gpt-4.1*`)."""
 
-    __slots__ = ("_layers",)
+    __slots__ = ("_layers", "_memo")
 
     def __init__(self, entries: Mapping[str, Price]) -> None:
         self._layers: tuple[_Layer, ...] = (_Layer.of(dict(entries)),)
+        self._memo: dict[str, Price | None] = {}
 
     @classmethod
     def _of_layers(cls, layers: tuple[_Layer, ...]) -> PriceTable:
         table = cls.__new__(cls)
         table._layers = layers
+        table._memo = {}
         return table
 
     @classmethod
@@ -305,6 +310,20 @@ class PriceTable:
         specific first. A user's glob therefore beats a shipped exact entry: whoever wrote
         `gpt-4o*` in their own file meant it for every gpt-4o model.
         """
+        # A table never changes (a reload builds a new one), and a request looks its model
+        # up several times (admission, the stream's usage.cost, settlement): remembered,
+        # within a bound, since model names come from clients.
+        try:
+            return self._memo[model]
+        except KeyError:
+            pass
+        price = self._lookup(model)
+        if len(self._memo) >= _MEMO_MAX:
+            self._memo.clear()
+        self._memo[model] = price
+        return price
+
+    def _lookup(self, model: str) -> Price | None:
         names: tuple[str, ...] = (model,)
         undated = _SNAPSHOT_SUFFIX.sub("", model)
         if undated != model:
