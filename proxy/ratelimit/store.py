@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from redis.exceptions import RedisError
 
 from proxy.ratelimit.gcra import SCALE, corrected, drained, fits, reset_ms
 from proxy.ratelimit.rules import LimitKind
@@ -305,6 +304,10 @@ class RedisLimits:
         self._renew = client.register_script(_RENEW)
 
     async def _call(self, script: Any, args: list[Any]) -> Any:
+        # Imported here: the redis package (and the OpenTelemetry metrics SDK it pulls in)
+        # costs every process ~8 MB, and only a Redis store ever needs it.
+        from redis.exceptions import RedisError
+
         try:
             return await script(keys=[], args=[self.prefix, *args])
         except RedisError as exc:
