@@ -6,6 +6,7 @@ upstream     the fake OpenAI upstream (used by run)
 passthrough  the bare aiohttp passthrough (used by run)
 sink         the OTLP/HTTP receiver that discards (used by run)
 fidelity     the local token estimate vs OpenAI's real count, per recorded capture
+ledger       settlements per second the shared SQLite ledger takes from 1, 2... processes
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def main(argv: list[str]) -> int:
         from bench import fidelity
 
         return fidelity.main(rest)
+    if command == "ledger":
+        from bench import ledger
+
+        return ledger.main(rest)
     if command == "sink":
         from bench import sink
 
