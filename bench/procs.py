@@ -66,6 +66,37 @@ def tree_cpu_ns(pid: int) -> int:
     return sum(process_cpu_ns(p) for p in tree(pid))
 
 
+def _process_ticks_ns(pid: int) -> int:
+    """utime + stime + cutime + cstime: every thread's CPU, dead ones included, and that of
+    reaped children; in clock ticks (10 ms), so coarser than schedstat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(f) for f in fields[11:15]) * 1_000_000_000 // _CLK_TCK
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@dataclass(frozen=True)
+class CpuMark:
+    precise: int  # schedstat of the live threads
+    ticks: int  # clock ticks, threads and reaped children that have gone included
+
+
+def cpu_mark(pid: int) -> CpuMark:
+    pids = tree(pid)
+    return CpuMark(sum(process_cpu_ns(p) for p in pids), sum(_process_ticks_ns(p) for p in pids))
+
+
+def cpu_between(start: CpuMark, end: CpuMark) -> int:
+    """The tree's CPU time between two marks. schedstat (ns) only covers threads alive at
+    each mark: a server whose threads or worker processes come and go (LiteLLM) loses the
+    time of those that ended, and can even read negative. When the precise figure falls
+    short of the tick count by more than two ticks, the tick count is the truth."""
+    precise, ticks = end.precise - start.precise, end.ticks - start.ticks
+    slack = 2 * 1_000_000_000 // _CLK_TCK
+    return precise if precise >= ticks - slack else ticks
+
+
 def rss_bytes(pid: int) -> int:
     try:
         text = Path(f"/proc/{pid}/status").read_text()

@@ -338,7 +338,7 @@ def render(result: RunResult, command: str) -> str:
         "",
     ]
 
-    lines += ["## Goals (issue 6), from this run", "", "| goal | measured | verdict |", "|---|---|---|"]
+    lines += ["## Goals (issues 6 and 16), from this run", "", "| goal | measured | verdict |", "|---|---|---|"]
     for g in goals(result):
         verdict = "n/a" if g.ok is None else ("met" if g.ok else "**not met**")
         lines.append(f"| {g.text} | {g.measured} | {verdict} |")

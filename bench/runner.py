@@ -382,7 +382,7 @@ async def measure(
 ) -> tuple[loadgen.LoadResult, float | None, float | None]:
     url = target.url + "/v1/chat/completions"
     pid = target.child.pid if target.child is not None else None
-    cpu0 = procs.tree_cpu_ns(pid) if pid else 0
+    cpu0 = procs.cpu_mark(pid) if pid else None
     peak = [0]
     stop = asyncio.Event()
     sampler = asyncio.create_task(_sample_rss(pid, peak, stop)) if (pid and sample_rss) else None
@@ -399,8 +399,8 @@ async def measure(
         if sampler is not None:
             await sampler
     cpu_per = None
-    if pid and res.completed:
-        cpu_per = (procs.tree_cpu_ns(pid) - cpu0) / res.completed / 1e6
+    if pid and cpu0 is not None and res.completed:
+        cpu_per = procs.cpu_between(cpu0, procs.cpu_mark(pid)) / res.completed / 1e6
     rss = peak[0] / 2**20 if sampler is not None else None
     return res, cpu_per, rss
 

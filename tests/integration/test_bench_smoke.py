@@ -53,3 +53,17 @@ def test_bench_smoke_run_measures_every_target(tmp_path: Path) -> None:
     assert sum("2 workers" in s for s in sections) == 2
     goals = text.split("## Goals")[1]
     assert len(re.findall(r"^\| .* \| (met|\*\*not met\*\*|n/a) \|$", goals, re.MULTILINE)) == 7
+
+
+def test_bench_ledger_measures_settlements_per_process_count() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "ledger", "--processes", "1,2", "--seconds", "0.5", "--concurrency", "8"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| ([\d.]+) \|$", proc.stdout, re.MULTILINE)
+    assert [int(n) for n, _, _ in rows] == [1, 2], proc.stdout
+    assert all(int(rate) > 0 and float(cpu) > 0 for _, rate, cpu in rows), proc.stdout
