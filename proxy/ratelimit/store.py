@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-
 from proxy.ratelimit.gcra import SCALE, corrected, drained, fits, reset_ms
 from proxy.ratelimit.rules import LimitKind
 from proxy.spend.ledger import Ledger, LedgerError
