@@ -273,16 +273,23 @@ class QuotaBook:
                     del self.leases[bucket_id]
                 continue
             async with lease.lock:
-                base, base_tokens = lease.landed, lease.landed_tokens
-                size = (lease.held, lease.held_tokens)
-                result = await ledger.lease(
-                    lease.lease_id, [Charge(lease.bucket, size[0], size[1])], self.lease_seconds, now, give_back=True
-                )
-                self.sizings += 1
-                if result.ok:
-                    lease.granted, lease.granted_tokens = size
-                    lease.base, lease.base_tokens = base, base_tokens
-                    sized += 1
+                # No draw while the ledger is asked: the size sent is what is held now, and a
+                # request taken meanwhile would not be in it.
+                lease.sizing = True
+                try:
+                    base, base_tokens = lease.landed, lease.landed_tokens
+                    size = (lease.held, lease.held_tokens)
+                    result = await ledger.lease(
+                        lease.lease_id, [Charge(lease.bucket, size[0], size[1])], self.lease_seconds, now,
+                        give_back=True,
+                    )
+                    self.sizings += 1
+                    if result.ok:
+                        lease.granted, lease.granted_tokens = size
+                        lease.base, lease.base_tokens = base, base_tokens
+                        sized += 1
+                finally:
+                    lease.sizing = False
         return sized
 
     async def close(self, ledger: Ledger, now: datetime) -> None:

@@ -210,3 +210,27 @@ def test_lease_target_is_floored_to_the_nano_and_never_exceeds_the_limit() -> No
         else:
             assert got.as_tuple().exponent >= -9
             assert held + want <= got <= others + held + (limit - others - held) and others + got <= limit
+
+
+async def test_no_request_is_taken_from_a_lease_while_it_is_given_back(tmp_path: Path) -> None:
+    # The give-back sends the ledger what is held when it starts; a request taken while the
+    # ledger works on it would hold money the shrunk lease no longer covers.
+    ledger = await SqliteLedger.open(tmp_path / "ledger.db")
+    try:
+        book = QuotaBook(LeasingSettings(enabled=True, idle_seconds=0.01), 60.0)
+        b = make_bucket()
+        first = await book.draw(ledger, [b], D("0.1"), 0, NOW)
+        assert first is not None
+        QuotaBook.released(first)
+        (lease,) = book.leases.values()
+        assert lease.granted > 0 and lease.held == 0
+        lease.used_at = 0.0  # idle for long
+        giving = asyncio.create_task(book.give_back(ledger, NOW))
+        await asyncio.sleep(0)  # the give-back is now waiting on the ledger
+        assert book.take([b], D("0.1"), 0) is None
+        assert await giving == 1
+        assert (lease.granted, lease.held) == (0, 0)
+        st = (await ledger.state([b], NOW))[b.id]
+        assert st.reserved == 0
+    finally:
+        await ledger.close()
