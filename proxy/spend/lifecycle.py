@@ -170,8 +170,9 @@ class Spend:
             results = await self.ledger.settle(job.ledger_id, job.actual, job.row, now)
         except Exception as exc:  # noqa: BLE001 - a request that was served must be charged
             if not ledger_down(exc):
+                # Not landed: a leased request's worst case stays held by its lease (until
+                # the process ends), as a reservation of its own would stay until it lapsed.
                 log.exception("settling %s failed; its reservation will expire with its lease", job.row.request_id)
-                self._landed(job)
                 return
             if len(self.outbox) >= MAX_UNSETTLED:
                 lost = self.outbox.popleft()
@@ -252,7 +253,6 @@ class Spend:
                     self.outbox.appendleft(job)
                     break
                 log.exception("late settlement of %s failed for good", job.row.request_id)
-                self._landed(job)
                 continue
             done += 1
             self._landed(job)
@@ -284,11 +284,14 @@ class Spend:
             lease = self.lease_seconds
             held = [*self.live, *self.quota.lease_ids()]
             if held and time.monotonic() >= renew_at:
-                renew_at = time.monotonic() + lease / 3
+                started = time.monotonic()
+                renew_at = started + lease / 3
                 try:
                     await self.ledger.renew(held, lease, self.clock())
                 except Exception:  # noqa: BLE001 - retried at the next round; a lease lasts 3 rounds
                     log.exception("renewing %d leases failed", len(held))
+                else:
+                    self.quota.renewed(started)
             if self.quota.leases:
                 try:
                     await self.quota.give_back(self.ledger, self.clock())
@@ -342,10 +345,12 @@ class Spend:
     async def drain(self) -> None:
         if self.background:
             await asyncio.wait(self.background, timeout=10)
-        await self.quota.close(self.ledger, self.clock())
         if self.outbox:
             # Last chance for settlements kept while the ledger was down.
             await self.retry_outbox()
+        # After the settlements: a lease keeps what requests whose settlement never landed
+        # still hold.
+        await self.quota.close(self.ledger, self.clock())
         if self.outbox:
             log.error(
                 "%d settlements could not reach the ledger before shutdown and are lost: %s",

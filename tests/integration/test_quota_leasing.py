@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from proxy.spend.budgets import Bucket, BudgetRule, Charge, bucket_for
+from proxy.spend.ledger import LedgerError
 from proxy.spend.ledger.sqlite import SqliteLedger
 from proxy.spend.quota import Draw, QuotaBook, lease_target
 from proxy.spend.rules import LeasingSettings
@@ -232,5 +233,157 @@ async def test_no_request_is_taken_from_a_lease_while_it_is_given_back(tmp_path:
         assert (lease.granted, lease.held) == (0, 0)
         st = (await ledger.state([b], NOW))[b.id]
         assert st.reserved == 0
+    finally:
+        await ledger.close()
+
+
+# --- the ledger failing, lapsing or racing a lease (each of these failed before its fix) --
+
+
+async def _book_with_free_lease(ledger: SqliteLedger, amount: Decimal) -> tuple[QuotaBook, Any]:
+    """A book whose lease on the $5 bucket holds `amount`, all of it free, idle."""
+    b = make_bucket()
+    book = QuotaBook(LeasingSettings(enabled=True, idle_seconds=0.01), 60.0)
+    d = await book.draw(ledger, [b], amount, 0, NOW)
+    assert d is not None and book.leases[b.id].granted == amount
+    QuotaBook.released(d)
+    book.leases[b.id].used_at -= 10  # idle for longer than idle_seconds
+    return book, b
+
+
+async def test_a_take_during_an_idle_give_back_is_covered_by_the_ledger(tmp_path: Path) -> None:
+    """A request arriving while an idle lease is given back is not admitted from its old
+    size: the size sent to the ledger is what was held when the give-back began."""
+    ledger = await SqliteLedger.open(tmp_path / "ledger.db")
+    try:
+        book, b = await _book_with_free_lease(ledger, D("1"))
+        lease = book.leases[b.id]
+        chore = asyncio.create_task(book.give_back(ledger, NOW))
+        await asyncio.sleep(0)  # the chore computed size=(0, 0) and awaits the ledger
+        taken = await book.draw(ledger, [b], D("1"), 0, NOW)  # a request arriving now
+        await chore
+        assert taken is not None  # admitted from the lease, in memory
+        # The book must never hold more worst cases than the ledger holds for it.
+        assert lease.granted >= lease.held, (lease.granted, lease.held)
+        # What the ledger sees: nothing reserved, so another process gets the whole limit
+        # while $1 is in flight from this one.
+        other = await ledger.reserve("other", [Charge(b, LIMIT)], 60.0, NOW)
+        assert not other.ok, "settled 0 + in flight $1 (leased) + $5 (reserved) > $5 limit"
+    finally:
+        await ledger.close()
+
+
+async def test_a_shrink_whose_reply_is_lost_does_not_leave_the_book_above_the_ledger(tmp_path: Path) -> None:
+    """A give-back that the ledger applied but whose reply was lost (a Redis socket timeout,
+    a script queued in a hung Redis): the book takes the smaller size, never the old one."""
+    ledger = await SqliteLedger.open(tmp_path / "ledger.db")
+    try:
+        book, b = await _book_with_free_lease(ledger, D("1"))
+        real = ledger.lease
+
+        async def reply_lost(*args: Any, **kw: Any) -> Any:
+            await real(*args, **kw)
+            raise LedgerError("redis ledger: Timeout reading from socket")
+
+        ledger.lease = reply_lost  # type: ignore[method-assign]
+        try:
+            await book.give_back(ledger, NOW)  # the chore logs and carries on
+        except LedgerError:
+            pass
+        ledger.lease = real  # type: ignore[method-assign]
+        taken = await book.draw(ledger, [b], D("1"), 0, NOW)
+        other = await ledger.reserve("other", [Charge(b, LIMIT)], 60.0, NOW)
+        assert not (taken is not None and other.ok), "$1 leased + $5 reserved against a $5 limit"
+    finally:
+        await ledger.close()
+
+
+async def test_within_one_process_a_request_that_fits_is_not_refused_by_its_own_lease(tmp_path: Path) -> None:
+    """Two budgets, one at its edge: before the request reserves on its own, this process's
+    lease on the other gives back its free part, which would otherwise count against it
+    (within one process, admission is as exact as without leasing)."""
+    ledger = await SqliteLedger.open(tmp_path / "ledger.db")
+    try:
+        rule_a = BudgetRule.model_validate({"name": "team", "period": "daily", "limit_usd": "1"})
+        rule_b = BudgetRule.model_validate({"name": "key", "period": "daily", "limit_usd": "1"})
+        a, b = bucket_for(rule_a, None, None, None, NOW), bucket_for(rule_b, None, None, None, NOW)
+        assert a is not None and b is not None
+        await ledger.settle("earlier", [Charge(b, D("0.2"))], None, NOW)  # key budget: $0.2 spent
+        book = QuotaBook(LeasingSettings(enabled=True), 60.0)
+        # Traffic under the team budget alone leaves it a lease of $0.6, now free.
+        d = await book.draw(ledger, [a], D("0.6"), 0, NOW)
+        assert d is not None
+        QuotaBook.released(d)
+        # A small request under the key budget sizes its lease once (others now known).
+        d = await book.draw(ledger, [b], D("0.1"), 0, NOW)
+        assert d is not None
+        QuotaBook.released(d)
+        # A $0.6 request under both: the key budget is at its edge for it (a quarter of $0.8
+        # < $0.6), so it reserves on its own -- and fits both budgets: team $0 + 0.6 <= 1,
+        # key $0.2 + 0.6 <= 1, nothing else in flight anywhere.
+        assert await book.draw(ledger, [a, b], D("0.6"), 0, NOW) is None
+        alone = await ledger.reserve("r", [Charge(a, D("0.6")), Charge(b, D("0.6"))], 60.0, NOW)
+        assert alone.ok, f"refused by {alone.refused.name if alone.refused else None}: its own process's idle lease"
+    finally:
+        await ledger.close()
+
+
+async def test_a_lapsed_lease_is_not_drawn_from(tmp_path: Path) -> None:
+    """Renewals that fail for two thirds of a lease (this process cut off from Redis while
+    another instance's chore sweeps): nothing more is admitted from the lease until a
+    checked sizing confirms it."""
+    ledger = await SqliteLedger.open(tmp_path / "ledger.db")
+    try:
+        book, b = await _book_with_free_lease(ledger, D("1"))
+        later = NOW + timedelta(seconds=120)  # two leases later, no renewal got through
+        assert await ledger.expire(later) == 1  # another process's chore sweeps it
+        book.leases[b.id].valid_until -= 40  # what two thirds of the 60 s lease did here
+        taken = book.take([b], D("1"), 0)
+        other = await ledger.reserve("other", [Charge(b, LIMIT)], 60.0, later)
+        assert not (taken is not None and other.ok), "$1 leased + $5 reserved against a $5 limit"
+    finally:
+        await ledger.close()
+
+
+async def test_a_grow_whose_reply_is_lost_is_given_back(tmp_path: Path) -> None:
+    """A grow the ledger applied but whose reply was lost: the book does not know whether
+    the ledger holds it, so the chores give it back (and renew it meanwhile) rather than
+    leave the headroom reserved until the lease runs out."""
+    ledger = await SqliteLedger.open(tmp_path / "ledger.db")
+    try:
+        b = make_bucket()
+        book = QuotaBook(LeasingSettings(enabled=True, idle_seconds=0.01), 60.0)
+        real = ledger.lease
+
+        async def reply_lost(*args: Any, **kw: Any) -> Any:
+            await real(*args, **kw)
+            raise LedgerError("redis ledger: Timeout reading from socket")
+
+        ledger.lease = reply_lost  # type: ignore[method-assign]
+        try:
+            await book.draw(ledger, [b], D("2"), 0, NOW)  # admission falls back to a reserve
+        except LedgerError:
+            pass
+        ledger.lease = real  # type: ignore[method-assign]
+        for lease in book.leases.values():
+            lease.used_at -= 10
+        await book.give_back(ledger, NOW)  # the chore, idle_seconds later
+        assert book.lease_ids() == []  # not renewed either
+        st = (await ledger.state([b], NOW))[b.id]
+        assert st.reserved == 0, f"{st.reserved} left reserved for a lease the book does not know it holds"
+    finally:
+        await ledger.close()
+
+
+async def test_a_give_back_never_grows_a_lease(tmp_path: Path) -> None:
+    """A give-back is unchecked only while it shrinks the lease: one that would grow it
+    (the lease lapsed, or holds less than is in flight) is checked like any sizing."""
+    ledger = await SqliteLedger.open(tmp_path / "ledger.db")
+    try:
+        b = make_bucket()
+        assert (await ledger.reserve("x", [Charge(b, LIMIT)], 60.0, NOW)).ok  # the budget is full
+        r = await ledger.lease("L", [Charge(b, D("1"))], 60.0, NOW, give_back=True)
+        st = (await ledger.state([b], NOW))[b.id]
+        assert not r.ok or st.spent + st.reserved <= LIMIT, (r.ok, st)
     finally:
         await ledger.close()

@@ -191,10 +191,11 @@ class Ledger(Protocol):
         proxy.spend.quota) to `charges`, all or nothing: each block bucket is checked as
         `reserve` checks it, but without the lease's own current size, and only if all fit
         does the lease become `charges` (a zero charge drops it from that bucket).
-        `give_back`: the lease shrinks to what its requests in flight hold, and is never
-        refused. (Any other shrink is checked like a grow: the spend of the lease's own
-        settled requests is counted inside it too until it is sized, so a smaller lease
-        can still be more than is left.) The
+        `give_back`: the lease shrinks to what its requests in flight hold, unchecked while
+        that is no more than the lease holds now (a give-back that would grow it, because the
+        lease lapsed, is checked like any sizing). Any other shrink is checked too: the spend
+        of the lease's own settled requests is counted inside it until it is sized, so a
+        smaller lease can still be more than is left. The
         states returned are the buckets' without this lease, fitted or refused. Renewed,
         released and expired like any reservation; a lease carries no `if_interrupted`."""
         ...

@@ -116,7 +116,7 @@ if refused ~= 0 then ok = 0 end
 return {ok, refused, reason, flat}
 """
 
-# ARGV: P, lease id, now, lease_until, request_key_ttl_ms, give_back ('1': never refused),
+# ARGV: P, lease id, now, lease_until, request_key_ttl_ms, give_back ('1': unchecked unless it grows),
 # n, then n x 10 as for RESERVE. The lease's own current size is left out of the check;
 # only if every block bucket fits does the lease become the new amounts (zero: dropped
 # from that bucket). Returns {ok, index of the refusing bucket, reason, 6 counters per
@@ -133,14 +133,18 @@ for i = 1, n do
   local s = read(bid)
   local own = redis.call('HGET', rkey(bid), lid)
   local amt, tok = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  -- A give-back is unchecked only while it does not grow the lease.
+  local shrinks = amt == 0 and tok == 0
   if own then
     local sep = string.find(own, ':', 1, true)
-    s[2] = string.format('%d', tonumber(s[2]) - tonumber(string.sub(own, 1, sep - 1)))
-    s[4] = string.format('%d', tonumber(s[4]) - tonumber(string.sub(own, sep + 1)))
+    local own_amt, own_tok = tonumber(string.sub(own, 1, sep - 1)), tonumber(string.sub(own, sep + 1))
+    s[2] = string.format('%d', tonumber(s[2]) - own_amt)
+    s[4] = string.format('%d', tonumber(s[4]) - own_tok)
     s[6] = string.format('%d', tonumber(s[6]) - 1)
+    shrinks = shrinks or (amt <= own_amt and tok <= own_tok)
   end
   states[i] = s
-  if refused == 0 and ARGV[b + 4] == '1' and give_back ~= '1' then
+  if refused == 0 and ARGV[b + 4] == '1' and not (give_back == '1' and shrinks) then
     if ARGV[b + 5] ~= '' and tonumber(s[1]) + tonumber(s[2]) + amt > tonumber(ARGV[b + 5]) then
       refused, reason = i, 'usd'
     elseif ARGV[b + 6] ~= '' and tonumber(s[3]) + tonumber(s[4]) + tok > tonumber(ARGV[b + 6]) then

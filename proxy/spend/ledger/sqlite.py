@@ -253,7 +253,9 @@ class SqliteLedger:
                 if own is not None:
                     st = _minus(st, from_nanos(own[0]), own[1])
                 states[c.bucket.id] = st
-                if refused is None and c.bucket.blocking and not give_back:
+                # A give-back is unchecked only while it does not grow the lease.
+                shrinks = (nanos == 0 and c.tokens == 0) or (own is not None and nanos <= own[0] and c.tokens <= own[1])
+                if refused is None and c.bucket.blocking and not (give_back and shrinks):
                     reason = exceeds(c.bucket, st, from_nanos(nanos), c.tokens)
                     if reason is not None:
                         refused = (c.bucket, st, reason)
