@@ -56,6 +56,26 @@ local function drop_request(rid)
   redis.call('ZREM', P .. ':leases', rid)
   return #bids
 end
+
+-- Which limit of the bucket whose arguments start at ARGV[b + 1] (RESERVE's and LEASE's
+-- layout) `amt`/`tok` and one request would break on top of the 6 counters `s`, or nil.
+local function over(s, b, amt, tok)
+  if ARGV[b + 5] ~= '' and tonumber(s[1]) + tonumber(s[2]) + amt > tonumber(ARGV[b + 5]) then return 'usd' end
+  if ARGV[b + 6] ~= '' and tonumber(s[3]) + tonumber(s[4]) + tok > tonumber(ARGV[b + 6]) then return 'tokens' end
+  if ARGV[b + 7] ~= '' and tonumber(s[5]) + tonumber(s[6]) + 1 > tonumber(ARGV[b + 7]) then return 'requests' end
+  return nil
+end
+
+-- Record `rid` (a request or a lease) holding amt/tok on bucket `bid` until `lease`.
+local function hold(bid, rid, amt, tok, lease)
+  local B = bkey(bid)
+  redis.call('HINCRBY', B, 'reserved', amt)
+  redis.call('HINCRBY', B, 'rtokens', tok)
+  redis.call('HINCRBY', B, 'rcount', 1)
+  redis.call('HSET', rkey(bid), rid, amt .. ':' .. tok)
+  redis.call('ZADD', lkey(bid), lease, rid)
+  redis.call('HSET', P .. ':q:' .. rid, bid, '1')
+end
 """
 
 # ARGV: P, rid, now, lease_until, request_key_ttl_ms, if_interrupted ('' or
@@ -78,28 +98,16 @@ for i = 1, n do
   local s = read(bid)
   states[i] = s
   if refused == 0 and ARGV[b + 4] == '1' then
-    local amt, tok = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
-    if ARGV[b + 5] ~= '' and tonumber(s[1]) + tonumber(s[2]) + amt > tonumber(ARGV[b + 5]) then
-      refused, reason = i, 'usd'
-    elseif ARGV[b + 6] ~= '' and tonumber(s[3]) + tonumber(s[4]) + tok > tonumber(ARGV[b + 6]) then
-      refused, reason = i, 'tokens'
-    elseif ARGV[b + 7] ~= '' and tonumber(s[5]) + tonumber(s[6]) + 1 > tonumber(ARGV[b + 7]) then
-      refused, reason = i, 'requests'
-    end
+    local why = over(s, b, tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]))
+    if why then refused, reason = i, why end
   end
 end
 if refused == 0 then
   local Q = P .. ':q:' .. rid
   for i = 1, n do
     local b = 7 + (i - 1) * W
-    local bid, amt, tok = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
-    local B = bkey(bid)
-    redis.call('HINCRBY', B, 'reserved', amt)
-    redis.call('HINCRBY', B, 'rtokens', tok)
-    redis.call('HINCRBY', B, 'rcount', 1)
-    redis.call('HSET', rkey(bid), rid, amt .. ':' .. tok)
-    redis.call('ZADD', lkey(bid), lease, rid)
-    redis.call('HSET', Q, bid, '1')
+    local bid = ARGV[b + 1]
+    hold(bid, rid, ARGV[b + 2], ARGV[b + 3], lease)
     keep_until(bid, ARGV[b + 8], ARGV[b + 9], ARGV[b + 10])
     states[i] = read(bid)
   end
@@ -145,13 +153,8 @@ for i = 1, n do
   end
   states[i] = s
   if refused == 0 and ARGV[b + 4] == '1' and not (give_back == '1' and shrinks) then
-    if ARGV[b + 5] ~= '' and tonumber(s[1]) + tonumber(s[2]) + amt > tonumber(ARGV[b + 5]) then
-      refused, reason = i, 'usd'
-    elseif ARGV[b + 6] ~= '' and tonumber(s[3]) + tonumber(s[4]) + tok > tonumber(ARGV[b + 6]) then
-      refused, reason = i, 'tokens'
-    elseif ARGV[b + 7] ~= '' and tonumber(s[5]) + tonumber(s[6]) + 1 > tonumber(ARGV[b + 7]) then
-      refused, reason = i, 'requests'
-    end
+    local why = over(s, b, amt, tok)
+    if why then refused, reason = i, why end
   end
 end
 if refused == 0 then
@@ -162,13 +165,7 @@ if refused == 0 then
     local b = 7 + (i - 1) * W
     local bid, amt, tok = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
     if amt ~= '0' or tok ~= '0' then
-      local B = bkey(bid)
-      redis.call('HINCRBY', B, 'reserved', amt)
-      redis.call('HINCRBY', B, 'rtokens', tok)
-      redis.call('HINCRBY', B, 'rcount', 1)
-      redis.call('HSET', rkey(bid), lid, amt .. ':' .. tok)
-      redis.call('ZADD', lkey(bid), lease, lid)
-      redis.call('HSET', Q, bid, '1')
+      hold(bid, lid, amt, tok, lease)
       held = held + 1
     end
     keep_until(bid, ARGV[b + 8], ARGV[b + 9], ARGV[b + 10])
