@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from proxy.spend.budgets import LedgerSettings
 from proxy.spend.ledger import open_ledger
@@ -89,53 +90,73 @@ async def final_state(settings: LedgerSettings, timeout: float = 10.0, admitted:
         await ledger.close()
 
 
-def check(statuses: list[int], row: dict[str, Any]) -> None:
-    assert statuses.count(200) == ADMITS
-    assert statuses.count(429) == REQUESTS - ADMITS
-    assert row["spent"] == Decimal("1") <= row["limit_usd"]
-    assert row["requests"] == ADMITS and row["reserved_requests"] == 0
+# With quota leasing each process admits from slices of the headroom it leased, sized down
+# to per-request reservations at the edge. Nothing is ever admitted beyond the limit; near
+# it, one process may refuse while the other still holds an unused slice (given back once
+# idle), so across processes "exactly 40" becomes "at most 40, and nearly all of them".
+LEASED_AT_LEAST = 36
+LEASING = ", leasing: {enabled: true, idle_seconds: 0.5}"
 
 
-async def test_race_sqlite_two_worker_processes(tmp_path: Path) -> None:
+def check(statuses: list[int], row: dict[str, Any], leasing: bool) -> None:
+    admitted = statuses.count(200)
+    if leasing:
+        assert LEASED_AT_LEAST <= admitted <= ADMITS, admitted
+    else:
+        assert admitted == ADMITS
+    assert statuses.count(429) == REQUESTS - admitted
+    assert row["spent"] == admitted * Decimal("0.025") <= row["limit_usd"]
+    assert row["requests"] == admitted and row["reserved_requests"] == 0
+
+
+@pytest.mark.parametrize("leasing", [False, True], ids=["reservations", "leasing"])
+async def test_race_sqlite_two_worker_processes(tmp_path: Path, leasing: bool) -> None:
     db = tmp_path / "ledger.db"
     config = tmp_path / "tollgate.yaml"
     proxy: Tollgate | None = None
     with UpstreamThread() as upstream:
-        config.write_text(race_config(upstream.api_base, f"ledger: {{backend: sqlite, path: {db}}}"))
+        ledger = f"ledger: {{backend: sqlite, path: {db}{LEASING if leasing else ''}}}"
+        config.write_text(race_config(upstream.api_base, ledger))
         try:
             proxy = await start_tollgate(config, tmp_path / "serve.log", workers=2)
             started = time.monotonic()
-            statuses = await race(upstream, [proxy.base_url])
+            statuses = await race(upstream, [proxy.base_url], exact=not leasing)
             elapsed = time.monotonic() - started
+            # Idle leases are given back while the proxy runs, not only when it stops.
+            row = await final_state(LedgerSettings(backend="sqlite", path=str(db)), admitted=statuses.count(200))
         finally:
             if proxy is not None:
                 proxy.stop()
-    row = await final_state(LedgerSettings(backend="sqlite", path=str(db)))
-    check(statuses, row)
-    print(f"sqlite, 2 workers: {REQUESTS} requests, {statuses.count(200)} admitted, "
+    check(statuses, row, leasing)
+    print(f"sqlite, 2 workers{', leasing' if leasing else ''}: {REQUESTS} requests, {statuses.count(200)} admitted, "
           f"{statuses.count(429)} refused, spent ${row['spent']} in {elapsed:.2f} s")
 
 
-async def test_race_redis_two_instances(tmp_path: Path) -> None:
+@pytest.mark.parametrize("leasing", [False, True], ids=["reservations", "leasing"])
+async def test_race_redis_two_instances(tmp_path: Path, leasing: bool) -> None:
     proxies: list[Tollgate] = []
     async with RedisServer() as redis:
         with UpstreamThread() as upstream:
             try:
                 for i in range(2):
                     config = tmp_path / f"tollgate-{i}.yaml"
-                    ledger = f"ledger: {{backend: redis, redis_url: '{redis.url}', path: {tmp_path / f'spend-{i}.db'}}}"
+                    ledger = (
+                        f"ledger: {{backend: redis, redis_url: '{redis.url}', path: {tmp_path / f'spend-{i}.db'}"
+                        f"{LEASING if leasing else ''}}}"
+                    )
                     config.write_text(race_config(upstream.api_base, ledger))
                     proxies.append(await start_tollgate(config, tmp_path / f"serve-{i}.log"))
                 started = time.monotonic()
-                statuses = await race(upstream, [p.base_url for p in proxies])
+                statuses = await race(upstream, [p.base_url for p in proxies], exact=not leasing)
                 elapsed = time.monotonic() - started
+                row = await final_state(
+                    LedgerSettings(backend="redis", redis_url=redis.url, path=str(tmp_path / "report.db")),
+                    admitted=statuses.count(200),
+                )
             finally:
                 for p in proxies:
                     p.stop()
-        row = await final_state(
-            LedgerSettings(backend="redis", redis_url=redis.url, path=str(tmp_path / "report.db"))
-        )
-    check(statuses, row)
+    check(statuses, row, leasing)
     # Each instance logged its own share of the 40 settled requests.
     shares = []
     for i in range(2):
@@ -147,65 +168,6 @@ async def test_race_redis_two_instances(tmp_path: Path) -> None:
             await log.close()
     # Which instance wins each reservation is up to timing (one may win all 40); the
     # ledger's totals above are what must hold.
-    assert sum(shares) == ADMITS, shares
-    print(f"redis, 2 instances: {REQUESTS} requests, {statuses.count(200)} admitted "
+    assert sum(shares) == statuses.count(200), shares
+    print(f"redis, 2 instances{', leasing' if leasing else ''}: {REQUESTS} requests, {statuses.count(200)} admitted "
           f"({shares[0]} + {shares[1]}), {statuses.count(429)} refused, spent ${row['spent']} in {elapsed:.2f} s")
-
-
-# With quota leasing each process admits from slices of the headroom it leased, sized down
-# to per-request reservations at the edge. Nothing is ever admitted beyond the limit; near
-# it, one process may refuse while the other still holds an unused slice (given back once
-# idle), so across processes "exactly 40" becomes "at most 40, and nearly all of them".
-LEASED_AT_LEAST = 36
-
-
-def check_leased(statuses: list[int], row: dict[str, Any]) -> None:
-    admitted = statuses.count(200)
-    assert LEASED_AT_LEAST <= admitted <= ADMITS, admitted
-    assert statuses.count(429) == REQUESTS - admitted
-    assert row["spent"] == admitted * Decimal("0.025") <= row["limit_usd"]
-    assert row["requests"] == admitted and row["reserved_requests"] == 0
-
-
-async def test_race_with_leasing_sqlite_two_worker_processes(tmp_path: Path) -> None:
-    db = tmp_path / "ledger.db"
-    config = tmp_path / "tollgate.yaml"
-    proxy: Tollgate | None = None
-    with UpstreamThread() as upstream:
-        ledger = f"ledger: {{backend: sqlite, path: {db}, leasing: {{enabled: true, idle_seconds: 0.5}}}}"
-        config.write_text(race_config(upstream.api_base, ledger))
-        try:
-            proxy = await start_tollgate(config, tmp_path / "serve.log", workers=2)
-            statuses = await race(upstream, [proxy.base_url], exact=False)
-            # Idle leases are given back while the proxy runs, not only when it stops.
-            row = await final_state(LedgerSettings(backend="sqlite", path=str(db)), admitted=statuses.count(200))
-        finally:
-            if proxy is not None:
-                proxy.stop()
-    check_leased(statuses, row)
-    print(f"sqlite, 2 workers, leasing: {statuses.count(200)} admitted, spent ${row['spent']}")
-
-
-async def test_race_with_leasing_redis_two_instances(tmp_path: Path) -> None:
-    proxies: list[Tollgate] = []
-    async with RedisServer() as redis:
-        with UpstreamThread() as upstream:
-            try:
-                for i in range(2):
-                    config = tmp_path / f"tollgate-{i}.yaml"
-                    ledger = (
-                        f"ledger: {{backend: redis, redis_url: '{redis.url}', path: {tmp_path / f'spend-{i}.db'}, "
-                        "leasing: {enabled: true, idle_seconds: 0.5}}"
-                    )
-                    config.write_text(race_config(upstream.api_base, ledger))
-                    proxies.append(await start_tollgate(config, tmp_path / f"serve-{i}.log"))
-                statuses = await race(upstream, [p.base_url for p in proxies], exact=False)
-                row = await final_state(
-                    LedgerSettings(backend="redis", redis_url=redis.url, path=str(tmp_path / "report.db")),
-                    admitted=statuses.count(200),
-                )
-            finally:
-                for p in proxies:
-                    p.stop()
-    check_leased(statuses, row)
-    print(f"redis, 2 instances, leasing: {statuses.count(200)} admitted, spent ${row['spent']}")
