@@ -291,7 +291,7 @@ async def test_contract_a_lease_is_sized_without_its_own_old_size(make_ledger: M
     assert not (await other.reserve("b", [Charge(b, D("0.000000001"))], LEASE, NOW)).ok
 
 
-async def test_contract_a_lease_given_back_is_never_refused(make_ledger: MakeLedger) -> None:
+async def test_contract_a_lease_given_back_is_unchecked_only_while_it_shrinks(make_ledger: MakeLedger) -> None:
     ledger = await make_ledger()
     b = one(rule(limit_usd="1"))
     assert (await ledger.lease("L", [Charge(b, D("0.8"))], LEASE, NOW)).ok
@@ -310,6 +310,11 @@ async def test_contract_a_lease_given_back_is_never_refused(make_ledger: MakeLed
     )
     assert (await ledger.lease("L", [Charge(b, D("0"))], LEASE, NOW, give_back=True)).ok
     assert (await ledger.state([b], NOW))[b.id] == BucketState(spent=D("0.95"), requests=2)
+    # A "give-back" that would grow the lease (it lapsed, or holds less than is in flight)
+    # is checked like any sizing: only 0.05 is left.
+    grown = await ledger.lease("L", [Charge(b, D("0.06"))], LEASE, NOW, give_back=True)
+    assert not grown.ok and grown.reason == "usd"
+    assert (await ledger.lease("L", [Charge(b, D("0.05"))], LEASE, NOW, give_back=True)).ok
 
 
 async def test_contract_a_lease_is_renewed_and_expires_like_a_reservation(make_ledger: MakeLedger) -> None:
