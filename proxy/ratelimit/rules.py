@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from proxy.spend.buckets import scope_match
-from proxy.spend.rules import BudgetScope
+from proxy.spend.rules import BudgetScope, unique_names
 
 # Which limit: requests per minute, tokens per minute, requests in flight.
 LimitKind = Literal["requests", "tokens", "in_flight"]
@@ -66,17 +66,8 @@ class LimitRule(BaseModel):
         return self.max_in_flight
 
 
-def _unique_names(rules: tuple[LimitRule, ...]) -> tuple[LimitRule, ...]:
-    seen: set[str] = set()
-    for rule in rules:
-        if rule.name in seen:
-            raise ValueError(f"limit name {rule.name!r} is used twice")
-        seen.add(rule.name)
-    return rules
-
-
 # The type of the `limits:` section: a list of rules with unique names.
-LimitRules = Annotated[tuple[LimitRule, ...], AfterValidator(_unique_names)]
+LimitRules = Annotated[tuple[LimitRule, ...], AfterValidator(unique_names("limit"))]
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,9 +4,10 @@ windows a rule resolves to at an instant. Pure; the clock is passed in."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, tzinfo
 from decimal import Decimal
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -120,17 +121,30 @@ class BudgetRule(BaseModel):
         return self
 
 
-def _unique_names(rules: tuple[BudgetRule, ...]) -> tuple[BudgetRule, ...]:
-    seen: set[str] = set()
-    for rule in rules:
-        if rule.name in seen:
-            raise ValueError(f"budget name {rule.name!r} is used twice")
-        seen.add(rule.name)
-    return rules
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+N = TypeVar("N", bound=_Named)
+
+
+def unique_names(what: str) -> Callable[[tuple[N, ...]], tuple[N, ...]]:
+    """A section validator: every rule's name is used once ("budget name 'x' is used twice")."""
+
+    def check(rules: tuple[N, ...]) -> tuple[N, ...]:
+        seen: set[str] = set()
+        for rule in rules:
+            if rule.name in seen:
+                raise ValueError(f"{what} name {rule.name!r} is used twice")
+            seen.add(rule.name)
+        return rules
+
+    return check
 
 
 # The type of the `budgets:` section: a list of rules with unique names.
-BudgetRules = Annotated[tuple[BudgetRule, ...], AfterValidator(_unique_names)]
+BudgetRules = Annotated[tuple[BudgetRule, ...], AfterValidator(unique_names("budget"))]
 
 
 class LeasingSettings(BaseModel):
