@@ -200,7 +200,11 @@ class QuotaBook:
                 continue
             async with lease.lock:
                 if not lease.idle:
-                    await self._set(ledger, lease, lease.bucket, (lease.held, lease.held_tokens), now, give_back=True)
+                    await self._to_held(ledger, lease, lease.bucket, now)
+
+    async def _to_held(self, ledger: Ledger, lease: Lease, bucket: Bucket, now: datetime) -> ReserveResult:
+        """Give the lease back down to what its requests in flight hold (lock held)."""
+        return await self._set(ledger, lease, bucket, (lease.held, lease.held_tokens), now, give_back=True)
 
     async def _set(
         self, ledger: Ledger, lease: Lease, bucket: Bucket, size: tuple[Decimal, int], now: datetime, *, give_back: bool
@@ -258,7 +262,7 @@ class QuotaBook:
                 size = self._target(bucket, others, held, held_tokens, amount, tokens)
             if size is None:  # the budget's edge: give back what is not in flight
                 if not (lease.idle and lease.bucket.rule is bucket.rule):
-                    await self._set(ledger, lease, bucket, (held, held_tokens), now, give_back=True)
+                    await self._to_held(ledger, lease, bucket, now)
                 return False
             result = await self._set(ledger, lease, bucket, size, now, give_back=False)
             others = lease.others = result.states.get(bucket.id, BucketState())
@@ -335,10 +339,7 @@ class QuotaBook:
                     del self.leases[bucket_id]
                 continue
             async with lease.lock:
-                result = await self._set(
-                    ledger, lease, lease.bucket, (lease.held, lease.held_tokens), now, give_back=True
-                )
-                sized += result.ok
+                sized += (await self._to_held(ledger, lease, lease.bucket, now)).ok
         return sized
 
     async def close(self, ledger: Ledger, now: datetime) -> None:
@@ -350,7 +351,7 @@ class QuotaBook:
                 continue
             try:
                 if lease.held or lease.held_tokens:
-                    await self._set(ledger, lease, lease.bucket, (lease.held, lease.held_tokens), now, give_back=True)
+                    await self._to_held(ledger, lease, lease.bucket, now)
                 else:
                     await ledger.release(lease.lease_id, now)
             except Exception:  # noqa: BLE001 - its lease runs out all the same

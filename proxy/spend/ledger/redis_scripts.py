@@ -66,6 +66,15 @@ local function over(s, b, amt, tok)
   return nil
 end
 
+-- RESERVE's and LEASE's reply: {ok, index of the refusing bucket, reason, 6 counters per bucket}.
+local function verdict(states, n, refused, reason)
+  local flat = {}
+  for i = 1, n do for j = 1, 6 do flat[#flat + 1] = states[i][j] end end
+  local ok = 1
+  if refused ~= 0 then ok = 0 end
+  return {ok, refused, reason, flat}
+end
+
 -- Record `rid` (a request or a lease) holding amt/tok on bucket `bid` until `lease`.
 local function hold(bid, rid, amt, tok, lease)
   local B = bkey(bid)
@@ -117,11 +126,7 @@ if refused == 0 then
     if interrupted ~= '' then redis.call('SET', P .. ':m:' .. rid, interrupted, 'PX', qttl) end
   end
 end
-local flat = {}
-for i = 1, n do for j = 1, 6 do flat[#flat + 1] = states[i][j] end end
-local ok = 1
-if refused ~= 0 then ok = 0 end
-return {ok, refused, reason, flat}
+return verdict(states, n, refused, reason)
 """
 
 # ARGV: P, lease id, now, lease_until, request_key_ttl_ms, give_back ('1': unchecked unless it grows),
@@ -175,11 +180,7 @@ if refused == 0 then
     redis.call('ZADD', P .. ':leases', lease, lid)
   end
 end
-local flat = {}
-for i = 1, n do for j = 1, 6 do flat[#flat + 1] = states[i][j] end end
-local ok = 1
-if refused ~= 0 then ok = 0 end
-return {ok, refused, reason, flat}
+return verdict(states, n, refused, reason)
 """
 
 # ARGV: P, rid, now, settled_marker_ttl_ms, spend row JSON ('' for none), spend log identity,
