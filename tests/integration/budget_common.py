@@ -34,23 +34,30 @@ def capped_reply(reply_id: str, delay: float = 0.0) -> Reply:
     return r
 
 
-def budget_config(upstream: str, budget: str, limit_usd: int, ledger: str) -> str:
-    """A config with one `period: total` budget; `ledger` is the whole `ledger:` entry."""
+def serve_config(upstream: str, sections: str, wait_s: int = 60) -> str:
+    """A `tollgate serve` config for the races: `gpt-*` to `upstream`, no metrics port, no
+    access log, upstream waits of `wait_s` (the upstream holds every admitted request open),
+    then `sections` (the YAML of the rules under test, and the `ledger:` entry)."""
     return f"""
 server: {{host: 127.0.0.1, port: 0}}
-timeouts: {{connect: 2, first_byte: 60, idle: 60}}
+timeouts: {{connect: 2, first_byte: {wait_s}, idle: {wait_s}}}
 upstreams:
   openai: {{kind: openai, base_url: "{upstream}", api_key: sk-upstream}}
 routes:
   - {{models: ["gpt-*"], upstream: openai}}
 metrics: {{enabled: false}}
 logging: {{access_log: false}}
-pricing:
+{sections}
+"""
+
+
+def budget_config(upstream: str, budget: str, limit_usd: int, ledger: str) -> str:
+    """A config with one `period: total` budget; `ledger` is the whole `ledger:` entry."""
+    return serve_config(upstream, f"""pricing:
   models:
     gpt-test: {{input: 0, output: 1000}}
 budgets:
   - name: {budget}
     period: total
     limit_usd: {limit_usd}
-{ledger}
-"""
+{ledger}""")

@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 
 from proxy.estimate import estimate_prompt_tokens
 from proxy.spend.admission import INPUT_MARGIN, INPUT_MARGIN_TOKENS
-from tests.integration.budget_common import CAP, capped_reply
+from tests.integration.budget_common import CAP, capped_reply, serve_config
 from tests.support.redis_server import RedisServer
 from tests.support.tollgate_process import Tollgate, UpstreamThread, start_tollgate
 
@@ -46,16 +46,7 @@ def tpm_cost() -> int:
 
 
 def config(upstream: str, ledger: str) -> str:
-    return f"""
-server: {{host: 127.0.0.1, port: 0}}
-timeouts: {{connect: 2, first_byte: 90, idle: 90}}
-upstreams:
-  openai: {{kind: openai, base_url: "{upstream}", api_key: sk-upstream}}
-routes:
-  - {{models: ["gpt-*"], upstream: openai}}
-metrics: {{enabled: false}}
-logging: {{access_log: false}}
-limits:
+    return serve_config(upstream, f"""limits:
   - name: rpm
     scope: {{model: gpt-rpm}}
     requests_per_minute: {RPM}
@@ -65,8 +56,7 @@ limits:
   - name: flight
     scope: {{model: gpt-flight}}
     max_in_flight: {IN_FLIGHT}
-{ledger}
-"""
+{ledger}""", wait_s=90)
 
 
 async def race(upstream: UpstreamThread, urls: Sequence[str]) -> tuple[dict[str, list[int]], float]:
