@@ -13,7 +13,7 @@ import multiprocessing
 import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -693,6 +693,29 @@ async def test_a_version_1_spend_log_is_migrated_keeping_every_row(tmp_path: Pat
         check.close()
 
 
+def _downgrade(path: Path, version: int, added_since: Sequence[tuple[str, str]]) -> None:
+    """Make a file written now look like one of schema `version`: drop the (table, column)s
+    added since, and set its version."""
+    conn = sqlite3.connect(path)
+    try:
+        for table, column in added_since:
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        conn.execute(f"PRAGMA user_version = {version}")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _migrated_rows(path: Path, query: str) -> list[tuple[Any, ...]]:
+    """`query`'s rows from a file that must now be at schema 6."""
+    check = sqlite3.connect(path)
+    try:
+        assert check.execute("PRAGMA user_version").fetchone()[0] == 6
+        return check.execute(query).fetchall()
+    finally:
+        check.close()
+
+
 async def test_a_version_2_file_gains_the_team_columns_and_keeps_its_rows(tmp_path: Path) -> None:
     """Files written before teams existed open (spend rows and buckets kept), and their new
     rows carry the team and the key's metadata."""
@@ -701,12 +724,7 @@ async def test_a_version_2_file_gains_the_team_columns_and_keeps_its_rows(tmp_pa
     b = one(rule(limit_usd="5"))
     await ledger.settle("old", charges([b], D("1")), row("old"), NOW)
     await ledger.close()
-    conn = sqlite3.connect(path)
-    for table, column in (("spend_log", "team_name"), ("spend_log", "key_metadata"), ("buckets", "team_name")):
-        conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
-    conn.execute("PRAGMA user_version = 2")
-    conn.commit()
-    conn.close()
+    _downgrade(path, 2, (("spend_log", "team_name"), ("spend_log", "key_metadata"), ("buckets", "team_name")))
     ledger = await SqliteLedger.open(path)
     try:
         await ledger.settle("new", charges([b], D("2")), row("new", team="search", key_metadata={"team": "search"}), NOW)
@@ -715,14 +733,9 @@ async def test_a_version_2_file_gains_the_team_columns_and_keeps_its_rows(tmp_pa
         assert [(r["name"], r["spent"], r["team"]) for r in await ledger.budget_report(NOW)] == [("r", D("3"), None)]
     finally:
         await ledger.close()
-    check = sqlite3.connect(path)
-    try:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == 6
-        assert check.execute("SELECT ledger_id, team_name, key_metadata, seq FROM spend_log ORDER BY ledger_id").fetchall() == [
-            ("new", "search", '{"team": "search"}', 2), ("old", None, None, 1),
-        ]
-    finally:
-        check.close()
+    assert _migrated_rows(path, "SELECT ledger_id, team_name, key_metadata, seq FROM spend_log ORDER BY ledger_id") == [
+        ("new", "search", '{"team": "search"}', 2), ("old", None, None, 1),
+    ]
 
 
 async def test_a_version_4_file_gains_the_advise_columns_with_null_in_old_rows(tmp_path: Path) -> None:
@@ -731,25 +744,15 @@ async def test_a_version_4_file_gains_the_advise_columns_with_null_in_old_rows(t
     ledger = await SqliteLedger.open(path)
     await ledger.settle("old", [], row("old"), NOW)
     await ledger.close()
-    conn = sqlite3.connect(path)
-    for column in ("body_sha256", "finish_reason"):
-        conn.execute(f"ALTER TABLE spend_log DROP COLUMN {column}")
-    conn.execute("PRAGMA user_version = 4")
-    conn.commit()
-    conn.close()
+    _downgrade(path, 4, (("spend_log", "body_sha256"), ("spend_log", "finish_reason")))
     ledger = await SqliteLedger.open(path)
     try:
         await ledger.settle("new", [], row("new", body_sha256="ab" * 32, finish_reason="length"), NOW)
     finally:
         await ledger.close()
-    check = sqlite3.connect(path)
-    try:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == 6
-        assert check.execute("SELECT ledger_id, body_sha256, finish_reason, seq FROM spend_log ORDER BY seq").fetchall() == [
-            ("old", None, None, 1), ("new", "ab" * 32, "length", 2),
-        ]
-    finally:
-        check.close()
+    assert _migrated_rows(path, "SELECT ledger_id, body_sha256, finish_reason, seq FROM spend_log ORDER BY seq") == [
+        ("old", None, None, 1), ("new", "ab" * 32, "length", 2),
+    ]
 
 
 async def test_a_version_5_file_gains_the_cache_columns_with_saved_0_in_old_rows(tmp_path: Path) -> None:
@@ -759,12 +762,7 @@ async def test_a_version_5_file_gains_the_cache_columns_with_saved_0_in_old_rows
     ledger = await SqliteLedger.open(path)
     await ledger.settle("old", [], row("old", cost="0.5"), NOW)
     await ledger.close()
-    conn = sqlite3.connect(path)
-    for column in ("saved_nanos", "cache"):
-        conn.execute(f"ALTER TABLE spend_log DROP COLUMN {column}")
-    conn.execute("PRAGMA user_version = 5")
-    conn.commit()
-    conn.close()
+    _downgrade(path, 5, (("spend_log", "saved_nanos"), ("spend_log", "cache")))
     ledger = await SqliteLedger.open(path)
     try:
         hit = dataclasses.replace(row("hit", cost="0"), saved=D("0.25"), cache="hit")
@@ -773,14 +771,9 @@ async def test_a_version_5_file_gains_the_cache_columns_with_saved_0_in_old_rows
         assert [(r["requests"], r["cost"], r["saved"]) for r in report] == [(2, D("0.5"), D("0.25"))]
     finally:
         await ledger.close()
-    check = sqlite3.connect(path)
-    try:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == 6
-        assert check.execute("SELECT ledger_id, cost_nanos, saved_nanos, cache FROM spend_log ORDER BY seq").fetchall() == [
-            ("old", 500_000_000, 0, None), ("hit", 0, 250_000_000, "hit"),
-        ]
-    finally:
-        check.close()
+    assert _migrated_rows(path, "SELECT ledger_id, cost_nanos, saved_nanos, cache FROM spend_log ORDER BY seq") == [
+        ("old", 500_000_000, 0, None), ("hit", 0, 250_000_000, "hit"),
+    ]
 
 
 def test_spend_row_json_without_the_advise_fields_still_loads() -> None:
