@@ -79,15 +79,21 @@ def priced() -> UsageCoster:
     return UsageCoster("chat.completions", lambda: PRICE)
 
 
-def assert_only_usage_gained_cost(sent: bytes, got: bytes, cost: dict[str, Any] | None) -> None:
-    """Event for event the same, but for one usage event whose JSON gained exactly the cost."""
+def the_one_changed_event(sent: bytes, got: bytes) -> tuple[Any, Any]:
+    """Event for event the same but for exactly one, whose type, id and retry are kept: its
+    data as JSON, before and after."""
     before, after = events(sent), events(got)
     assert len(before) == len(after)
     changed = [(a, b) for a, b in zip(before, after, strict=True) if a.raw != b.raw]
     assert len(changed) == 1
     a, b = changed[0]
     assert (a.event, a.id, a.retry) == (b.event, b.id, b.retry)
-    old, new = orjson.loads(a.data or b""), orjson.loads(b.data or b"")
+    return orjson.loads(a.data or b""), orjson.loads(b.data or b"")
+
+
+def assert_only_usage_gained_cost(sent: bytes, got: bytes, cost: dict[str, Any] | None) -> None:
+    """Event for event the same, but for one usage event whose JSON gained exactly the cost."""
+    old, new = the_one_changed_event(sent, got)
     extra = {"cost_source": "none"} if cost is None else {"cost": cost, "cost_source": "price_table"}
     assert new == {**old, "usage": {**old["usage"], **extra}}
 
@@ -236,13 +242,7 @@ def test_any_stream_changes_at_most_its_first_usage_event_and_only_by_the_cost(
     if not coster.done:
         assert got == stream
         return
-    before, after = events(stream), events(got)
-    assert len(before) == len(after)
-    changed = [(a, b) for a, b in zip(before, after, strict=True) if a.raw != b.raw]
-    assert len(changed) == 1
-    a, b = changed[0]
-    assert (a.event, a.id, a.retry) == (b.event, b.id, b.retry)
-    old, new = orjson.loads(a.data or b""), orjson.loads(b.data or b"")
+    old, new = the_one_changed_event(stream, got)
     assert new["usage"]["cost_source"] == ("none" if unpriced else "price_table")
     usage = {k: v for k, v in new["usage"].items() if k not in ("cost", "cost_source")}
     assert {**new, "usage": usage} == {**old, "usage": {k: v for k, v in old["usage"].items() if k != "cost"}}
