@@ -233,6 +233,10 @@ def open_upstream(
         ),
         auto_decompress=True,
         skip_auto_headers=("User-Agent", "Content-Type"),
+        # The session is shared by every client: a cookie the upstream sets for one (OpenAI's
+        # Cloudflare cookies) must not ride on the others' requests. A client's own Cookie
+        # header goes up as it sent it, and Set-Cookie comes back to it unchanged.
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
     return Upstream(
         name=name,

@@ -10,7 +10,7 @@ import openai
 
 from tests.integration.conftest import StartProxy, proxy_yaml
 from tests.support.cassettes import openai_capture
-from tests.support.fake_upstream import FakeUpstream
+from tests.support.fake_upstream import FakeUpstream, Reply
 from tests.support.recorder import Recorder
 
 
@@ -31,3 +31,28 @@ async def test_sdk_sees_the_upstream_request_id(start_proxy: StartProxy, fake_op
     for name, value in cap.headers:
         if name.lower() not in skipped:
             assert raw.headers.get(name) == value, name
+
+
+async def test_upstream_cookies_stay_with_the_client_they_were_set_for(
+    start_proxy: StartProxy, fake_openai: FakeUpstream
+) -> None:
+    """One pooled session serves every client: a cookie the upstream sets (OpenAI sends
+    Cloudflare's `__cf_bm`) goes back to the client that got it, never up with another
+    client's request. Reached by host name: aiohttp keeps no cookies of an IP address."""
+    cap = openai_capture("chat-basic")
+    reply = Reply.from_capture(cap)
+    fake_openai.route(
+        "POST", "/v1/chat/completions",
+        Reply(reply.status, [*reply.headers, ("Set-Cookie", "__cf_bm=one-client; path=/; HttpOnly")], reply.chunks),
+    )
+    api_base = fake_openai.api_base.replace("127.0.0.1", "localhost")
+    proxy = await start_proxy(proxy_yaml(api_base))
+    first = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-client", max_retries=0, timeout=10)
+    raw = await first.chat.completions.with_raw_response.create(**cap.request_json)
+    assert raw.headers.get("set-cookie") == "__cf_bm=one-client; path=/; HttpOnly"
+    other = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-other", max_retries=0, timeout=10)
+    await other.chat.completions.create(**cap.request_json)
+    assert "Cookie" not in (await fake_openai.wait_request(2)).headers
+    # A client's own Cookie header goes up as sent, with nothing added to it.
+    await other.chat.completions.create(**cap.request_json, extra_headers={"Cookie": "mine=1"})
+    assert (await fake_openai.wait_request(3)).headers.getall("Cookie") == ["mine=1"]
