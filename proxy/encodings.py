@@ -40,6 +40,7 @@ __all__ = [
     "FALLBACK_ENCODING",
     "encoding_for",
     "encoding_name_for",
+    "encoding_loaded",
     "encoding_ready",
     "load_in_background",
     "verify",
@@ -377,6 +378,15 @@ def encoding_for(model: str) -> tiktoken.Encoding:
     if enc is None:
         raise EncodingDataError(f"no offline rank file for {FALLBACK_ENCODING}")
     return enc
+
+
+def encoding_loaded(model: str) -> bool:
+    """Whether `encoding_for(model)` would build nothing: the model's own table is there, or
+    it is known to be unloadable and the fallback is there."""
+    name = encoding_name_for(model)
+    if name not in _ENCODINGS:
+        return False
+    return _ENCODINGS[name] is not None or _ENCODINGS.get(FALLBACK_ENCODING) is not None
 
 
 async def encoding_ready(model: str) -> None:

@@ -36,7 +36,7 @@ from proxy.errors import (
     PermissionDenied,
 )
 from proxy.exchange import Endpoint, Exchange
-from proxy.finish import complete, finish, started
+from proxy.finish import complete, finish_soon, started
 from proxy.forward import relay, send, upstream_headers
 from proxy.keys import parse_bearer
 from proxy.paths import CANONICAL, MODEL_PATHS, metered_endpoint
@@ -131,7 +131,7 @@ async def _run(
         ex.error_type = "internal_error"
         return _refused(ex, HttpError("The proxy failed to handle the request.", code="internal_error"))
     finally:
-        finish(ex, policy, admission, rt)
+        finish_soon(ex, policy, admission, rt)
 
 
 async def _forward(

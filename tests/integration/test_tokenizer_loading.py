@@ -6,15 +6,22 @@ estimated with the wrong one, and other requests keep being served meanwhile."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from pathlib import Path
 
+import aiohttp
 import openai
+import orjson
 import pytest
 
 from proxy import encodings as tokens
 from tests.integration.conftest import StartProxy, proxy_yaml
+from tests.integration.faults_common import drained, spend_rows
+from tests.integration.test_failures import CHAT, SSE, chunk
 from tests.support.cassettes import openai_capture
-from tests.support.fake_upstream import FakeUpstream
+from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.recorder import Recorder
 
 
 async def test_no_table_is_built_before_serving_and_each_on_first_need(
@@ -106,3 +113,43 @@ async def test_encoding_ready_returns_at_once_when_loaded() -> None:
     started = time.perf_counter()
     await tokens.encoding_ready("gpt-4o")
     assert time.perf_counter() - started < 0.01
+
+
+async def test_a_leased_request_the_client_left_is_estimated_with_a_table_built_off_the_loop(
+    start_proxy: StartProxy, fake_openai: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leased admission builds no table, so the first request that must be estimated may
+    be one whose client left mid-stream, ended on the handler's way out: its table is built
+    on a worker thread and the request accounted once it is there."""
+    tokens.warm()
+    monkeypatch.setattr(tokens, "_ENCODINGS", {})
+    monkeypatch.setattr(tokens, "_BUILDING", set())
+    built_on: list[bool] = []
+    real_build = tokens._build
+
+    def spy(name: str) -> object:
+        built_on.append(threading.current_thread() is threading.main_thread())
+        return real_build(name)
+
+    monkeypatch.setattr(tokens, "_build", spy)
+    rec = Recorder()
+    chunks = [chunk(i, f"word{i} ") for i in range(40)]
+    fake_openai.route("POST", "/v1/chat/completions", Reply(headers=SSE, chunks=chunks, delays=[0] + [0.05] * 39))
+    extra = (
+        f"ledger: {{path: '{tmp_path / 'ledger.db'}', leasing: {{enabled: true}}}}\n"
+        "budgets:\n  - name: daily\n    period: daily\n    limit_usd: 100\n"
+    )
+    proxy = await start_proxy(proxy_yaml(fake_openai.api_base, extra=extra), observers=[rec])
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(proxy.base_url + "/chat/completions", data=orjson.dumps({**CHAT, "stream": True}))
+        got = b""
+        while got.count(b"\n\n") < 5:
+            got += await resp.content.readany()
+        resp.close()
+    ex = await rec.wait()
+    await drained(proxy.runtime)
+    assert ex.outcome == "client_gone" and ex.budget_verdict == "ok"
+    assert ex.usage is not None and ex.usage.output_source == "estimated" and ex.usage.output_tokens >= 10
+    assert built_on and not any(built_on), "a tokenizer table was built on the event loop"
+    row = next(r for r in spend_rows(tmp_path / "ledger.db") if r["request_id"] == ex.request_id)
+    assert row["output_tokens"] == ex.usage.output_tokens and row["outcome"] == "client_gone"
