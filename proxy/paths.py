@@ -36,7 +36,11 @@ def escapes_api_base(raw_path: str) -> bool:
     resolves dot segments: `/v1/../props` would reach `<root>/props` on the upstream host,
     with the upstream's credentials attached.
     """
-    path = _decoded(raw_path.split("?", 1)[0].split("#", 1)[0])
+    path = raw_path.split("?", 1)[0].split("#", 1)[0]
+    if "%" not in path and "/." not in path and not path.startswith(".") and "\\" not in path and "\x00" not in path:
+        # The usual path: nothing encoded, and no segment begins with a dot.
+        return False
+    path = _decoded(path)
     if "\\" in path or "\x00" in path:
         return True
     return any(segment in (".", "..") for segment in path.split("/"))

@@ -96,11 +96,19 @@ def cost(usage: Usage, price: Price) -> Decimal:
     adding any.
     """
     billed_input, billed_cached, billed_output = _billed(usage, price)
-    calls = (
-        max(usage.web_search_calls, 0) * price.call_fee("web_search")
-        + max(usage.file_search_calls, 0) * price.call_fee("file_search")
-    )
-    return (billed_input + billed_cached + billed_output) / _PER + calls / _PER_CALLS
+    return _total(usage, price, billed_input + billed_cached + billed_output)
+
+
+def _total(usage: Usage, price: Price, billed: Decimal) -> Decimal:
+    """USD of `billed` (USD x 1M) plus the built-in tool calls' fees."""
+    total = billed / _PER
+    if price.per_1k_calls and (usage.web_search_calls > 0 or usage.file_search_calls > 0):
+        calls = (
+            max(usage.web_search_calls, 0) * price.call_fee("web_search")
+            + max(usage.file_search_calls, 0) * price.call_fee("file_search")
+        )
+        total += calls / _PER_CALLS
+    return total
 
 
 def _billed(usage: Usage, price: Price) -> tuple[Decimal, Decimal, Decimal]:
@@ -132,7 +140,7 @@ def cost_parts(usage: Usage, price: Price) -> CostParts:
     """`cost` with its parts, the same clamping rules; `total` equals `cost(usage, price)`."""
     billed_input, billed_cached, billed_output = _billed(usage, price)
     return CostParts(
-        total=cost(usage, price),
+        total=_total(usage, price, billed_input + billed_cached + billed_output),
         input=billed_input / _PER,
         cached_input=billed_cached / _PER,
         output=billed_output / _PER,
