@@ -79,13 +79,49 @@ class StreamTap:
 
     def tap(self, chunk: bytes, t_ns: int) -> None:
         """`feed` for a relay that has written the chunk already and needs no events back."""
-        self._take(chunk, t_ns, None)
+        if self._one(chunk, t_ns, None) is None:
+            self._take(chunk, t_ns, None)
 
     def strip(self, chunk: bytes, t_ns: int, rewriter: EventRewriter) -> bytes:
         """`feed`, then the bytes `rewriter.rewrite` makes of the events: what to relay."""
+        one = self._one(chunk, t_ns, rewriter)
+        if one is not None:
+            return one
         out = self._take(chunk, t_ns, rewriter)
         assert out is not None
         return out[0] if len(out) == 1 else b"".join(out)
+
+    def _one(self, chunk: bytes, t_ns: int, rewriter: EventRewriter | None) -> bytes | None:
+        """`_take` for the chunk nearly every read of a stream is: one whole content event
+        that repeats the last prefix. What to relay (the chunk itself when not rewriting), or
+        None when the chunk is any other: `_take` then takes it."""
+        line = self._prefix_line
+        if line is None or not chunk.startswith(line) or not chunk.endswith(b"\n\n"):
+            return None
+        if not self.healthy or not self.parser.at_block_start():
+            return None
+        # The tail admits no CR or LF: a match is the whole of one event's one data line.
+        m = CONTENT_TAIL(chunk, len(line), len(chunk) - 2)
+        if m is None:
+            return None
+        try:
+            content = orjson.loads(m.group(1))
+        except orjson.JSONDecodeError:
+            content = None  # then the whole chunk is not JSON either: relayed, not measured
+        else:
+            try:
+                ex = self.ex
+                ex.response_id = self._prefix_id
+                ex.response_model = self._prefix_model
+                if content:
+                    self.parts.append(content)
+                    self._carried(t_ns, VISIBLE)
+            except Exception:  # noqa: BLE001 - as _measure: never reach the relay
+                self._failed()
+        if rewriter is None or not rewriter.cuts_usage_null:
+            return chunk
+        at = m.start(2)
+        return chunk if at < 0 else chunk[:at] + chunk[m.end(2) :]
 
     def _take(self, chunk: bytes, t_ns: int, rewriter: EventRewriter | None) -> list[bytes] | None:
         """`feed` (and, with `rewriter`, the rewritten bytes to relay), with the usual events
