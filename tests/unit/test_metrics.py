@@ -17,8 +17,10 @@ from proxy.observer import Observers
 from proxy.observers.exposition import bound_port, start_metrics_server
 from proxy.observers.metrics import (
     DURATION_BUCKETS,
+    GAP_BUCKETS,
     TTFT_BUCKETS,
     MetricsObserver,
+    observe_ns_many,
     status_class,
 )
 from proxy.usage import Usage
@@ -382,3 +384,51 @@ def test_multiprocess_mode_aggregates_worker_files(tmp_path: Path) -> None:
              ("stream", "true"), ("upstream", "openai")),
         )
     ] == 1.0
+
+
+def _gap_histograms() -> tuple[Any, Any, CollectorRegistry, CollectorRegistry]:
+    from prometheus_client import Histogram
+
+    regs = CollectorRegistry(), CollectorRegistry()
+    a, b = (Histogram("gap_seconds", "gaps", ("model",), buckets=GAP_BUCKETS, registry=r) for r in regs)
+    return a.labels("m"), b.labels("m"), regs[0], regs[1]
+
+
+def _buckets(registry: CollectorRegistry) -> dict[str, float]:
+    return {
+        f"{s.name}{s.labels.get('le', '')}": s.value
+        for fam in registry.collect()
+        for s in fam.samples
+        if not s.name.endswith("_created")
+    }
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_observing_gaps_at_once_counts_as_observing_each(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    # Every bound exactly (a value equal to a bound falls in that bound's bucket), around
+    # each bound, and the tails: 0 and past the last finite bound.
+    values = [round(b * 1e9) for b in GAP_BUCKETS] + [0, 20 * 10**9]
+    values += [max(0, round(b * 1e9) + rng.choice((-1, 1))) for b in GAP_BUCKETS]
+    values += [rng.randrange(0, 3 * 10**9) for _ in range(200)]
+    one_by_one, at_once, reg_a, reg_b = _gap_histograms()
+    for v in values:
+        one_by_one.observe(v / 1e9)
+    observe_ns_many(at_once, values)
+    a, b = _buckets(reg_a), _buckets(reg_b)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert b[name] == pytest.approx(a[name], rel=1e-12), name
+
+
+def test_observing_gaps_falls_back_to_observe_without_the_histogram_internals() -> None:
+    seen: list[float] = []
+
+    class Plain:
+        def observe(self, amount: float) -> None:
+            seen.append(amount)
+
+    observe_ns_many(Plain(), [1_000_000, 2_500_000])
+    assert seen == [0.001, 0.0025]
