@@ -7,6 +7,7 @@ passthrough  the bare aiohttp passthrough (used by run)
 sink         the OTLP/HTTP receiver that discards (used by run)
 fidelity     the local token estimate vs OpenAI's real count, per recorded capture
 ledger       settlements per second the shared SQLite ledger takes from 1, 2... processes
+instructions CPU instructions per request under valgrind: exact A/B on a noisy machine; writes bench/INSTRUCTIONS.md
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command == "run":
         return cmd_run(rest)
+    if command == "instructions":
+        from bench import instructions
+
+        return instructions.main(rest)
     if command == "profile":
         from bench import profile
 
