@@ -36,6 +36,10 @@ OUT = Path(__file__).with_name("INSTRUCTIONS.md")
 _TOLLGATE_READY = r"tollgate ready on http://127\.0\.0\.1:(\d+)/v1"
 # Valgrind runs a server ~50x slower: start-up alone takes seconds.
 _START_TIMEOUT_S = 300.0
+# `bench run` streams a chunk per ms; under valgrind the server would still be busy with one
+# chunk when the next came, and read several at once, fewer the slower the variant. Chunks 5 ms
+# apart arrive one read each, as they do at full speed.
+STREAM_GAP_MS = 5
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,8 @@ def render(rows: dict[str, dict[str, float]], labels: dict[str, str], sizes: dic
         f"Tollgate at git {git or 'unknown'}, Python {platform.python_version()}. Do not edit by hand: rerun the "
         "command. How it counts, and what it cannot say: bench/instructions.py.",
         "",
-        "Sequential requests (c=1) to the benchmark's fake upstream, the configurations of `bench run`. "
+        "Sequential requests (c=1) to the benchmark's fake upstream, the configurations of `bench run` "
+        f"(stream chunks {STREAM_GAP_MS} ms apart, so that each arrives in a read of its own under valgrind). "
         + "; ".join(f"{w}: {a} and {b} requests" for w, (a, b) in sizes.items()) + ".",
         "",
         "| target | " + " | ".join(f"{w}: k instructions | × passthrough" for w in rows) + " |",
@@ -166,7 +171,8 @@ def main(argv: list[str]) -> int:
         env["PYTHONPATH"] = str(a.tree.resolve())
     upstream = procs.start(
         "upstream",
-        [PY, "-m", "bench", "upstream", "--chunks", "64", "--ttft-ms", "0", "--gap-ms", "1", "--latency-ms", "0"],
+        [PY, "-m", "bench", "upstream", "--chunks", "64", "--ttft-ms", "0", "--gap-ms", str(STREAM_GAP_MS),
+         "--latency-ms", "0"],
         workdir, ready=r"READY (\d+)",
     )
     rows: dict[str, dict[str, float]] = {w: {} for w in workloads}
