@@ -81,12 +81,13 @@ def per_request(ir_small: int, ir_large: int, n_small: int, n_large: int) -> flo
 
 
 def _serve_and_count(
-    name: str, argv: list[str], ready: str, workdir: Path, stream: bool, requests: int, env: dict[str, str]
+    name: str, argv: list[str], ready: str, workdir: Path, stream: bool, requests: int, env: dict[str, str],
+    cwd: Path | None,
 ) -> int:
     out = workdir / f"{name}-{requests}.cachegrind"
     valgrind = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--branch-sim=no", f"--cachegrind-out-file={out}"]
     child = procs.start(f"{name}-{requests}", [*valgrind, *argv], workdir, ready=ready, env=env,
-                        timeout=_START_TIMEOUT_S)
+                        timeout=_START_TIMEOUT_S, cwd=cwd)
     try:
         url = f"http://127.0.0.1:{child.port}/v1/chat/completions"
         res = uvloop.run(loadgen.run_load(url, stream=stream, concurrency=1, max_requests=requests, max_seconds=900))
@@ -101,10 +102,10 @@ def _serve_and_count(
 
 def count(
     name: str, argv_for: Callable[[int], list[str]], ready: str, workdir: Path, stream: bool,
-    n_small: int, n_large: int, env: dict[str, str],
+    n_small: int, n_large: int, env: dict[str, str], cwd: Path | None = None,
 ) -> float:
-    small = _serve_and_count(name, argv_for(n_small), ready, workdir, stream, n_small, env)
-    large = _serve_and_count(name, argv_for(n_large), ready, workdir, stream, n_large, env)
+    small = _serve_and_count(name, argv_for(n_small), ready, workdir, stream, n_small, env, cwd)
+    large = _serve_and_count(name, argv_for(n_large), ready, workdir, stream, n_large, env, cwd)
     return per_request(small, large, n_small, n_large)
 
 
@@ -167,8 +168,8 @@ def main(argv: list[str]) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tollgate-instructions-"))
     env = _clean_env()
     env["PYTHONHASHSEED"] = "0"  # the same dict and set layouts in every run
-    if a.tree is not None:
-        env["PYTHONPATH"] = str(a.tree.resolve())
+    # `-m proxy` imports its working directory's proxy first: another tree's runs in that tree.
+    tree = a.tree.resolve() if a.tree is not None else None
     upstream = procs.start(
         "upstream",
         [PY, "-m", "bench", "upstream", "--chunks", "64", "--ttft-ms", "0", "--gap-ms", str(STREAM_GAP_MS),
@@ -194,7 +195,7 @@ def main(argv: list[str]) -> int:
                     cfg.write_text(tollgate_config(v, upstream.port, workdir / f"{v.name}-{w}-{n}.db"))
                     return [PY, "-m", "proxy", "serve", "--config", str(cfg)]
 
-                rows[w][v.name] = count(v.name, argv_for, _TOLLGATE_READY, workdir, stream, small, large, env)
+                rows[w][v.name] = count(v.name, argv_for, _TOLLGATE_READY, workdir, stream, small, large, env, tree)
                 print(f"{w} {v.name}: {rows[w][v.name] / 1000:.1f}k", file=sys.stderr, flush=True)
     finally:
         upstream.stop()

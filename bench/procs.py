@@ -145,9 +145,12 @@ def start(
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
     stdout_to_log: bool = True,
+    cwd: Path | None = None,
 ) -> Child:
     """Start `argv` and wait until its output matches `ready` (a regex whose group 1 is the
-    port, or no group when the port is already known)."""
+    port, or no group when the port is already known). It runs in `cwd`, by default this
+    repository: `python -m proxy` imports the `proxy` of its working directory before any on
+    PYTHONPATH, so another source tree's Tollgate must run in that tree."""
     log_path = workdir / f"{name}.log"
     log = open(log_path, "wb")  # noqa: SIM115 - owned by the child for its lifetime
     proc = subprocess.Popen(
@@ -156,7 +159,7 @@ def start(
         stderr=log,
         stdin=subprocess.DEVNULL,
         env={**os.environ, **(env or {})},
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=cwd if cwd is not None else Path(__file__).resolve().parent.parent,
     )
     log.close()
     child = Child(name=name, proc=proc, log_path=log_path)

@@ -348,8 +348,9 @@ def start_servers(
             if not wanted(name) and name != "tollgate-ref":
                 continue
             cfg = workdir / f"{name}.yaml"
-            # The reference tree may predate leasing: it runs a ledger transaction per request.
-            lease = leasing and name not in ("tollgate-perreq", "tollgate-ref")
+            # A reference tree that predates leasing runs a ledger transaction per request.
+            ref_leases = plan.ref_tree is not None and (plan.ref_tree / "proxy/spend/quota.py").exists()
+            lease = leasing and name != "tollgate-perreq" and (name != "tollgate-ref" or ref_leases)
             cfg.write_text(tollgate_yaml(upstream.port, workdir / f"{name}-ledger.db", budget, lease))
             child = keep(
                 procs.start(
@@ -359,6 +360,8 @@ def start_servers(
                     ready=_TOLLGATE_READY,
                     env=child_env,
                     stdout_to_log=False,  # the access log: one JSON line per request
+                    # `-m proxy` imports its working directory's proxy first, PYTHONPATH's after.
+                    cwd=plan.ref_tree.resolve() if name == "tollgate-ref" and plan.ref_tree is not None else None,
                 )
             )
             targets.append(Target(name, label, f"http://127.0.0.1:{child.port}", child, only_concurrent))

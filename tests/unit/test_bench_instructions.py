@@ -48,3 +48,20 @@ def test_the_report_gives_ratios_to_the_passthrough_and_the_cost_of_each_part() 
     assert "| Tollgate (all on: budget from quota leases) | 1800.0 | 3.00 |" in text
     assert "the access log 50.0k" in text and "the budget from leases 300.0k" in text
     assert "the budget reserved per request 900.0k" in text
+
+
+def test_another_trees_tollgate_runs_that_trees_code(tmp_path: Path) -> None:
+    """`python -m proxy` imports its working directory's package before PYTHONPATH's: an A/B
+    run (`bench run --ref-tree`, `bench instructions --tree`) that only set PYTHONPATH ran this
+    repository's Tollgate against itself."""
+    from bench import procs
+    from bench.runner import PY
+
+    tree = tmp_path / "ref"
+    (tree / "proxy").mkdir(parents=True)
+    (tree / "proxy" / "__init__.py").write_text("")
+    (tree / "proxy" / "__main__.py").write_text("import proxy\nprint('READY', proxy.__file__, flush=True)\n")
+    child = procs.start("which-proxy", [PY, "-m", "proxy"], tmp_path, ready=r"READY", env={"PYTHONPATH": str(tree)},
+                        cwd=tree)
+    child.proc.wait(10)
+    assert f"READY {tree / 'proxy' / '__init__.py'}" in child.log_path.read_text()
