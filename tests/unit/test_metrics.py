@@ -432,3 +432,52 @@ def test_observing_gaps_falls_back_to_observe_without_the_histogram_internals() 
 
     observe_ns_many(Plain(), [1_000_000, 2_500_000])
     assert seen == [0.001, 0.0025]
+
+
+def test_the_fast_counters_and_histograms_expose_what_prometheus_clients_own_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The observer's children are stand-ins for prometheus_client's (no per-call checks,
+    buckets by bisection): the same exchanges give the same exposition either way."""
+    import proxy.observers.metrics as m
+
+    rows = []
+    for i in range(40):
+        # Durations on and around the bucket bounds, and far past the last.
+        duration_ms = [1, 5, 10, 25, 50, 100, 250, 1000, 2500, 700_000][i % 10] + (i % 3) - 1
+        rows.append(finished_stream(t_end_ns=T0 + duration_ms * MS, gaps_ns=[MS * (i % 4), 250_000 * (i % 5)],
+                                    status=[200, 429, 500][i % 3], overhead_ns=50_000 * (i % 7),
+                                    cost=Decimal(i) / 1000, key_name=f"k{i % 2}"))
+
+    def exposition(fast: bool) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        if not fast:
+            monkeypatch.setattr(m, "_fast", lambda child: child)
+        registry = CollectorRegistry()
+        observer = MetricsObserver(registry=registry)
+        for ex in rows:
+            observer.on_start(ex)
+            observer.on_finish(ex)
+        monkeypatch.undo()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in registry.collect()
+            for s in fam.samples
+            if not s.name.endswith("_created") and fam.name != "tollgate_build_info"
+        }
+
+    fast, plain = exposition(True), exposition(False)
+    assert fast.keys() == plain.keys()
+    assert any(name.endswith("_bucket") for name, _ in fast)
+    for key, value in plain.items():
+        assert fast[key] == pytest.approx(value, rel=1e-12), key
+
+
+def test_a_fast_counter_refuses_a_negative_amount_as_prometheus_client_does() -> None:
+    from prometheus_client import Counter
+
+    import proxy.observers.metrics as m
+
+    child = m._fast(Counter("c_total", "c", registry=CollectorRegistry()))
+    assert isinstance(child, m._FastCounter)
+    with pytest.raises(ValueError):
+        child.inc(-1)
