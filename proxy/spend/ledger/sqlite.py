@@ -196,8 +196,9 @@ class SqliteLedger:
         def body(conn: sqlite3.Connection) -> ReserveResult:
             dup = conn.execute(
                 "SELECT 1 FROM reservations WHERE request_id = ? UNION ALL "
-                "SELECT 1 FROM settled WHERE request_id = ? LIMIT 1",
-                (request_id, request_id),
+                "SELECT 1 FROM settled WHERE request_id = ? UNION ALL "
+                "SELECT 1 FROM spend_log WHERE ledger_id = ? LIMIT 1",
+                (request_id, request_id, request_id),
             ).fetchone()
             if dup is not None:
                 raise DuplicateReservation(f"request id {request_id!r} was already reserved")
@@ -284,11 +285,20 @@ class SqliteLedger:
         now_ms = epoch_ms(now)
 
         def body(conn: sqlite3.Connection) -> list[Settled]:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO settled (request_id, at_ms) VALUES (?, ?)", (request_id, now_ms)
-            )
-            if cur.rowcount == 0:
-                return []  # settled before: exactly once
+            # Exactly once. A settlement's own spend row (keyed by the same id) is its settled
+            # marker: one B-tree and its index fewer to write per request than a marker row
+            # as well. Without a row, or ended another way (expired as interrupted,
+            # abandoned), the marker is a row of `settled`.
+            if conn.execute(
+                "SELECT 1 FROM settled WHERE request_id = ? UNION ALL "
+                "SELECT 1 FROM spend_log WHERE ledger_id = ? LIMIT 1",
+                (request_id, request_id),
+            ).fetchone():
+                return []
+            if spend_row is not None:
+                insert_spend_row(conn, request_id, spend_row)
+            else:
+                conn.execute("INSERT INTO settled (request_id, at_ms) VALUES (?, ?)", (request_id, now_ms))
             out = []
             for c in actual:
                 nanos = spend_nanos(c.amount)
@@ -311,8 +321,6 @@ class SqliteLedger:
                 out.append(Settled(c.bucket.id, from_nanos(before), from_nanos(after)))
             conn.execute("DELETE FROM reservations WHERE request_id = ?", (request_id,))
             conn.execute("DELETE FROM if_interrupted WHERE request_id = ?", (request_id,))
-            if spend_row is not None:
-                insert_spend_row(conn, request_id, spend_row)
             return out
 
         return await self.db.transact(body)
