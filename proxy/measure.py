@@ -92,9 +92,10 @@ class StreamTap:
         return out[0] if len(out) == 1 else b"".join(out)
 
     def _one(self, chunk: bytes, t_ns: int, rewriter: EventRewriter | None) -> bytes | None:
-        """`_take` for the chunk nearly every read of a stream is: one whole content event
-        that repeats the last prefix. What to relay (the chunk itself when not rewriting), or
-        None when the chunk is any other: `_take` then takes it."""
+        """`_take` for the reads nearly every stream is made of: whole content events that
+        repeat the last prefix, one (a read per chunk) or several (a busy proxy reads several
+        chunks at once). What to relay (the read itself when nothing is cut), or None when
+        the read is any other: `_take` then takes it."""
         line = self._prefix_line
         if line is None or not chunk.startswith(line) or not chunk.endswith(b"\n\n"):
             return None
@@ -103,7 +104,7 @@ class StreamTap:
         # The tail admits no CR or LF: a match is the whole of one event's one data line.
         m = CONTENT_TAIL(chunk, len(line), len(chunk) - 2)
         if m is None:
-            return None
+            return self._several(chunk, t_ns, rewriter)
         try:
             content = orjson.loads(m.group(1))
         except orjson.JSONDecodeError:
@@ -122,6 +123,65 @@ class StreamTap:
             return chunk
         at = m.start(2)
         return chunk if at < 0 else chunk[:at] + chunk[m.end(2) :]
+
+    def _several(self, chunk: bytes, t_ns: int, rewriter: EventRewriter | None) -> bytes | None:
+        """`_one` for a read of several whole content events: measured in one pass, their
+        texts appended as one. Nothing is measured before the whole read is known to
+        qualify (else None, and `_take` takes it)."""
+        line = self._prefix_line
+        assert line is not None
+        n = len(chunk)
+        skip = len(line)
+        cut = rewriter is not None and rewriter.cuts_usage_null
+        literals: list[bytes] = []
+        cuts: list[int] = []
+        pos = 0
+        while pos < n:
+            if pos and not chunk.startswith(line, pos):
+                return None
+            # Prefix and tail hold no CR or LF (the regexes admit neither): the first LF
+            # after the prefix must end the data line, and a second one the event.
+            eol = chunk.find(b"\n", pos + skip)
+            if eol < 0 or eol + 1 >= n or chunk[eol + 1] != 0x0A:
+                return None
+            m = CONTENT_TAIL(chunk, pos + skip, eol)
+            if m is None:
+                return None
+            literals.append(m.group(1))
+            # The event's only `,"usage":null` is the one in its tail (id, model and content
+            # hold no unescaped quote): the first, the one rewrite cuts.
+            if cut and m.start(2) >= 0:
+                cuts += m.span(2)
+            pos = eol + 2
+        self._measure_literals(literals, t_ns)
+        if not cuts:
+            return chunk
+        # Keep what lies between the cuts: [0, a1), [b1, a2), ..., [bn, end).
+        bounds = [0, *cuts, n]
+        return b"".join([chunk[bounds[i] : bounds[i + 1]] for i in range(0, len(bounds), 2)])
+
+    def _measure_literals(self, literals: list[bytes], t_ns: int) -> None:
+        """The content string literals of a read's fast events: as `_measure_items` would."""
+        try:
+            texts = []
+            decoded = False
+            for literal in literals:
+                try:
+                    content = orjson.loads(literal)
+                except orjson.JSONDecodeError:
+                    continue  # then the whole event is not JSON either: relayed, not measured
+                decoded = True
+                if content:
+                    texts.append(content)
+            if decoded:
+                ex = self.ex
+                ex.response_id = self._prefix_id
+                ex.response_model = self._prefix_model
+            if texts:
+                self.parts.append(texts[0] if len(texts) == 1 else "".join(texts))
+                self._carried(t_ns, VISIBLE)
+        except Exception:  # noqa: BLE001 - as _measure: never reach the relay
+            self._failed()
 
     def _take(self, chunk: bytes, t_ns: int, rewriter: EventRewriter | None) -> list[bytes] | None:
         """`feed` (and, with `rewriter`, the rewritten bytes to relay), with the usual events

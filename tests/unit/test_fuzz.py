@@ -302,6 +302,43 @@ def test_tap_fast_path_matches_the_general_path(
         assert getattr(fast, name) == getattr(slow, name), name
 
 
+# Mostly content chunks of one stream (so reads of several of them are common), with the odd
+# event of any other shape between them.
+_content_mostly = st.one_of(
+    *[st.builds(
+        openai_chunk,
+        st.text(max_size=6) | st.sampled_from(['"', "\\", '"},"logprobs":null', ',"usage":null', "\r\n", "é"]),
+        st.booleans(),
+        st.none() | st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=6),
+    )] * 4,
+    _openai_events,
+)
+
+
+@settings(FUZZ, max_examples=examples(400))
+@given(events=st.lists(_content_mostly, min_size=2, max_size=16), sizes=st.lists(st.integers(1, 6), max_size=16),
+       strip=st.booleans())
+def test_tap_fast_path_matches_the_general_path_for_reads_of_several_events(
+    events: list[bytes], sizes: list[int], strip: bool
+) -> None:
+    """A busy proxy reads several whole chunks at once (most reads at 256 concurrent
+    streams): the fast path takes a read of several content chunks in one pass, and what it
+    relays and measures is still what the parser plus `UsageStripper.rewrite` give."""
+    reads: list[bytes] = []
+    i = 0
+    for size in [*sizes, len(events)]:
+        if i >= len(events):
+            break
+        reads.append(b"".join(events[i : i + size]))
+        i += size
+    fast_out, fast = relay(reads, "chat.completions", strip=strip)
+    slow_out, slow = relay_general(reads, strip=strip)
+    assert fast_out == slow_out
+    for name in ("output_text", "output_events", "gaps_ns", "t_first_token_ns", "t_last_token_ns",
+                 "response_id", "response_model", "usage", "finish_reasons", "error_type", "measure_failed"):
+        assert getattr(fast, name) == getattr(slow, name), name
+
+
 @settings(FUZZ, max_examples=examples(100))
 @given(stream=st.one_of(sse_streams(), st.binary(max_size=400)), cuts=st.lists(st.integers(0, 400), max_size=40))
 def test_stripper_on_arbitrary_bytes_never_raises_and_only_removes(stream: bytes, cuts: list[int]) -> None:
