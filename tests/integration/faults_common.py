@@ -176,3 +176,13 @@ async def start_server_process(
 def server_yaml(upstream_base: str, ledger: Path, extra: str = "", *, idle: float = 5.0) -> str:
     """The in-process tests' config (`proxy_yaml`) with the ledger in `ledger`."""
     return proxy_yaml(upstream_base, idle=idle, extra=f"ledger:\n  path: {ledger}\n{extra}")
+
+
+async def leave_mid_stream(base_url: str, body: dict[str, Any], events: int = 5) -> None:
+    """Ask for a stream and hang up once `events` SSE events have arrived."""
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(base_url + "/chat/completions", data=orjson.dumps({**body, "stream": True}))
+        got = b""
+        while got.count(b"\n\n") < events:
+            got += await resp.content.readany()
+        resp.close()

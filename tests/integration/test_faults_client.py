@@ -20,6 +20,7 @@ from tests.integration.conftest import StartProxy, proxy_yaml
 from tests.integration.faults_common import (
     drained,
     leaked_tasks,
+    leave_mid_stream,
     log_records,
     server_yaml,
     spend_rows,
@@ -77,12 +78,7 @@ async def test_client_gone_mid_stream_is_charged_what_was_relayed(start_proxy: S
     chunks = [chunk(i, f"word{i} ") for i in range(40)]
     fake_openai.route("POST", "/v1/chat/completions", Reply(headers=SSE, chunks=chunks, delays=[0] + [0.05] * 39))
     proxy = await start_proxy(proxy_yaml(fake_openai.api_base, extra=BUDGET), observers=[rec])
-    async with aiohttp.ClientSession() as s:
-        resp = await s.post(proxy.base_url + "/chat/completions", data=orjson.dumps({**CHAT, "stream": True}))
-        got = b""
-        while got.count(b"\n\n") < 5:
-            got += await resp.content.readany()
-        resp.close()
+    await leave_mid_stream(proxy.base_url, CHAT)
     ex = await rec.wait()
     gone = await fake_openai.wait_disconnect(timeout=2)
     await drained(proxy.runtime)

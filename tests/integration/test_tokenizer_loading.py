@@ -10,14 +10,12 @@ import threading
 import time
 from pathlib import Path
 
-import aiohttp
 import openai
-import orjson
 import pytest
 
 from proxy import encodings as tokens
 from tests.integration.conftest import StartProxy, proxy_yaml
-from tests.integration.faults_common import drained, spend_rows
+from tests.integration.faults_common import drained, leave_mid_stream, spend_rows
 from tests.integration.test_failures import CHAT, SSE, chunk
 from tests.support.cassettes import openai_capture
 from tests.support.fake_upstream import FakeUpstream, Reply
@@ -140,12 +138,7 @@ async def test_a_leased_request_the_client_left_is_estimated_with_a_table_built_
         "budgets:\n  - name: daily\n    period: daily\n    limit_usd: 100\n"
     )
     proxy = await start_proxy(proxy_yaml(fake_openai.api_base, extra=extra), observers=[rec])
-    async with aiohttp.ClientSession() as s:
-        resp = await s.post(proxy.base_url + "/chat/completions", data=orjson.dumps({**CHAT, "stream": True}))
-        got = b""
-        while got.count(b"\n\n") < 5:
-            got += await resp.content.readany()
-        resp.close()
+    await leave_mid_stream(proxy.base_url, CHAT)
     ex = await rec.wait()
     await drained(proxy.runtime)
     assert ex.outcome == "client_gone" and ex.budget_verdict == "ok"
