@@ -285,10 +285,10 @@ class SqliteLedger:
         now_ms = epoch_ms(now)
 
         def body(conn: sqlite3.Connection) -> list[Settled]:
-            # Exactly once. A settlement's own spend row (keyed by the same id) is its settled
-            # marker: one B-tree and its index fewer to write per request than a marker row
-            # as well. Without a row, or ended another way (expired as interrupted,
-            # abandoned), the marker is a row of `settled`.
+            # Exactly once. A settlement with a spend row needs no marker of its own: the row,
+            # keyed by the same id, says it was settled (a `settled` row and its index entry
+            # fewer to write per request). Without a row, or ended another way (expired as
+            # interrupted, abandoned), the marker is a row of `settled`.
             if conn.execute(
                 "SELECT 1 FROM settled WHERE request_id = ? UNION ALL "
                 "SELECT 1 FROM spend_log WHERE ledger_id = ? LIMIT 1",
