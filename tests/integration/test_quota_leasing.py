@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -273,24 +274,32 @@ async def test_a_take_during_an_idle_give_back_is_covered_by_the_ledger(tmp_path
         await ledger.close()
 
 
+async def with_lease_replies_lost(ledger: SqliteLedger, call: Callable[[], Awaitable[Any]]) -> None:
+    """Run `call` while the ledger applies every lease sizing but its reply is lost (a Redis
+    socket timeout); the LedgerError that reaches `call`'s caller is swallowed, as the
+    chores and admission do."""
+    real = ledger.lease
+
+    async def reply_lost(*args: Any, **kw: Any) -> Any:
+        await real(*args, **kw)
+        raise LedgerError("redis ledger: Timeout reading from socket")
+
+    ledger.lease = reply_lost  # type: ignore[method-assign]
+    try:
+        await call()
+    except LedgerError:
+        pass
+    finally:
+        ledger.lease = real  # type: ignore[method-assign]
+
+
 async def test_a_shrink_whose_reply_is_lost_does_not_leave_the_book_above_the_ledger(tmp_path: Path) -> None:
     """A give-back that the ledger applied but whose reply was lost (a Redis socket timeout,
     a script queued in a hung Redis): the book takes the smaller size, never the old one."""
     ledger = await SqliteLedger.open(tmp_path / "ledger.db")
     try:
         book, b = await _book_with_free_lease(ledger, D("1"))
-        real = ledger.lease
-
-        async def reply_lost(*args: Any, **kw: Any) -> Any:
-            await real(*args, **kw)
-            raise LedgerError("redis ledger: Timeout reading from socket")
-
-        ledger.lease = reply_lost  # type: ignore[method-assign]
-        try:
-            await book.give_back(ledger, NOW)  # the chore logs and carries on
-        except LedgerError:
-            pass
-        ledger.lease = real  # type: ignore[method-assign]
+        await with_lease_replies_lost(ledger, lambda: book.give_back(ledger, NOW))  # the chore logs and carries on
         taken = await book.draw(ledger, [b], D("1"), 0, NOW)
         other = await ledger.reserve("other", [Charge(b, LIMIT)], 60.0, NOW)
         assert not (taken is not None and other.ok), "$1 leased + $5 reserved against a $5 limit"
@@ -353,18 +362,8 @@ async def test_a_grow_whose_reply_is_lost_is_given_back(tmp_path: Path) -> None:
     try:
         b = make_bucket()
         book = QuotaBook(LeasingSettings(enabled=True, idle_seconds=0.01), 60.0)
-        real = ledger.lease
-
-        async def reply_lost(*args: Any, **kw: Any) -> Any:
-            await real(*args, **kw)
-            raise LedgerError("redis ledger: Timeout reading from socket")
-
-        ledger.lease = reply_lost  # type: ignore[method-assign]
-        try:
-            await book.draw(ledger, [b], D("2"), 0, NOW)  # admission falls back to a reserve
-        except LedgerError:
-            pass
-        ledger.lease = real  # type: ignore[method-assign]
+        # Admission falls back to a reserve.
+        await with_lease_replies_lost(ledger, lambda: book.draw(ledger, [b], D("2"), 0, NOW))
         for lease in book.leases.values():
             lease.used_at -= 10
         await book.give_back(ledger, NOW)  # the chore, idle_seconds later
