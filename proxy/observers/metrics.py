@@ -142,16 +142,14 @@ def observe_ns_many(child: Any, values_ns: Sequence[int]) -> None:
 
     `Histogram.observe` takes two locks and walks the bucket bounds for each value; a
     64-chunk stream's gaps cost more that way than the rest of its metrics together.
-    Counted here into their buckets first, each bucket and the sum are added to once.
-    Falls back to `observe` should prometheus_client's histogram child not have the parts
-    this relies on (tests/unit/test_metrics.py compares the two)."""
-    bounds = getattr(child, "_upper_bounds", None)
-    buckets = getattr(child, "_buckets", None)
-    total = getattr(child, "_sum", None)
-    if bounds is None or buckets is None or total is None:
+    Counted here into their buckets first, each bucket and the sum are added to once, on
+    a `_FastHistogram` (`_fast` decides whether prometheus_client's child has the parts);
+    any other child observes each value (tests/unit/test_metrics.py compares the two)."""
+    if not isinstance(child, _FastHistogram):
         for v in values_ns:
             child.observe(v / 1e9)
         return
+    bounds, buckets, total = child._upper_bounds, child._buckets, child._sum
     counts: dict[int, int] = {}
     seconds = 0.0
     for v in values_ns:

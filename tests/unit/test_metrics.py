@@ -389,9 +389,13 @@ def test_multiprocess_mode_aggregates_worker_files(tmp_path: Path) -> None:
 def _gap_histograms() -> tuple[Any, Any, CollectorRegistry, CollectorRegistry]:
     from prometheus_client import Histogram
 
+    import proxy.observers.metrics as m
+
     regs = CollectorRegistry(), CollectorRegistry()
     a, b = (Histogram("gap_seconds", "gaps", ("model",), buckets=GAP_BUCKETS, registry=r) for r in regs)
-    return a.labels("m"), b.labels("m"), regs[0], regs[1]
+    at_once = m._fast(b.labels("m"))
+    assert isinstance(at_once, m._FastHistogram)
+    return a.labels("m"), at_once, regs[0], regs[1]
 
 
 def _buckets(registry: CollectorRegistry) -> dict[str, float]:
