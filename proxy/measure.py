@@ -188,13 +188,26 @@ class StreamTap:
         taken without the parser: whole chat content chunks of OpenAI's shape that repeat
         the stream's last prefix, measured and rewritten as on_events and rewrite would."""
         parser = self.parser
-        line = self._prefix_line
-        if line is None or not self.healthy:
+        if not self.healthy:
             return self._general(chunk, t_ns, rewriter)
         # 1. Cut the chunk, in order, into the parser's events and fast events (matches).
         items: list[list[SSEEvent] | re.Match[bytes]] = []
         n = len(chunk)
         pos = 0
+        carried = 0
+        if self._prefix_line is None:
+            # No content chunk seen yet. A busy proxy reads the stream's first chunks
+            # together, a dozen at a time: the events are parsed and measured one block at
+            # a time only until one of them sets the prefix; the rest can take the fast path.
+            if not parser.nothing_pending() or b"\r" in chunk:
+                return self._general(chunk, t_ns, rewriter)
+            pos, carried = self._find_prefix(chunk, items)
+            if not self.healthy or self._prefix_line is None or not parser.at_block_start():
+                return self._parsed_rest(chunk, pos, t_ns, rewriter, items, carried)
+            measured = len(items)
+        else:
+            measured = 0
+        line = self._prefix_line
         if not parser.at_block_start():
             # A read ended inside an event: the parser completes that one, the rest of
             # the chunk can still take the fast path.
@@ -219,9 +232,10 @@ class StreamTap:
             pos = eol + 2
         if pos < n:
             items.append(parser.feed(chunk[pos:]))
-        # 2. Measure them in order; a fast event's id and model are those of the prefix
-        # it matched (measuring the parser's events may move the prefix on).
-        self._measure_items(items, t_ns, self._prefix_id, self._prefix_model)
+        # 2. Measure them in order (those that found the prefix are measured already); a
+        # fast event's id and model are those of the prefix it matched (measuring the
+        # parser's events may move the prefix on).
+        self._measure_items(items[measured:] if measured else items, t_ns, self._prefix_id, self._prefix_model, carried)
         if rewriter is None:
             return None
         # 3. What to relay.
@@ -241,11 +255,54 @@ class StreamTap:
         events = self.feed(chunk, t_ns)
         return None if rewriter is None else [rewriter.rewrite(ev) for ev in events]
 
+    def _find_prefix(self, chunk: bytes, items: list[list[SSEEvent] | re.Match[bytes]]) -> tuple[int, int]:
+        """Parse and measure the LF-only `chunk` one block at a time until an event sets
+        the prefix (or the blocks run out, or measuring fails), appending each block's
+        events to `items`. Returns where it stopped and the flags measured so far: the
+        read is timed once, when it has all been measured (as `_measure` would)."""
+        parser = self.parser
+        pos = 0
+        carried = 0
+        try:
+            while self._prefix_line is None:
+                end = chunk.find(b"\n\n", pos)
+                if end < 0:
+                    break
+                events = parser.feed(chunk[pos : end + 2])
+                pos = end + 2
+                items.append(events)
+                if events:
+                    carried |= self.on_events(events)
+        except Exception:  # noqa: BLE001 - as _measure: never reach the relay
+            self._failed()
+        return pos, carried
+
+    def _parsed_rest(
+        self, chunk: bytes, pos: int, t_ns: int, rewriter: EventRewriter | None,
+        items: list[list[SSEEvent] | re.Match[bytes]], carried: int,
+    ) -> list[bytes] | None:
+        """The rest of a read whose start `_find_prefix` took, through the parser: what
+        `_general` does, with the flags of the part already measured."""
+        events = self.parser.feed(chunk[pos:]) if pos < len(chunk) else []
+        if self.healthy:
+            try:
+                if events:
+                    carried |= self.on_events(events)
+                if carried:
+                    self._carried(t_ns, carried)
+            except Exception:  # noqa: BLE001 - as _measure: never reach the relay
+                self._failed()
+        if rewriter is None:
+            return None
+        out = [rewriter.rewrite(ev) for item in items if isinstance(item, list) for ev in item]
+        out.extend([rewriter.rewrite(ev) for ev in events])
+        return out
+
     def _measure_items(
-        self, items: list[list[SSEEvent] | re.Match[bytes]], t_ns: int, prefix_id: str, prefix_model: str
+        self, items: list[list[SSEEvent] | re.Match[bytes]], t_ns: int, prefix_id: str, prefix_model: str,
+        carried: int = 0,
     ) -> None:
         ex = self.ex
-        carried = 0
         try:
             for item in items:
                 if isinstance(item, list):

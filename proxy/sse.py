@@ -115,6 +115,11 @@ class SSEParser:
         blank = chunk.find(b"\n\n")
         return 0 if blank < 0 else blank + 2
 
+    def nothing_pending(self) -> bool:
+        """No part of a block or line ending held: the next byte starts a block (or the
+        stream, whose BOM `feed` still checks)."""
+        return not self._buf and not self._skip_lf
+
     def at_block_start(self) -> bool:
         """Nothing pending: a chunk holding one whole LF-only block would come back from
         `feed` as exactly that block, leaving the parser as it is now."""
