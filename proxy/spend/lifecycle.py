@@ -63,6 +63,8 @@ class Unsettled:
     actual: list[Charge]
     row: SpendRow
     hold: Hold | None
+    # Nothing was ever reserved under ledger_id (see Ledger.settle).
+    fresh: bool
 
 
 class Spend:
@@ -136,11 +138,13 @@ class Spend:
                 return None
             self.live.pop(hold.ledger_id, None)
         if hold is not None and (hold.reserved or hold.charge_on_settle or hold.draw is not None):
-            job = Unsettled(hold.ledger_id, charges(hold.buckets, spent, tokens), row, hold)
+            # A leased request's id was never reserved: a reserve that failed (and might
+            # have landed) leaves the hold without a draw.
+            job = Unsettled(hold.ledger_id, charges(hold.buckets, spent, tokens), row, hold, fresh=hold.draw is not None)
             if hold.draw is not None:
                 self.quota.settling(hold.draw, spent, tokens)
         else:
-            job = Unsettled(new_ledger_id(row.request_id), [], row, hold)
+            job = Unsettled(new_ledger_id(row.request_id), [], row, hold, fresh=True)
         task = self.spawn(self._settle(job), f"settling {row.request_id}")
         if hold is not None:
             hold.ending = task
@@ -167,7 +171,7 @@ class Spend:
     async def _settle(self, job: Unsettled) -> None:
         now = self.clock()
         try:
-            results = await self.ledger.settle(job.ledger_id, job.actual, job.row, now)
+            results = await self.ledger.settle(job.ledger_id, job.actual, job.row, now, fresh=job.fresh)
         except Exception as exc:  # noqa: BLE001 - a request that was served must be charged
             if not ledger_down(exc):
                 # Not landed: a leased request's worst case stays held by its lease (until
@@ -247,7 +251,7 @@ class Spend:
         while self.outbox:
             job = self.outbox.popleft()
             try:
-                results = await self.ledger.settle(job.ledger_id, job.actual, job.row, self.clock())
+                results = await self.ledger.settle(job.ledger_id, job.actual, job.row, self.clock(), fresh=job.fresh)
             except Exception as exc:  # noqa: BLE001 - still down: keep it, try again later
                 if ledger_down(exc):
                     self.outbox.appendleft(job)

@@ -34,6 +34,7 @@ from tests.integration.test_ledger_sqlite import (  # noqa: F401 - collected her
     row,
     rule,
     test_contract_a_dead_processs_reservation_is_settled_as_interrupted,
+    test_contract_a_fresh_settlement_is_exactly_once,
     test_contract_a_lease_given_back_is_unchecked_only_while_it_shrinks,
     test_contract_a_lease_is_renewed_and_expires_like_a_reservation,
     test_contract_a_lease_is_sized_without_its_own_old_size,

@@ -167,6 +167,27 @@ async def test_contract_settle_is_idempotent(make_ledger: MakeLedger) -> None:
         await ledger.reserve("a", [Charge(b, D("0.1"))], LEASE, NOW)
 
 
+async def test_contract_a_fresh_settlement_is_exactly_once(make_ledger: MakeLedger) -> None:
+    """A settlement under an id never reserved (a request admitted from a quota lease): its
+    spend row is its only marker, and a retry whose first reply was lost, fresh or not,
+    charges nothing twice. Without a row, `fresh` changes nothing."""
+    ledger = await make_ledger()
+    b = one(rule(limit_usd="1"))
+    first = await ledger.settle("f", [Charge(b, D("0.2"))], row("f", cost="0.2"), NOW, fresh=True)
+    again = await ledger.settle("f", [Charge(b, D("0.2"))], row("f", cost="0.2"), NOW, fresh=True)
+    plain = await ledger.settle("f", [Charge(b, D("0.2"))], row("f", cost="0.2"), NOW)
+    assert len(first) == 1 and again == [] and plain == []
+    rowless = await ledger.settle("g", [Charge(b, D("0.1"))], None, NOW, fresh=True)
+    assert len(rowless) == 1 and await ledger.settle("g", [Charge(b, D("0.1"))], None, NOW, fresh=True) == []
+    st = (await ledger.state([b], NOW))[b.id]
+    assert (st.spent, st.reserved, st.requests) == (D("0.3"), D("0"), 2)
+    report = await ledger.spend_report(NOW - timedelta(days=1), NOW + timedelta(days=1), [])
+    assert [r["requests"] for r in report] == [1]
+    for settled_id in ("f", "g"):
+        with pytest.raises(DuplicateReservation):
+            await ledger.reserve(settled_id, [Charge(b, D("0.1"))], LEASE, NOW)
+
+
 async def test_contract_spend_rows_are_keyed_by_the_settlement_not_the_clients_request_id(
     make_ledger: MakeLedger,
 ) -> None:

@@ -55,6 +55,14 @@ async def test_leased_requests_make_no_ledger_reservation_and_are_all_charged(
         return await real_reserve(*args, **kw)
 
     ledger.reserve = counting_reserve  # type: ignore[method-assign]
+    freshness: list[bool] = []
+    real_settle = ledger.settle
+
+    async def noting_settle(*args: Any, fresh: bool = False, **kw: Any) -> Any:
+        freshness.append(fresh)
+        return await real_settle(*args, fresh=fresh, **kw)
+
+    ledger.settle = noting_settle  # type: ignore[method-assign]
     client = sdk(proxy)
     rng = random.Random(7)
     caps = [rng.randint(1, 40) for _ in range(60)]
@@ -65,6 +73,8 @@ async def test_leased_requests_make_no_ledger_reservation_and_are_all_charged(
     # leases were sized a handful of times (a quarter of the headroom each), not per request.
     assert reserves == 0
     assert quota.sizings <= 8, quota.sizings
+    # Their ids were never reserved: each settles as fresh (the row, then the spend).
+    assert freshness == [True] * len(caps)
     report = await settled(proxy, len(caps))  # waits for the idle leases to be given back
     costs = [D(r["cost_usd"]) for r in log_records(proxy)]
     assert sum(costs) == D(sum(caps)) / 1000 == bucket(report, "budget")["spent"]

@@ -201,8 +201,17 @@ class Ledger(Protocol):
         ...
 
     async def settle(
-        self, request_id: str, actual: Sequence[Charge], spend_row: SpendRow | None, now: datetime
-    ) -> list[Settled]: ...
+        self, request_id: str, actual: Sequence[Charge], spend_row: SpendRow | None, now: datetime,
+        *, fresh: bool = False,
+    ) -> list[Settled]:
+        """Add `actual` to the buckets' spend, write `spend_row`, and end the reservation;
+        exactly once per `request_id` (a repeat returns [] and changes nothing).
+
+        `fresh`: nothing was ever reserved under `request_id` (a request admitted from a
+        quota lease, or under no budget), so there is no reservation to end, and only its
+        own spend row can show it settled already (a retry whose first reply was lost). A
+        ledger may skip what that makes needless; it must not trust it without a row."""
+        ...
 
     async def release(self, request_id: str, now: datetime) -> bool: ...
 
