@@ -44,6 +44,16 @@ from proxy.usage import usage_from_stream_payload
 log = logging.getLogger("tollgate.measure")
 
 
+def _decodes(literal: bytes) -> bool:
+    """Whether a content literal is valid JSON, and with it the whole fast event: one that
+    is not is relayed as it came, as `UsageStripper.rewrite` relays what it cannot read."""
+    try:
+        orjson.loads(literal)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
 class StreamTap:
     """Measures an SSE response as its chunks pass by.
 
@@ -108,7 +118,9 @@ class StreamTap:
         try:
             content = orjson.loads(m.group(1))
         except orjson.JSONDecodeError:
-            content = None  # then the whole chunk is not JSON either: relayed, not measured
+            # Then the whole chunk is not JSON either: relayed as it came (rewrite cuts
+            # nothing it cannot read), not measured.
+            return chunk
         else:
             try:
                 ex = self.ex
@@ -130,55 +142,53 @@ class StreamTap:
         qualify (else None, and `_take` takes it)."""
         line = self._prefix_line
         assert line is not None
-        n = len(chunk)
         skip = len(line)
         cut = rewriter is not None and rewriter.cuts_usage_null
         literals: list[bytes] = []
         cuts: list[int] = []
-        pos = 0
-        while pos < n:
-            if pos and not chunk.startswith(line, pos):
+        pos = 0  # where the event starts in the chunk
+        # The chunk ends with a blank line (`_one` checked): the last piece is empty. Prefix
+        # and tail hold no CR or LF (the regexes admit neither), so an event of the fast
+        # shape is one whole piece; a piece that is not (several data lines, a stray LF)
+        # makes the read not qualify.
+        events = chunk.split(b"\n\n")
+        events.pop()
+        for ev in events:
+            if not ev.startswith(line):
                 return None
-            # Prefix and tail hold no CR or LF (the regexes admit neither): the first LF
-            # after the prefix must end the data line, and a second one the event.
-            eol = chunk.find(b"\n", pos + skip)
-            if eol < 0 or eol + 1 >= n or chunk[eol + 1] != 0x0A:
-                return None
-            m = CONTENT_TAIL(chunk, pos + skip, eol)
+            m = CONTENT_TAIL(ev, skip)
             if m is None:
                 return None
             literals.append(m.group(1))
             # The event's only `,"usage":null` is the one in its tail (id, model and content
             # hold no unescaped quote): the first, the one rewrite cuts.
             if cut and m.start(2) >= 0:
-                cuts += m.span(2)
-            pos = eol + 2
-        self._measure_literals(literals, t_ns)
+                cuts.append(pos + m.start(2))
+                cuts.append(pos + m.end(2))
+            pos += len(ev) + 2
+        try:
+            # All of them in one decode: each is a JSON string literal, unless the read
+            # holds an event that is not JSON (relayed uncut, not measured): `_take` then.
+            texts: list[str] = orjson.loads(b"[" + b",".join(literals) + b"]")
+        except orjson.JSONDecodeError:
+            return None
+        self._measure_texts(texts, t_ns)
         if not cuts:
             return chunk
         # Keep what lies between the cuts: [0, a1), [b1, a2), ..., [bn, end).
-        bounds = [0, *cuts, n]
+        bounds = [0, *cuts, len(chunk)]
         return b"".join([chunk[bounds[i] : bounds[i + 1]] for i in range(0, len(bounds), 2)])
 
-    def _measure_literals(self, literals: list[bytes], t_ns: int) -> None:
-        """The content string literals of a read's fast events: as `_measure_items` would."""
+    def _measure_texts(self, texts: list[str], t_ns: int) -> None:
+        """The decoded contents of a read's fast events: as `_measure_items` would."""
         try:
-            texts = []
-            decoded = False
-            for literal in literals:
-                try:
-                    content = orjson.loads(literal)
-                except orjson.JSONDecodeError:
-                    continue  # then the whole event is not JSON either: relayed, not measured
-                decoded = True
-                if content:
-                    texts.append(content)
-            if decoded:
+            if texts:
                 ex = self.ex
                 ex.response_id = self._prefix_id
                 ex.response_model = self._prefix_model
-            if texts:
-                self.parts.append(texts[0] if len(texts) == 1 else "".join(texts))
+            text = "".join(texts)
+            if text:
+                self.parts.append(text)
                 self._carried(t_ns, VISIBLE)
         except Exception:  # noqa: BLE001 - as _measure: never reach the relay
             self._failed()
@@ -245,7 +255,7 @@ class StreamTap:
                 out.extend([rewriter.rewrite(ev) for ev in item])
                 continue
             start, end = item.pos - skip, item.endpos + 2
-            at = item.start(2) if rewriter.cuts_usage_null else -1
+            at = item.start(2) if rewriter.cuts_usage_null and _decodes(item.group(1)) else -1
             # The event's only `,"usage":null` is the one in its tail (id, model and
             # content hold no unescaped quote): the first, the one rewrite cuts.
             out.append(chunk[start:end] if at < 0 else chunk[start:at] + chunk[item.end(2) : end])

@@ -282,9 +282,16 @@ def _openai_chunks(models: st.SearchStrategy[str]) -> st.SearchStrategy[bytes]:
     )
 
 
+def _not_json(usage_null: bool) -> bytes:
+    """A content chunk of the fast shape whose content literal is not JSON (an invalid escape):
+    relayed as it came, `"usage":null` and all, and not measured, by either path."""
+    return openai_chunk("x", usage_null, None).replace(b'"content":"x"', b'"content":"\\q"')
+
+
 _openai_events = st.one_of(
     _openai_chunks(st.sampled_from(["gpt-4o", "gpt-4o", "other"])),
-    st.sampled_from([b": ping\n\n", b"data: [DONE]\n\n", b"event: x\n", b"data: {\"choices\":[]}\n\n", b"\r\n"]),
+    st.sampled_from([b": ping\n\n", b"data: [DONE]\n\n", b"event: x\n", b"data: {\"choices\":[]}\n\n", b"\r\n",
+                     _not_json(True), _not_json(False)]),
 )
 
 
