@@ -205,19 +205,20 @@ class StreamTap:
         n = len(chunk)
         pos = 0
         carried = 0
-        if self._prefix_line is None:
+        line = self._prefix_line
+        if line is None:
             # No content chunk seen yet. A busy proxy reads the stream's first chunks
             # together, a dozen at a time: the events are parsed and measured one block at
             # a time only until one of them sets the prefix; the rest can take the fast path.
             if not parser.nothing_pending() or b"\r" in chunk:
                 return self._general(chunk, t_ns, rewriter)
             pos, carried = self._find_prefix(chunk, items)
-            if not self.healthy or self._prefix_line is None or not parser.at_block_start():
+            line = self._prefix_line  # set by measuring, if a content chunk came
+            if not self.healthy or line is None or not parser.at_block_start():
                 return self._parsed_rest(chunk, pos, t_ns, rewriter, items, carried)
             measured = len(items)
         else:
             measured = 0
-        line = self._prefix_line
         if not parser.at_block_start():
             # A read ended inside an event: the parser completes that one, the rest of
             # the chunk can still take the fast path.
