@@ -256,7 +256,9 @@ class StreamTap:
                 out.extend([rewriter.rewrite(ev) for ev in item])
                 continue
             start, end = item.pos - skip, item.endpos + 2
-            at = item.start(2) if rewriter.cuts_usage_null and _decodes(item.group(1)) else -1
+            at = item.start(2) if rewriter.cuts_usage_null else -1
+            if at >= 0 and not _decodes(item.group(1)):
+                at = -1
             # The event's only `,"usage":null` is the one in its tail (id, model and
             # content hold no unescaped quote): the first, the one rewrite cuts.
             out.append(chunk[start:end] if at < 0 else chunk[start:at] + chunk[item.end(2) : end])
