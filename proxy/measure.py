@@ -121,16 +121,7 @@ class StreamTap:
             # Then the whole chunk is not JSON either: relayed as it came (rewrite cuts
             # nothing it cannot read), not measured.
             return chunk
-        else:
-            try:
-                ex = self.ex
-                ex.response_id = self._prefix_id
-                ex.response_model = self._prefix_model
-                if content:
-                    self.parts.append(content)
-                    self._carried(t_ns, VISIBLE)
-            except Exception:  # noqa: BLE001 - as _measure: never reach the relay
-                self._failed()
+        self._measure_texts([content], t_ns)
         if rewriter is None or not rewriter.cuts_usage_null:
             return chunk
         at = m.start(2)
@@ -298,13 +289,7 @@ class StreamTap:
         `_general` does, with the flags of the part already measured."""
         events = self.parser.feed(chunk[pos:]) if pos < len(chunk) else []
         if self.healthy:
-            try:
-                if events:
-                    carried |= self.on_events(events)
-                if carried:
-                    self._carried(t_ns, carried)
-            except Exception:  # noqa: BLE001 - as _measure: never reach the relay
-                self._failed()
+            self._measure(events, t_ns, carried)
         if rewriter is None:
             return None
         out = [rewriter.rewrite(ev) for item in items if isinstance(item, list) for ev in item]
@@ -356,12 +341,13 @@ class StreamTap:
             self._measure(events, t_ns)
         return events
 
-    def _measure(self, events: list[SSEEvent], t_ns: int) -> None:
-        """Measure the events one chunk completed."""
+    def _measure(self, events: list[SSEEvent], t_ns: int, carried: int = 0) -> None:
+        """Measure the events one chunk completed (`carried`: the flags of the chunk's
+        events measured before them)."""
         # A bug or a surprise in measuring must never reach the relay: stop measuring this
         # stream, say so once, and let the bytes flow on.
         try:
-            flags = self.on_events(events)
+            flags = carried | self.on_events(events)
             if flags:
                 self._carried(t_ns, flags)
         except Exception:  # noqa: BLE001
