@@ -34,8 +34,17 @@ from proxy.spend.budgets import (
     charges,
     threshold_crossed,
 )
-from proxy.spend.ledger import DuplicateReservation, IfInterrupted, Ledger, SpendRow, admit_and_reserve, open_ledger
+from proxy.spend.ledger import (
+    DuplicateReservation,
+    IfInterrupted,
+    Ledger,
+    SpendRow,
+    admit_and_reserve,
+    open_ledger,
+    sqlite_db,
+)
 from proxy.spend.ledger.sqlite import OPEN_BUCKETS_SQL, SqliteLedger
+from proxy.spend.ledger.sqlite_db import GROUP_TURNS, SqliteDb
 from proxy.usage import Usage
 
 D = Decimal
@@ -597,6 +606,74 @@ async def test_failed_transaction_rolls_back(tmp_path: Path) -> None:
         assert (await ledger.reserve("a", [Charge(b, D("0.1"))], LEASE, NOW)).ok  # nothing stuck
     finally:
         await ledger.close()
+
+
+# --- group commit -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def counted_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[SqliteDb, list[int]]]:
+    """A SqliteDb with a table `t`, and the sizes of the transactions it commits from now on."""
+    db = SqliteDb(tmp_path / "g.db")
+    await db.transact(lambda c: c.execute("CREATE TABLE t (x INTEGER)"))
+    sizes: list[int] = []
+    real = sqlite_db.transaction
+
+    def counting(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], Any]) -> Any:
+        result = real(conn, body)
+        sizes.append(len(result) if isinstance(result, list) else 1)
+        return result
+
+    monkeypatch.setattr(sqlite_db, "transaction", counting)
+    try:
+        yield db, sizes
+    finally:
+        await db.close()
+
+
+def _insert(x: int) -> Callable[[sqlite3.Connection], int]:
+    return lambda c: c.execute("INSERT INTO t VALUES (?)", (x,)).rowcount
+
+
+async def test_group_commit_gathers_bodies_while_they_keep_coming(counted_db: tuple[SqliteDb, list[int]]) -> None:
+    """Settlements finishing on consecutive turns of the loop share one commit."""
+    db, sizes = counted_db
+    waiting = []
+    for x in range(GROUP_TURNS):
+        waiting.append(asyncio.ensure_future(db.transact(_insert(x))))
+        await asyncio.sleep(0)  # the next body joins a turn later
+    assert await asyncio.gather(*waiting) == [1] * GROUP_TURNS
+    assert sizes == [GROUP_TURNS]
+
+
+async def test_group_commit_of_a_lone_body_waits_one_empty_turn(counted_db: tuple[SqliteDb, list[int]]) -> None:
+    db, sizes = counted_db
+    lone = asyncio.ensure_future(db.transact(_insert(1)))
+    turns = 0
+    while not lone.done():
+        await asyncio.sleep(0)
+        turns += 1
+    # Submitted, grouped, found not grown and committed, woken: one turn more than a commit
+    # at the first turn would take, not the GROUP_TURNS a growing group may wait.
+    assert turns <= 4 < GROUP_TURNS + 3
+    assert sizes == [1]
+
+
+async def test_group_commit_waits_at_most_group_turns(counted_db: tuple[SqliteDb, list[int]]) -> None:
+    """A body joining every turn never holds the first one back longer than GROUP_TURNS."""
+    db, sizes = counted_db
+    first = asyncio.ensure_future(db.transact(_insert(0)))
+    waiting = [first]
+    turns = 0
+    while not first.done():
+        await asyncio.sleep(0)
+        turns += 1
+        waiting.append(asyncio.ensure_future(db.transact(_insert(turns))))
+    # Submitted, GROUP_TURNS turns waited, committed, woken.
+    assert turns <= GROUP_TURNS + 3
+    await asyncio.gather(*waiting)
+    assert sizes[0] <= GROUP_TURNS + 1 and sum(sizes) == len(waiting)
+    assert len(sizes) >= 2
 
 
 # --- the race: two processes, one file ------------------------------------------------------

@@ -162,6 +162,14 @@ CHECKPOINT_EVERY = 200
 RESTART_WAIT_MS = 50
 # Bodies per group transaction: bounds how long one commit holds the loop and the lock.
 MAX_GROUP = 64
+# Loop turns a group waits for more bodies, for as long as it grows in each. A commit costs
+# ~30 us of CPU whatever it holds (its WAL frames and locks: some nine pwrite and six fcntl
+# calls), a settlement ~16 us more. Under load settlements finish on consecutive turns:
+# committing once per turn made groups of ~3 at 64 concurrent requests; waiting while the
+# group grows makes them ~10 (ledger CPU per settlement 29 against 45-59 us, and 15-20 % less
+# CPU per request for the whole proxy). A group that did not grow in a turn commits at once,
+# so an idle proxy waits one empty turn (microseconds).
+GROUP_TURNS = 4
 _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
@@ -178,6 +186,9 @@ class SqliteDb:
         self._loop_commits = 0
         self._checkpointing = False
         self._group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._gathering = False  # a _gather is scheduled for the group
+        self._turns = 0  # turns the group has waited
+        self._seen = 0  # its size at the last of them
         self._closed = False
 
     def _open(self, busy_timeout_seconds: float) -> sqlite3.Connection:
@@ -210,10 +221,11 @@ class SqliteDb:
     async def transact(self, body: Callable[[sqlite3.Connection], T]) -> T:
         """`body` in a BEGIN IMMEDIATE transaction, committed before this returns.
 
-        Group commit: the bodies submitted during one turn of the event loop run in one
-        transaction at the start of the next turn (a commit costs more than a reserve or a
-        settle itself), on the loop if the write lock is free at once, else on the ledger
-        thread, which waits for it. If any body raises, the group is rolled back and each
+        Group commit: bodies submitted over consecutive turns of the event loop run in one
+        transaction (a commit costs more than a reserve or a settle itself), committed at the
+        first turn in which no body joined, GROUP_TURNS turns after the first at the latest,
+        on the loop if the write lock is free at once, else on the ledger thread, which
+        waits for it. If any body raises, the group is rolled back and each
         body runs in a transaction of its own, so one failure never touches another's work.
         Bodies must be pure functions of the database (re-runnable after a rollback) and
         short: no I/O but the database's."""
@@ -222,9 +234,22 @@ class SqliteDb:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._group.append((body, fut))
-        if len(self._group) == 1:
-            loop.call_soon(self._flush)
+        if not self._gathering:
+            self._gathering = True
+            loop.call_soon(self._gather)
         return await fut  # type: ignore[no-any-return]
+
+    def _gather(self) -> None:
+        """Wait another turn while the group grows and may (GROUP_TURNS), else commit it."""
+        size = len(self._group)
+        if 0 < size < MAX_GROUP and self._turns < GROUP_TURNS and size > self._seen:
+            self._turns += 1
+            self._seen = size
+            asyncio.get_running_loop().call_soon(self._gather)
+            return
+        self._gathering = False
+        self._turns = self._seen = 0
+        self._flush()
 
     def _flush(self) -> None:
         group, self._group = self._group[:MAX_GROUP], self._group[MAX_GROUP:]
