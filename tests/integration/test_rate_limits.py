@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.estimate import estimate_prompt_tokens
 from proxy.spend.admission import INPUT_MARGIN, INPUT_MARGIN_TOKENS
 from tests.integration.conftest import Proxy, StartProxy, proxy_yaml
+from tests.integration.faults_common import drained
 from tests.support.fake_upstream import FakeUpstream, RecordedRequest, Reply
 from tests.support.redis_server import RedisServer
 
@@ -297,6 +298,8 @@ limits:
     with pytest.raises(openai.RateLimitError) as rate:
         await ask(client)
     assert rate.value.code == "requests_per_minute_exceeded"
+    # The refused request's hold is released on a task of its own, after the 429 is sent.
+    await drained(proxy.runtime)
     rows = await proxy.runtime.ledger.budget_report(datetime.now(UTC))
     assert rows[0]["requests"] == 2 and rows[0]["reserved"] == 0
 
