@@ -166,7 +166,7 @@ MAX_GROUP = 64
 # ~30 us of CPU whatever it holds (its WAL frames and locks: some nine pwrite and six fcntl
 # calls), a settlement ~16 us more. Under load settlements finish on consecutive turns:
 # committing once per turn made groups of 5-6 on average at 64 concurrent requests; waiting
-# while the group grows makes them ~28 (ledger CPU per settlement 29 against 45 us, and 12-20 %
+# while the group grows makes them ~28 (ledger CPU per settlement 29 against 45 us, and 12-23 %
 # less CPU per request for the whole proxy). A group that did not grow in a turn commits at
 # once, so an idle proxy waits one empty turn (microseconds).
 GROUP_TURNS = 4
