@@ -21,16 +21,14 @@ Everything here is synchronous and pure over (bytes, timestamps); forward.py cal
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 
+from proxy.content_shape import ContentShape, learn
 from proxy.exchange import Exchange
 from proxy.output import (
-    CHAT_CONTENT_CHUNK,
-    CONTENT_TAIL,
     REASONING,
     VISIBLE,
     note_finish_reason,
@@ -43,15 +41,10 @@ from proxy.usage import usage_from_stream_payload
 
 log = logging.getLogger("tollgate.measure")
 
-
-def _decodes(literal: bytes) -> bool:
-    """Whether a content literal is valid JSON, and with it the whole fast event: one that
-    is not is relayed as it came, as `UsageStripper.rewrite` relays what it cannot read."""
-    try:
-        orjson.loads(literal)
-    except orjson.JSONDecodeError:
-        return False
-    return True
+# A fast event in a read: where it starts, where its content literal ends, where it ends
+# (after its blank line), and its decoded content.
+_Fast = tuple[int, int, int, str]
+_USAGE_NULL_LEN = len(b',"usage":null')
 
 
 class StreamTap:
@@ -61,13 +54,12 @@ class StreamTap:
     it completed), `tap` (the relay wrote it already) or `strip` (what to relay instead,
     through a UsageStripper). A chunk counts once for timing even if it holds several
     output-carrying events (the gap histogram is per chunk). `tap` and `strip` take the
-    common OpenAI content chunk without the SSE parser or a JSON decode of the whole
-    chunk; what they measure and relay is exactly what `feed` and `rewrite` would give.
+    stream's plain content chunks without the SSE parser or a JSON decode of the whole
+    chunk, once the parser has decoded one (`content_shape`); what they measure and relay
+    is exactly what `feed` and `rewrite` would give.
     """
 
-    __slots__ = (
-        "_first_token_cb", "_prefix", "_prefix_id", "_prefix_line", "_prefix_model", "ex", "healthy", "parser", "parts",
-    )
+    __slots__ = ("_first_token_cb", "_shape", "ex", "healthy", "parser", "parts")
 
     def __init__(self, ex: Exchange, on_first_token: Callable[[Exchange], None]) -> None:
         self.ex = ex
@@ -75,11 +67,8 @@ class StreamTap:
         self.parts = ex.output_text
         self.healthy = True
         self._first_token_cb = on_first_token
-        # The bytes before the content of the last chunk of OpenAI's shape, and its id/model.
-        self._prefix: bytes | None = None
-        self._prefix_line: bytes | None = None  # b"data: " + _prefix: where the fast path starts
-        self._prefix_id = ""
-        self._prefix_model = ""
+        # The bytes the stream's plain content chunks share, once one has been decoded.
+        self._shape: ContentShape | None = None
 
     def feed(self, chunk: bytes, t_ns: int) -> list[SSEEvent]:
         events = self.parser.feed(chunk)
@@ -89,95 +78,106 @@ class StreamTap:
 
     def tap(self, chunk: bytes, t_ns: int) -> None:
         """`feed` for a relay that has written the chunk already and needs no events back."""
-        if self._one(chunk, t_ns, None) is None:
+        if self._one(chunk, t_ns, False) is None:
             self._take(chunk, t_ns, None)
 
     def strip(self, chunk: bytes, t_ns: int, rewriter: EventRewriter) -> bytes:
         """`feed`, then the bytes `rewriter.rewrite` makes of the events: what to relay."""
-        one = self._one(chunk, t_ns, rewriter)
+        one = self._one(chunk, t_ns, rewriter.cuts_usage_null)
         if one is not None:
             return one
         out = self._take(chunk, t_ns, rewriter)
         assert out is not None
         return out[0] if len(out) == 1 else b"".join(out)
 
-    def _one(self, chunk: bytes, t_ns: int, rewriter: EventRewriter | None) -> bytes | None:
-        """`_take` for the reads nearly every stream is made of: whole content events that
-        repeat the last prefix, one (a read per chunk) or several (a busy proxy reads several
-        chunks at once). What to relay (the read itself when nothing is cut), or None when
-        the read is any other: `_take` then takes it."""
-        line = self._prefix_line
-        if line is None or not chunk.startswith(line) or not chunk.endswith(b"\n\n"):
+    def _one(self, chunk: bytes, t_ns: int, cut: bool) -> bytes | None:
+        """`_take` for the reads nearly every stream is made of: whole content events of the
+        stream's shape, one (a read per chunk) or several (a busy proxy reads several chunks
+        at once). What to relay (the read itself when nothing is cut), or None when the read
+        is any other: `_take` then takes it. `cut`: the rewriter cuts `,"usage":null`."""
+        shape = self._shape
+        if shape is None or not chunk.startswith(shape.line) or not chunk.endswith(b"\n\n"):
             return None
-        if not self.healthy or not self.parser.at_block_start():
+        if not self.healthy or not self.parser.at_block_start() or (cut and not shape.strippable):
             return None
-        # The tail admits no CR or LF: a match is the whole of one event's one data line.
-        m = CONTENT_TAIL(chunk, len(line), len(chunk) - 2)
-        if m is None:
-            return self._several(chunk, t_ns, rewriter)
+        start = len(shape.line)
+        end = len(chunk) - 2
+        if chunk.find(b"\n", start, end) >= 0:
+            return self._several(chunk, t_ns, shape, cut)
+        at = shape.literal_end(chunk, start, end)
+        if at < 0:
+            return None
         try:
-            content = orjson.loads(m.group(1))
+            # One string literal each, or the parser decides (`_take`).
+            content = orjson.loads(chunk[start:at])
+            if shape.obfuscated:
+                orjson.loads(chunk[at + len(shape.mid) : end - 1])
         except orjson.JSONDecodeError:
-            # Then the whole chunk is not JSON either: relayed as it came (rewrite cuts
-            # nothing it cannot read), not measured.
+            return None
+        self._measure_texts(content, t_ns, shape)
+        if not cut:
             return chunk
-        self._measure_texts([content], t_ns)
-        if rewriter is None or not rewriter.cuts_usage_null:
-            return chunk
-        at = m.start(2)
-        return chunk if at < 0 else chunk[:at] + chunk[m.end(2) :]
+        c = shape.cut_line if shape.cut_line >= 0 else (at + shape.cut_mid if shape.cut_mid >= 0 else -1)
+        return chunk if c < 0 else chunk[:c] + chunk[c + _USAGE_NULL_LEN :]
 
-    def _several(self, chunk: bytes, t_ns: int, rewriter: EventRewriter | None) -> bytes | None:
+    def _several(self, chunk: bytes, t_ns: int, shape: ContentShape, cut: bool) -> bytes | None:
         """`_one` for a read of several whole content events: measured in one pass, their
         texts appended as one. Nothing is measured before the whole read is known to
         qualify (else None, and `_take` takes it)."""
-        line = self._prefix_line
-        assert line is not None
+        line = shape.line
         skip = len(line)
-        cut = rewriter is not None and rewriter.cuts_usage_null
+        lm = len(shape.mid)
+        obfuscated = shape.obfuscated
+        cut_line, cut_mid = (shape.cut_line, shape.cut_mid) if cut else (-1, -1)
         literals: list[bytes] = []
         cuts: list[int] = []
         pos = 0  # where the event starts in the chunk
-        # The chunk ends with a blank line (`_one` checked): the last piece is empty. Prefix
-        # and tail hold no CR or LF (the regexes admit neither), so an event of the fast
-        # shape is one whole piece; a piece that is not (several data lines, a stray LF)
-        # makes the read not qualify.
+        # The chunk ends with a blank line (`_one` checked): the last piece is empty. An
+        # event of the shape holds no LF (line and mid hold none, a literal cannot), so it
+        # is one whole piece; a piece that is not makes the read not qualify.
         events = chunk.split(b"\n\n")
         events.pop()
         for ev in events:
             if not ev.startswith(line):
                 return None
-            m = CONTENT_TAIL(ev, skip)
-            if m is None:
+            at = shape.literal_end(ev, skip, len(ev))
+            if at < 0:
                 return None
-            literals.append(m.group(1))
-            # The event's only `,"usage":null` is the one in its tail (id, model and content
-            # hold no unescaped quote): the first, the one rewrite cuts.
-            if cut and m.start(2) >= 0:
-                cuts.append(pos + m.start(2))
-                cuts.append(pos + m.end(2))
+            literals.append(ev[skip:at])
+            if obfuscated:
+                literals.append(ev[at + lm : -1])
+            if cut_line >= 0:
+                cuts.append(pos + cut_line)
+            elif cut_mid >= 0:
+                cuts.append(pos + at + cut_mid)
             pos += len(ev) + 2
         try:
-            # All of them in one decode: each is a JSON string literal, unless the read
-            # holds an event that is not JSON (relayed uncut, not measured): `_take` then.
-            texts: list[str] = orjson.loads(b"[" + b",".join(literals) + b"]")
+            # All of them in one decode. Joined by LF (raw, it cannot sit inside a JSON
+            # string) and a comma, quote-bounded pieces that decode to as many values are
+            # one string literal each.
+            texts: list[str] = orjson.loads(b"[" + b"\n,".join(literals) + b"]")
         except orjson.JSONDecodeError:
             return None
-        self._measure_texts(texts, t_ns)
+        if len(texts) != len(literals):
+            return None
+        self._measure_texts("".join(texts[::2] if obfuscated else texts), t_ns, shape)
         if not cuts:
             return chunk
-        # Keep what lies between the cuts: [0, a1), [b1, a2), ..., [bn, end).
-        bounds = [0, *cuts, len(chunk)]
-        return b"".join([chunk[bounds[i] : bounds[i + 1]] for i in range(0, len(bounds), 2)])
+        # Keep what lies between the cuts: [0, a1), [a1 + 13, a2), ..., [an + 13, end).
+        parts = [chunk[: cuts[0]]]
+        for i in range(1, len(cuts)):
+            parts.append(chunk[cuts[i - 1] + _USAGE_NULL_LEN : cuts[i]])
+        parts.append(chunk[cuts[-1] + _USAGE_NULL_LEN :])
+        return b"".join(parts)
 
-    def _measure_texts(self, texts: list[str], t_ns: int) -> None:
-        """The decoded contents of a read's fast events: as `_measure_items` would."""
+    def _measure_texts(self, text: str, t_ns: int, shape: ContentShape) -> None:
+        """The decoded content of a read's fast events: as `_measure_items` would."""
         try:
-            if texts:
-                ex = self.ex
-                ex.response_id = self._prefix_id
-                ex.response_model = self._prefix_model
-            text = "".join(texts)
+            ex = self.ex
+            if shape.response_id is not None:
+                ex.response_id = shape.response_id
+            if shape.response_model is not None:
+                ex.response_model = shape.response_model
             if text:
                 self.parts.append(text)
                 self._carried(t_ns, VISIBLE)
@@ -185,30 +185,33 @@ class StreamTap:
             self._failed()
 
     def _take(self, chunk: bytes, t_ns: int, rewriter: EventRewriter | None) -> list[bytes] | None:
-        """`feed` (and, with `rewriter`, the rewritten bytes to relay), with the usual events
-        taken without the parser: whole chat content chunks of OpenAI's shape that repeat
-        the stream's last prefix, measured and rewritten as on_events and rewrite would."""
+        """`feed` (and, with `rewriter`, the rewritten bytes to relay), with the events of
+        the stream's shape taken without the parser, measured and rewritten as on_events
+        and rewrite would."""
         parser = self.parser
         if not self.healthy:
             return self._general(chunk, t_ns, rewriter)
-        # 1. Cut the chunk, in order, into the parser's events and fast events (matches).
-        items: list[list[SSEEvent] | re.Match[bytes]] = []
+        cut = rewriter is not None and rewriter.cuts_usage_null
+        # 1. Cut the chunk, in order, into the parser's events and fast events.
+        items: list[list[SSEEvent] | _Fast] = []
         n = len(chunk)
         pos = 0
         carried = 0
-        line = self._prefix_line
-        if line is None:
-            # No content chunk seen yet. A busy proxy reads the stream's first chunks
+        shape = self._shape
+        if shape is None:
+            # No content chunk decoded yet. A busy proxy reads the stream's first chunks
             # together, a dozen at a time: the events are parsed and measured one block at
-            # a time only until one of them sets the prefix; the rest can take the fast path.
+            # a time only until one of them gives the shape; the rest can take the fast path.
             if not parser.nothing_pending() or b"\r" in chunk:
                 return self._general(chunk, t_ns, rewriter)
-            pos, carried = self._find_prefix(chunk, items)
-            line = self._prefix_line  # set by measuring, if a content chunk came
-            if not self.healthy or line is None or not parser.at_block_start():
+            pos, carried = self._find_shape(chunk, items)
+            shape = self._shape  # set by measuring, if a content chunk came
+            if not self.healthy or shape is None or not parser.at_block_start() or (cut and not shape.strippable):
                 return self._parsed_rest(chunk, pos, t_ns, rewriter, items, carried)
             measured = len(items)
         else:
+            if cut and not shape.strippable:
+                return self._general(chunk, t_ns, rewriter)
             measured = 0
         if not parser.at_block_start():
             # A read ended inside an event: the parser completes that one, the rest of
@@ -220,55 +223,60 @@ class StreamTap:
             if not parser.at_block_start():
                 items.append(parser.feed(chunk[pos:]))
                 pos = n
+        line = shape.line
         skip = len(line)
+        lm = len(shape.mid)
         while chunk.startswith(line, pos):
-            # Prefix and tail hold no CR or LF (the regexes admit neither): the first LF
-            # after the prefix must end the data line, and a second one the event.
+            # Line and mid hold no CR or LF: the first LF after the line must end the data
+            # line, and a second one the event.
             eol = chunk.find(b"\n", pos + skip)
             if eol < 0 or eol + 1 >= n or chunk[eol + 1] != 0x0A:
                 break
-            m = CONTENT_TAIL(chunk, pos + skip, eol)
-            if m is None:
+            at = shape.literal_end(chunk, pos + skip, eol)
+            if at < 0:
                 break
-            items.append(m)
+            try:
+                content = orjson.loads(chunk[pos + skip : at])
+                if shape.obfuscated:
+                    orjson.loads(chunk[at + lm : eol - 1])
+            except orjson.JSONDecodeError:
+                break  # the parser decides what it is
+            items.append((pos, at, eol + 2, content))
             pos = eol + 2
         if pos < n:
             items.append(parser.feed(chunk[pos:]))
-        # 2. Measure them in order (those that found the prefix are measured already); a
-        # fast event's id and model are those of the prefix it matched (measuring the
-        # parser's events may move the prefix on).
-        self._measure_items(items[measured:] if measured else items, t_ns, self._prefix_id, self._prefix_model, carried)
+        # 2. Measure them in order (those that found the shape are measured already); a
+        # fast event's id and model are those of the shape it matched (measuring the
+        # parser's events may learn another).
+        self._measure_items(items[measured:] if measured else items, t_ns, shape, carried)
         if rewriter is None:
             return None
         # 3. What to relay.
+        cut_line, cut_mid = (shape.cut_line, shape.cut_mid) if cut else (-1, -1)
         out: list[bytes] = []
         for item in items:
             if isinstance(item, list):
                 out.extend([rewriter.rewrite(ev) for ev in item])
                 continue
-            start, end = item.pos - skip, item.endpos + 2
-            at = item.start(2) if rewriter.cuts_usage_null else -1
-            if at >= 0 and not _decodes(item.group(1)):
-                at = -1
-            # The event's only `,"usage":null` is the one in its tail (id, model and
-            # content hold no unescaped quote): the first, the one rewrite cuts.
-            out.append(chunk[start:end] if at < 0 else chunk[start:at] + chunk[item.end(2) : end])
+            start, at, end, _ = item
+            c = start + cut_line if cut_line >= 0 else (at + cut_mid if cut_mid >= 0 else -1)
+            out.append(chunk[start:end] if c < 0 else chunk[start:c] + chunk[c + _USAGE_NULL_LEN : end])
         return out
 
     def _general(self, chunk: bytes, t_ns: int, rewriter: EventRewriter | None) -> list[bytes] | None:
         events = self.feed(chunk, t_ns)
         return None if rewriter is None else [rewriter.rewrite(ev) for ev in events]
 
-    def _find_prefix(self, chunk: bytes, items: list[list[SSEEvent] | re.Match[bytes]]) -> tuple[int, int]:
-        """Parse and measure the LF-only `chunk` one block at a time until an event sets
-        the prefix (or the blocks run out, or measuring fails), appending each block's
+    def _find_shape(self, chunk: bytes, items: list[list[SSEEvent] | _Fast]) -> tuple[int, int]:
+        """Parse and measure the LF-only `chunk` one block at a time until an event gives
+        the shape (or the blocks run out, or measuring fails), appending each block's
         events to `items`. Returns where it stopped and the flags measured so far: the
         read is timed once, when it has all been measured (as `_measure` would)."""
         parser = self.parser
         pos = 0
         carried = 0
         try:
-            while self._prefix_line is None:
+            while self._shape is None:
                 end = chunk.find(b"\n\n", pos)
                 if end < 0:
                     break
@@ -283,9 +291,9 @@ class StreamTap:
 
     def _parsed_rest(
         self, chunk: bytes, pos: int, t_ns: int, rewriter: EventRewriter | None,
-        items: list[list[SSEEvent] | re.Match[bytes]], carried: int,
+        items: list[list[SSEEvent] | _Fast], carried: int,
     ) -> list[bytes] | None:
-        """The rest of a read whose start `_find_prefix` took, through the parser: what
+        """The rest of a read whose start `_find_shape` took, through the parser: what
         `_general` does, with the flags of the part already measured."""
         events = self.parser.feed(chunk[pos:]) if pos < len(chunk) else []
         if self.healthy:
@@ -297,8 +305,7 @@ class StreamTap:
         return out
 
     def _measure_items(
-        self, items: list[list[SSEEvent] | re.Match[bytes]], t_ns: int, prefix_id: str, prefix_model: str,
-        carried: int = 0,
+        self, items: list[list[SSEEvent] | _Fast], t_ns: int, shape: ContentShape, carried: int = 0
     ) -> None:
         ex = self.ex
         try:
@@ -307,15 +314,14 @@ class StreamTap:
                     if item:
                         carried |= self.on_events(item)
                     continue
-                try:
-                    content = orjson.loads(item.group(1))
-                except orjson.JSONDecodeError:
-                    continue  # then the whole chunk is not JSON either: relayed, not measured
+                content = item[3]
                 if content:
                     self.parts.append(content)
                     carried |= VISIBLE
-                ex.response_id = prefix_id
-                ex.response_model = prefix_model
+                if shape.response_id is not None:
+                    ex.response_id = shape.response_id
+                if shape.response_model is not None:
+                    ex.response_model = shape.response_model
             if carried:
                 self._carried(t_ns, carried)
         except Exception:  # noqa: BLE001 - as _measure: never reach the relay
@@ -367,32 +373,26 @@ class StreamTap:
             data = ev.data
             if not data or data == b"[DONE]":
                 continue
-            if chat:
-                literal = None
-                prefix = self._prefix
-                if prefix is not None and data.startswith(prefix):
-                    tail = CONTENT_TAIL(data, len(prefix))
-                    if tail is not None:
-                        literal = tail.group(1)
-                else:
-                    m = CHAT_CONTENT_CHUNK(data)
-                    if m is not None:
-                        literal = m.group(3)
-                        self._prefix = data[: m.start(3)]
-                        self._prefix_line = b"data: " + self._prefix
-                        self._prefix_id = m.group(1)[1:-1].decode("ascii")
-                        self._prefix_model = m.group(2)[1:-1].decode("ascii")
-                if literal is not None:
+            shape = self._shape
+            if chat and shape is not None and data.startswith(shape.prefix):
+                start = len(shape.prefix)
+                at = shape.literal_end(data, start, len(data))
+                if at >= 0:
                     try:
-                        content = orjson.loads(literal)
+                        content = orjson.loads(data[start:at])
+                        if shape.obfuscated:
+                            orjson.loads(data[at + len(shape.mid) : -1])
                     except orjson.JSONDecodeError:
-                        continue  # then the whole chunk is not JSON either
-                    if content:
-                        self.parts.append(content)
-                        carried |= VISIBLE
-                    ex.response_id = self._prefix_id
-                    ex.response_model = self._prefix_model
-                    continue
+                        pass  # the whole decode below decides what it is
+                    else:
+                        if content:
+                            self.parts.append(content)
+                            carried |= VISIBLE
+                        if shape.response_id is not None:
+                            ex.response_id = shape.response_id
+                        if shape.response_model is not None:
+                            ex.response_model = shape.response_model
+                        continue
             try:
                 payload = orjson.loads(data)
             except orjson.JSONDecodeError:
@@ -401,6 +401,10 @@ class StreamTap:
                 continue
             carried |= output_of_payload(ex.endpoint, ev.event, payload, self.parts)
             self._note_metadata(payload)
+            if chat:
+                learned = learn(ev, payload)
+                if learned is not None:
+                    self._shape = learned
         return carried
 
     def _note_metadata(self, payload: dict[str, Any]) -> None:

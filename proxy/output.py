@@ -11,7 +11,6 @@ item. The role-only chunk is not output.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any, Protocol
 
 from proxy.exchange import Exchange
@@ -133,30 +132,6 @@ def output_of_payload(endpoint: str, event_name: str | None, payload: dict[str, 
             parts.append(text)
             carries |= VISIBLE
     return carries
-
-
-# OpenAI's chat content chunk, byte for byte as api.openai.com writes it (key order, no
-# spaces). A chunk of exactly this shape carries nothing to measure but its content, id and
-# model, so it is read with one regex match instead of a JSON decode and a dict walk; any
-# other chunk (role, finish, usage, tool calls, other upstreams) takes the general path.
-# Unchecked strings are printable ASCII without quote or backslash, so a match is valid
-# JSON whenever the content literal is (orjson checks that one).
-_ASCII_STR = rb'"[\x20\x21\x23-\x5b\x5d-\x7e]*"'
-# (The content literal is the unrolled `"(?:[^"\\]|\\.)*"`: fewer regex steps per byte. The
-# `,"usage":null` group is what UsageStripper would cut.)
-_CONTENT_AND_REST = (
-    rb'("[^"\\\x00-\x1f]*(?:\\.[^"\\\x00-\x1f]*)*")\},"logprobs":null,"finish_reason":null\}\]'
-    rb'(,"usage":null)?(?:,"obfuscation":' + _ASCII_STR + rb')?\}'
-)
-CHAT_CONTENT_CHUNK = re.compile(
-    rb'\{"id":(' + _ASCII_STR + rb'),"object":"chat\.completion\.chunk","created":(?:0|[1-9][0-9]{0,15}),'
-    rb'"model":(' + _ASCII_STR + rb'),(?:"service_tier":' + _ASCII_STR + rb',)?'
-    rb'"system_fingerprint":(?:' + _ASCII_STR + rb'|null),'
-    rb'"choices":\[\{"index":0,"delta":\{"content":' + _CONTENT_AND_REST
-).fullmatch
-# Within a stream every chunk repeats the part before the content byte for byte (id,
-# created, model...): once one chunk matched whole, the next only need the rest checked.
-CONTENT_TAIL = re.compile(_CONTENT_AND_REST).fullmatch
 
 
 def note_response_identity(ex: Exchange, response: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "proxy.errors", "proxy.exchange", "proxy.usage", "proxy.sse", "proxy.pricing", "proxy.estimate",
         "proxy.encodings", "proxy.globs", "proxy.output_cap", "proxy.keys", "proxy.paths", "proxy.settings", "proxy.config_base",
         "proxy.config_sections", "proxy.routing", "proxy.config_file", "proxy.config_schema",
-        "proxy.faults", "proxy.images", "proxy.azure", "proxy.output", "proxy.strip", "proxy.body", "proxy.client_cost", "proxy.response_cache", "proxy.spend", "proxy.spend.money", "proxy.spend.rules", "proxy.spend.buckets",
+        "proxy.faults", "proxy.images", "proxy.azure", "proxy.output", "proxy.strip", "proxy.content_shape", "proxy.body", "proxy.client_cost", "proxy.response_cache", "proxy.spend", "proxy.spend.money", "proxy.spend.rules", "proxy.spend.buckets",
         "proxy.spend.messages", "proxy.spend.budgets", "proxy.spend.forecast", "proxy.replicas", "proxy.ratelimit",
     ]),
     ("infrastructure", [

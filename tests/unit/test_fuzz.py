@@ -24,6 +24,7 @@ import itertools
 import os
 from decimal import Decimal
 from typing import Any
+from unittest import mock
 
 import orjson
 import pytest
@@ -241,13 +242,28 @@ def test_stripper_undoes_exactly_the_injected_usage(
     assert ex.usage.output_tokens == usage["completion_tokens"]
 
 
-def openai_chunk(content: str, usage_null: bool, obfuscation: str | None, model: str = "gpt-4o") -> bytes:
-    """A content chunk exactly as api.openai.com writes it (the shape the tap's fast path takes)."""
-    obj: dict[str, Any] = {
-        "id": "chatcmpl-x1", "object": "chat.completion.chunk", "created": 1755137921, "model": model,
-        "service_tier": "default", "system_fingerprint": "fp_1",
-        "choices": [{"index": 0, "delta": {"content": content}, "logprobs": None, "finish_reason": None}],
-    }
+# The content chunks of three real upstreams, byte for byte in key order: OpenAI's before
+# 2025 (`"logprobs":null` in the choice), OpenAI's since (no logprobs; `service_tier` and an
+# `obfuscation` string last, as in tests' chat-streaming capture) and llama-server's (choices
+# first, id and model after the content).
+SHAPES = ("openai-2024", "openai-2025", "llama-server")
+
+
+def shaped_chunk(
+    shape: str, content: str, usage_null: bool, obfuscation: str | None, model: str = "gpt-4o"
+) -> bytes:
+    """A content chunk of `shape` exactly as that upstream writes it."""
+    obj: dict[str, Any]
+    if shape == "llama-server":
+        obj = {"choices": [{"finish_reason": None, "index": 0, "delta": {"content": content}}], "created": 1795405588,
+               "id": "chatcmpl-wUKQ", "model": model, "system_fingerprint": "b1-0c1e570", "object": "chat.completion.chunk"}
+    else:
+        choice: dict[str, Any] = {"index": 0, "delta": {"content": content}, "finish_reason": None}
+        if shape == "openai-2024":
+            choice = {"index": 0, "delta": {"content": content}, "logprobs": None, "finish_reason": None}
+        obj = {"id": "chatcmpl-x1", "object": "chat.completion.chunk", "created": 1755137921, "model": model,
+               "service_tier": "default", "system_fingerprint": "fp_1" if shape == "openai-2024" else None,
+               "choices": [choice]}
     if usage_null:
         obj["usage"] = None
     if obfuscation is not None:
@@ -255,41 +271,84 @@ def openai_chunk(content: str, usage_null: bool, obfuscation: str | None, model:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
+def openai_chunk(content: str, usage_null: bool, obfuscation: str | None, model: str = "gpt-4o") -> bytes:
+    """A content chunk as api.openai.com wrote it before 2025."""
+    return shaped_chunk("openai-2024", content, usage_null, obfuscation, model)
+
+
 def relay_general(chunks: list[bytes], strip: bool) -> tuple[bytes, Exchange]:
-    """`relay` through the parser and `UsageStripper.rewrite` only (no fast path)."""
+    """`relay` through the parser, a decode of every event and `UsageStripper.rewrite` only:
+    no content shape is ever learned, so nothing takes a fast path."""
     ex = exchange("chat.completions")
     tap = StreamTap(ex, lambda _: None)
     stripper = UsageStripper()
     out: list[bytes] = []
     t = 0
-    for chunk in chunks:
-        t += 1_000
-        events = tap.feed(chunk, t)
-        out.extend(stripper.rewrite(ev) for ev in events) if strip else out.append(chunk)
-    tail = tap.finish(t + 1_000)
+    with mock.patch("proxy.measure.learn", lambda ev, payload: None):
+        for chunk in chunks:
+            t += 1_000
+            events = tap.feed(chunk, t)
+            out.extend(stripper.rewrite(ev) for ev in events) if strip else out.append(chunk)
+        tail = tap.finish(t + 1_000)
+    assert tap._shape is None
     if strip:
         out.extend(stripper.rewrite(ev) for ev in tail)
     return b"".join(out), ex
 
 
-def _openai_chunks(models: st.SearchStrategy[str]) -> st.SearchStrategy[bytes]:
+# Content that reaches into the bytes around a literal if anything does: quotes, backslashes,
+# the shapes' own tails, line ends, non-ASCII.
+_tricky_text = st.text(max_size=6) | st.sampled_from(
+    ['"', "\\", '"},"logprobs":null', '"},"finish_reason":null}]', ',"usage":null', ',"obfuscation":"', "\r\n", "é", "}}]"]
+)
+
+
+def _shaped_chunks(shapes: st.SearchStrategy[str], models: st.SearchStrategy[str]) -> st.SearchStrategy[bytes]:
     return st.builds(
-        openai_chunk,
-        st.text(max_size=6) | st.sampled_from(['"', "\\", '"},"logprobs":null', ',"usage":null', "\r\n", "é"]),
+        shaped_chunk,
+        shapes,
+        _tricky_text,
         st.booleans(),
         st.none() | st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=6),
         models,
     )
 
 
+def _openai_chunks(models: st.SearchStrategy[str]) -> st.SearchStrategy[bytes]:
+    return _shaped_chunks(st.sampled_from(SHAPES), models)
+
+
+# What stands where a content literal stood in a chunk of a learned shape: nothing of it one
+# string literal alone, some of them valid JSON as a whole chunk (another key in the delta,
+# whitespace, a number), some not (an invalid escape, an unclosed string, raw CR or LF).
+_NOT_ONE_LITERAL = [
+    b'"\\q"', b'"a","role":"b"', b'"a" ', b' "a"', b'"a"\r', b"1", b"null", b'["a"]', b'"a', b'"a\\"', b'"', b'""""',
+    b'"a","refusal":"b"', b'"a\nb"', b'"x","y"',
+]
+
+
+def spliced(shape: str, literal: bytes, usage_null: bool, obfuscation: str | None) -> bytes:
+    """A chunk of `shape` with `literal`'s bytes in its content literal's place."""
+    return shaped_chunk(shape, "x", usage_null, obfuscation).replace(b'"content":"x"', b'"content":' + literal)
+
+
 def _not_json(usage_null: bool) -> bytes:
     """A content chunk of the fast shape whose content literal is not JSON (an invalid escape):
     relayed as it came, `"usage":null` and all, and not measured, by either path."""
-    return openai_chunk("x", usage_null, None).replace(b'"content":"x"', b'"content":"\\q"')
+    return spliced("openai-2024", b'"\\q"', usage_null, None)
 
+
+_spliced = st.builds(
+    spliced,
+    st.sampled_from(SHAPES),
+    st.sampled_from(_NOT_ONE_LITERAL),
+    st.booleans(),
+    st.none() | st.sampled_from(["", "ab"]),
+)
 
 _openai_events = st.one_of(
     _openai_chunks(st.sampled_from(["gpt-4o", "gpt-4o", "other"])),
+    _spliced,
     st.sampled_from([b": ping\n\n", b"data: [DONE]\n\n", b"event: x\n", b"data: {\"choices\":[]}\n\n", b"\r\n",
                      _not_json(True), _not_json(False)]),
 )
@@ -316,13 +375,16 @@ def test_tap_fast_path_matches_the_general_path(
     assert_fast_path_is_the_general_path(events if whole else rechunk(b"".join(events), cuts), strip)
 
 
-# Mostly content chunks of one stream (so reads of several of them are common), with the odd
-# event of any other shape between them.
-_content_mostly = st.one_of(*[_openai_chunks(st.just("gpt-4o"))] * 4, _openai_events)
+# Mostly content chunks of one stream's shape (so reads of several of them are common), with
+# the odd event of any other shape between them.
+_content_mostly = st.sampled_from(SHAPES).flatmap(
+    lambda shape: st.lists(st.one_of(*[_shaped_chunks(st.just(shape), st.just("gpt-4o"))] * 4, _openai_events),
+                           min_size=2, max_size=16)
+)
 
 
 @settings(FUZZ, max_examples=examples(400))
-@given(events=st.lists(_content_mostly, min_size=2, max_size=16), sizes=st.lists(st.integers(1, 6), max_size=16),
+@given(events=_content_mostly, sizes=st.lists(st.integers(1, 6), max_size=16),
        strip=st.booleans())
 def test_tap_fast_path_matches_the_general_path_for_reads_of_several_events(
     events: list[bytes], sizes: list[int], strip: bool
