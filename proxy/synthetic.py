@@ -51,6 +51,18 @@ from proxy.synthetic_truth import (
 
 __all__ = ["WORDS", "SyntheticUpstream", "Truth", "completion_words"]
 
+_PAD_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def _obfuscation_pads() -> itertools.cycle[str]:
+    """What OpenAI's `obfuscation` field holds: letters and digits, 0 to 15 of them, varying
+    chunk by chunk. Fixed here (a stream built once is the same bytes every time)."""
+    lengths = [2, 2, 14, 3, 0, 0, 2, 10, 11, 3, 2, 7, 15, 1, 5, 9]
+    return itertools.cycle(
+        [(_PAD_ALPHABET[i % 62 :] + _PAD_ALPHABET)[:n] for i, n in enumerate(lengths)]
+    )
+
+
 class SyntheticUpstream:
     """The server. Use as `async with SyntheticUpstream(...) as syn: syn.base_url ...`."""
 
@@ -255,35 +267,44 @@ class SyntheticUpstream:
         rid = ("chatcmpl-" if chat else "cmpl-") + hashlib.sha256(seed.encode()).hexdigest()[:24]
         created = int(time.time())
 
+        pads = _obfuscation_pads()
+
         def chunk(choices: list[dict[str, Any]], usage: Any = None) -> bytes:
             if chat:
+                # The shape of OpenAI's chunks since 2025, key for key as captured in
+                # tests/fixtures/openai/chat-streaming.yaml: a service tier, no logprobs, and
+                # an `obfuscation` string of random length last on every chunk.
                 payload: dict[str, Any] = {
                     "id": rid,
                     "object": "chat.completion.chunk",
                     "created": created,
                     "model": truth.model,
+                    "service_tier": "default",
                     "system_fingerprint": None,
                     "choices": choices,
                 }
-            else:
-                payload = {
-                    "id": rid,
-                    "object": "text_completion",
-                    "created": created,
-                    "choices": choices,
-                    "model": truth.model,
-                }
+                if truth.include_usage:
+                    payload["usage"] = usage
+                payload["obfuscation"] = next(pads)
+                return b"data: " + orjson.dumps(payload) + b"\n\n"
+            payload = {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "choices": choices,
+                "model": truth.model,
+            }
             if truth.include_usage:
                 payload["usage"] = usage
             return b"data: " + orjson.dumps(payload) + b"\n\n"
 
         role_delta = {"role": "assistant", "content": "", "refusal": None}
-        role = chunk([{"index": 0, "delta": role_delta, "logprobs": None, "finish_reason": None}])
+        role = chunk([{"index": 0, "delta": role_delta, "finish_reason": None}])
         tokens = []
         last = len(words) - 1
         for i, word in enumerate(words):
             if chat:
-                choice = {"index": 0, "delta": {"content": word}, "logprobs": None, "finish_reason": None}
+                choice = {"index": 0, "delta": {"content": word}, "finish_reason": None}
             else:
                 # Completions carry the finish reason on the last text chunk, as OpenAI does.
                 reason = truth.finish_reason if i == last else None
@@ -291,7 +312,7 @@ class SyntheticUpstream:
             tokens.append(chunk([choice]))
         tail = []
         if chat:
-            tail.append(chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": truth.finish_reason}]))
+            tail.append(chunk([{"index": 0, "delta": {}, "finish_reason": truth.finish_reason}]))
         if truth.include_usage:
             tail.append(chunk([], self._usage(truth)))
         tail.append(b"data: [DONE]\n\n")
