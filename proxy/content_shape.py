@@ -6,8 +6,9 @@ id, created, model and the rest repeat byte for byte. Once the parser has decode
 chunk and found it to carry nothing but its content, id and model (`learn`), later chunks are
 matched against its bytes (`literal_end`) and only their literals are decoded. The shape is
 learned, not written down, so OpenAI's current chunks (no `logprobs`, an obfuscation string),
-its older ones (`"logprobs":null`) and llama-server's (content first, id and model after it)
-all take the fast path, in whatever key order the upstream writes.
+its older ones (`"logprobs":null`), llama-server's (content first, id and model after it) and
+Ollama's (the role on every chunk) all take the fast path, in whatever key order the upstream
+writes.
 
 Why a match measures exactly what the parser would: the chunk is the learned chunk's bytes
 with one JSON string literal in the content's place (and one in the obfuscation's). A string
@@ -34,6 +35,8 @@ _TOP_LEVEL = frozenset(
     {"id", "object", "created", "model", "service_tier", "system_fingerprint", "choices", "usage", "obfuscation"}
 )
 _CHOICE = frozenset({"index", "delta", "logprobs", "finish_reason"})
+# Ollama and TGI repeat the role on every chunk; the measuring does not read it.
+_DELTA = frozenset({"content", "role"})
 _OBFUSCATION = b'"obfuscation":'
 _USAGE_NULL = b',"usage":null'
 
@@ -82,9 +85,9 @@ def _identity(value: Any) -> bool:
 
 def learn(ev: SSEEvent, payload: dict[str, Any]) -> ContentShape | None:
     """The shape of `ev` (its decoded data: `payload`), if it is a plain content chunk written
-    on one data line: one choice whose delta is only a content string, no finish reason,
-    logprobs or usage, nothing else the measuring reads. None for any other event, or when
-    the content literal cannot be found in the bytes as orjson writes it."""
+    on one data line: one choice whose delta is a content string (and perhaps the role), no
+    finish reason, logprobs or usage, nothing else the measuring reads. None for any other
+    event, or when the content literal cannot be found in the bytes as orjson writes it."""
     choices = payload.get("choices")
     if type(choices) is not list or len(choices) != 1:
         return None
@@ -92,7 +95,7 @@ def learn(ev: SSEEvent, payload: dict[str, Any]) -> ContentShape | None:
     if type(choice) is not dict:
         return None
     delta = choice.get("delta")
-    if type(delta) is not dict or len(delta) != 1:
+    if type(delta) is not dict or not _DELTA.issuperset(delta) or not _identity(delta.get("role")):
         return None
     content = delta.get("content")
     if type(content) is not str:

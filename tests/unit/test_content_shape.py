@@ -18,7 +18,7 @@ from proxy.measure import StreamTap
 from proxy.sse import SSEEvent, SSEParser
 from proxy.strip import UsageStripper
 from tests.support.cassettes import llamacpp_capture, openai_capture
-from tests.unit.test_fuzz import assert_fast_path_is_the_general_path, exchange, relay, shaped_chunk, spliced
+from tests.unit.test_fuzz import SHAPES, assert_fast_path_is_the_general_path, exchange, relay, shaped_chunk, spliced
 
 CAPTURES = {
     "openai chat-streaming": lambda: openai_capture("chat-streaming").body,
@@ -72,6 +72,16 @@ def test_real_streams_take_the_fast_path_and_measure_as_the_parser(name: str, st
         assert _decoded_whole(reads, strip) <= len(events) - len(content) + _shapes(content)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("usage_null", [False, True])
+def test_each_upstreams_shape_is_decoded_whole_once(shape: str, usage_null: bool) -> None:
+    obfuscation = "ab" if shape == "openai-2025" else None
+    chunks = [shaped_chunk(shape, f" w{i}", usage_null, obfuscation) for i in range(20)]
+    for reads in (chunks, [b"".join(chunks[:7]), b"".join(chunks[7:])]):
+        assert_fast_path_is_the_general_path(reads, strip=usage_null)
+        assert _decoded_whole(reads, usage_null) == 1
+
+
 def test_learned_shape_of_openai_2025_chunk() -> None:
     raw = shaped_chunk("openai-2025", "Hi", True, "nX")
     (ev,) = SSEParser().feed(raw)
@@ -88,7 +98,8 @@ def test_learned_shape_of_openai_2025_chunk() -> None:
     [
         # Something the measuring reads besides the content, or a second `"content":`.
         {"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": "stop"}]},
-        {"choices": [{"index": 0, "delta": {"content": "a", "role": "assistant"}}]},
+        {"choices": [{"index": 0, "delta": {"content": "a", "refusal": None}}]},
+        {"choices": [{"index": 0, "delta": {"content": "a", "role": 1}}]},
         {"choices": [{"index": 0, "delta": {"content": "a"}}], "usage": {"prompt_tokens": 1}},
         {"choices": [{"index": 0, "delta": {"content": "a"}}], "timings": {"predicted_n": 1}},
         {"choices": [{"index": 0, "delta": {"content": "a"}, "logprobs": {"content": []}}]},
@@ -124,7 +135,7 @@ def test_a_shape_whose_usage_null_the_stripper_cuts_otherwise_is_not_stripped_fa
     assert b"usage" not in out and out.count(b'data: {"id":"c"') == 4
 
 
-@pytest.mark.parametrize("shape", ["openai-2024", "openai-2025", "llama-server"])
+@pytest.mark.parametrize("shape", SHAPES)
 def test_pieces_that_are_not_one_literal_each_are_not_taken(shape: str) -> None:
     """Content slots holding `"x","` and `"` (joined with a bare comma they decode as two
     strings), or `"x","y"` (two strings in one slot): no such chunk is JSON, so none is

@@ -242,11 +242,11 @@ def test_stripper_undoes_exactly_the_injected_usage(
     assert ex.usage.output_tokens == usage["completion_tokens"]
 
 
-# The content chunks of three real upstreams, byte for byte in key order: OpenAI's before
+# The content chunks of four real upstreams, byte for byte in key order: OpenAI's before
 # 2025 (`"logprobs":null` in the choice), OpenAI's since (no logprobs; `service_tier` and an
-# `obfuscation` string last, as in tests' chat-streaming capture) and llama-server's (choices
-# first, id and model after the content).
-SHAPES = ("openai-2024", "openai-2025", "llama-server")
+# `obfuscation` string last, as in tests' chat-streaming capture), llama-server's (choices
+# first, id and model after the content) and Ollama's (the role in every delta).
+SHAPES = ("openai-2024", "openai-2025", "llama-server", "ollama")
 
 
 def shaped_chunk(
@@ -254,7 +254,11 @@ def shaped_chunk(
 ) -> bytes:
     """A content chunk of `shape` exactly as that upstream writes it."""
     obj: dict[str, Any]
-    if shape == "llama-server":
+    if shape == "ollama":
+        obj = {"id": "chatcmpl-7", "object": "chat.completion.chunk", "created": 1755137921, "model": model,
+               "system_fingerprint": "fp_ollama",
+               "choices": [{"index": 0, "delta": {"role": "assistant", "content": content}, "finish_reason": None}]}
+    elif shape == "llama-server":
         obj = {"choices": [{"finish_reason": None, "index": 0, "delta": {"content": content}}], "created": 1795405588,
                "id": "chatcmpl-wUKQ", "model": model, "system_fingerprint": "b1-0c1e570", "object": "chat.completion.chunk"}
     else:
