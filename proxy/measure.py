@@ -45,6 +45,9 @@ log = logging.getLogger("tollgate.measure")
 # (after its blank line), and its decoded content.
 _Fast = tuple[int, int, int, str]
 _USAGE_NULL_LEN = len(b',"usage":null')
+# The longest partial event the tap holds across reads itself; a longer one goes to the
+# parser, which scans a long line once rather than again at every read.
+_MAX_CARRY = 16384
 
 
 class StreamTap:
@@ -59,7 +62,7 @@ class StreamTap:
     is exactly what `feed` and `rewrite` would give.
     """
 
-    __slots__ = ("_first_token_cb", "_shape", "ex", "healthy", "parser", "parts")
+    __slots__ = ("_carry", "_first_token_cb", "_shape", "ex", "healthy", "parser", "parts")
 
     def __init__(self, ex: Exchange, on_first_token: Callable[[Exchange], None]) -> None:
         self.ex = ex
@@ -69,6 +72,9 @@ class StreamTap:
         self._first_token_cb = on_first_token
         # The bytes the stream's plain content chunks share, once one has been decoded.
         self._shape: ContentShape | None = None
+        # The start of an event of that shape, held until a later read ends its data line
+        # (never given to the parser, which is then at a block start).
+        self._carry = b""
 
     def feed(self, chunk: bytes, t_ns: int) -> list[SSEEvent]:
         events = self.parser.feed(chunk)
@@ -78,52 +84,83 @@ class StreamTap:
 
     def tap(self, chunk: bytes, t_ns: int) -> None:
         """`feed` for a relay that has written the chunk already and needs no events back."""
-        if self._one(chunk, t_ns, False) is None:
+        carry = self._carry
+        if carry:
+            chunk = carry + chunk
+            self._carry = b""
+        if self._one(chunk, t_ns, None) is None:
             self._take(chunk, t_ns, None)
 
     def strip(self, chunk: bytes, t_ns: int, rewriter: EventRewriter) -> bytes:
         """`feed`, then the bytes `rewriter.rewrite` makes of the events: what to relay."""
-        one = self._one(chunk, t_ns, rewriter.cuts_usage_null)
+        carry = self._carry
+        if carry:
+            chunk = carry + chunk
+            self._carry = b""
+        one = self._one(chunk, t_ns, rewriter)
         if one is not None:
             return one
         out = self._take(chunk, t_ns, rewriter)
         assert out is not None
         return out[0] if len(out) == 1 else b"".join(out)
 
-    def _one(self, chunk: bytes, t_ns: int, cut: bool) -> bytes | None:
-        """`_take` for the reads nearly every stream is made of: whole content events of the
+    def _one(self, chunk: bytes, t_ns: int, rewriter: EventRewriter | None) -> bytes | None:
+        """`_take` for the reads nearly every stream is made of: content events of the
         stream's shape, one (a read per chunk) or several (a busy proxy reads several chunks
-        at once). What to relay (the read itself when nothing is cut), or None when the read
-        is any other: `_take` then takes it. `cut`: the rewriter cuts `,"usage":null`."""
+        at once), perhaps followed by others, or by the start of one the next read ends.
+        What to relay (the read itself when nothing is cut), or None when the read starts
+        otherwise: `_take` then takes it."""
         shape = self._shape
-        if shape is None or not chunk.startswith(shape.line) or not chunk.endswith(b"\n\n"):
+        if shape is None or not chunk.startswith(shape.line):
             return None
+        cut = rewriter is not None and rewriter.cuts_usage_null
         if not self.healthy or not self.parser.at_block_start() or (cut and not shape.strippable):
             return None
+        tail = b""
+        if not chunk.endswith(b"\n\n"):
+            # The read ends inside an event, on its data line: held back until a read ends
+            # the line (the parser would hold it too), so that event can be taken here.
+            done = max(chunk.rfind(b"\n\n") + 2, 0)
+            tail = chunk[done:]
+            if len(tail) > _MAX_CARRY or b"\n" in tail or b"\r" in tail:
+                return None
+            if not done:
+                self._carry = tail
+                return b""
+            chunk = chunk[:done]
         start = len(shape.line)
         end = len(chunk) - 2
         if chunk.find(b"\n", start, end) >= 0:
-            return self._several(chunk, t_ns, shape, cut)
-        at = shape.literal_end(chunk, start, end)
-        if at < 0:
-            return None
-        try:
-            # One string literal each, or the parser decides (`_take`).
-            content = orjson.loads(chunk[start:at])
-            if shape.obfuscated:
-                orjson.loads(chunk[at + len(shape.mid) : end - 1])
-        except orjson.JSONDecodeError:
-            return None
-        self._measure_texts(content, t_ns, shape)
-        if not cut:
-            return chunk
-        c = shape.cut_line if shape.cut_line >= 0 else (at + shape.cut_mid if shape.cut_mid >= 0 else -1)
-        return chunk if c < 0 else chunk[:c] + chunk[c + _USAGE_NULL_LEN :]
+            out = self._several(chunk, t_ns, shape, rewriter, cut)
+        else:
+            at = shape.literal_end(chunk, start, end)
+            if at < 0:
+                return None
+            try:
+                # One string literal each, or the parser decides (`_take`).
+                content = orjson.loads(chunk[start:at])
+                if shape.obfuscated:
+                    orjson.loads(chunk[at + len(shape.mid) : end - 1])
+            except orjson.JSONDecodeError:
+                return None
+            self._measure_texts(content, t_ns, shape, [])
+            out = chunk
+            if cut and shape.cut_line >= 0:
+                out = chunk[: shape.cut_line] + chunk[shape.cut_line + _USAGE_NULL_LEN :]
+            elif cut and shape.cut_mid >= 0:
+                c = at + shape.cut_mid
+                out = chunk[:c] + chunk[c + _USAGE_NULL_LEN :]
+        if out is not None and tail:
+            self._carry = tail
+        return out
 
-    def _several(self, chunk: bytes, t_ns: int, shape: ContentShape, cut: bool) -> bytes | None:
-        """`_one` for a read of several whole content events: measured in one pass, their
-        texts appended as one. Nothing is measured before the whole read is known to
-        qualify (else None, and `_take` takes it)."""
+    def _several(
+        self, chunk: bytes, t_ns: int, shape: ContentShape, rewriter: EventRewriter | None, cut: bool
+    ) -> bytes | None:
+        """`_one` for a read of several whole events: the leading run of the shape's
+        content events measured in one pass, their texts appended as one; the events after
+        it (the stream's finish and usage chunks, say) through the parser. Nothing is
+        measured before the run is known to decode (else None, and `_take` takes it)."""
         line = shape.line
         skip = len(line)
         lm = len(shape.mid)
@@ -134,15 +171,15 @@ class StreamTap:
         pos = 0  # where the event starts in the chunk
         # The chunk ends with a blank line (`_one` checked): the last piece is empty. An
         # event of the shape holds no LF (line and mid hold none, a literal cannot), so it
-        # is one whole piece; a piece that is not makes the read not qualify.
+        # is one whole piece; the run ends at the first piece that is not one.
         events = chunk.split(b"\n\n")
         events.pop()
         for ev in events:
             if not ev.startswith(line):
-                return None
+                break
             at = shape.literal_end(ev, skip, len(ev))
             if at < 0:
-                return None
+                break
             literals.append(ev[skip:at])
             if obfuscated:
                 literals.append(ev[at + lm : -1])
@@ -151,6 +188,8 @@ class StreamTap:
             elif cut_mid >= 0:
                 cuts.append(pos + at + cut_mid)
             pos += len(ev) + 2
+        if not pos:
+            return None
         try:
             # All of them in one decode. Joined by LF (raw, it cannot sit inside a JSON
             # string) and a comma, quote-bounded pieces that decode to as many values are
@@ -160,27 +199,39 @@ class StreamTap:
             return None
         if len(texts) != len(literals):
             return None
-        self._measure_texts("".join(texts[::2] if obfuscated else texts), t_ns, shape)
-        if not cuts:
+        rest = self.parser.feed(chunk[pos:]) if pos < len(chunk) else []
+        self._measure_texts("".join(texts[::2] if obfuscated else texts), t_ns, shape, rest)
+        if rewriter is None:
             return chunk
-        # Keep what lies between the cuts: [0, a1), [a1 + 13, a2), ..., [an + 13, end).
-        parts = [chunk[: cuts[0]]]
-        for i in range(1, len(cuts)):
-            parts.append(chunk[cuts[i - 1] + _USAGE_NULL_LEN : cuts[i]])
-        parts.append(chunk[cuts[-1] + _USAGE_NULL_LEN :])
-        return b"".join(parts)
+        out = chunk if pos == len(chunk) else chunk[:pos]
+        if cuts:
+            # Keep what lies between the cuts: [0, a1), [a1 + 13, a2), ..., [an + 13, end).
+            parts = [out[: cuts[0]]]
+            for i in range(1, len(cuts)):
+                parts.append(out[cuts[i - 1] + _USAGE_NULL_LEN : cuts[i]])
+            parts.append(out[cuts[-1] + _USAGE_NULL_LEN :])
+            out = b"".join(parts)
+        if rest:
+            out += b"".join([rewriter.rewrite(ev) for ev in rest])
+        return out
 
-    def _measure_texts(self, text: str, t_ns: int, shape: ContentShape) -> None:
-        """The decoded content of a read's fast events: as `_measure_items` would."""
+    def _measure_texts(self, text: str, t_ns: int, shape: ContentShape, rest: list[SSEEvent]) -> None:
+        """The decoded content of a read's fast events, then the parser's events that came
+        after them in the read: as `_measure_items` would, the read timed once."""
         try:
             ex = self.ex
             if shape.response_id is not None:
                 ex.response_id = shape.response_id
             if shape.response_model is not None:
                 ex.response_model = shape.response_model
+            flags = 0
             if text:
                 self.parts.append(text)
-                self._carried(t_ns, VISIBLE)
+                flags = VISIBLE
+            if rest:
+                flags |= self.on_events(rest)
+            if flags:
+                self._carried(t_ns, flags)
         except Exception:  # noqa: BLE001 - as _measure: never reach the relay
             self._failed()
 
@@ -244,7 +295,14 @@ class StreamTap:
             items.append((pos, at, eol + 2, content))
             pos = eol + 2
         if pos < n:
-            items.append(parser.feed(chunk[pos:]))
+            rest = chunk[pos:]
+            if (
+                parser.at_block_start() and len(rest) <= _MAX_CARRY and rest.startswith(line)
+                and b"\n" not in rest and b"\r" not in rest
+            ):
+                self._carry = rest  # the start of an event of the shape: as `_one` holds it
+            else:
+                items.append(parser.feed(rest))
         # 2. Measure them in order (those that found the shape are measured already); a
         # fast event's id and model are those of the shape it matched (measuring the
         # parser's events may learn another).
@@ -342,7 +400,14 @@ class StreamTap:
         ex.t_last_token_ns = t_ns
 
     def finish(self, t_ns: int) -> list[SSEEvent]:
-        events = self.parser.flush()
+        carry = self._carry
+        if carry:
+            # An event the stream never ended: the parser's, as if it had held it all along.
+            self._carry = b""
+            events = self.parser.feed(carry)
+            events += self.parser.flush()
+        else:
+            events = self.parser.flush()
         if events and self.healthy:
             self._measure(events, t_ns)
         return events
