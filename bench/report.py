@@ -267,7 +267,8 @@ def render(result: RunResult, command: str) -> str:
         "## Setup",
         "",
         f"- Fake OpenAI upstream (bench/upstream.py, its own process): chat completions, "
-        f"{plan.chunks} content chunks per stream (+ role, finish, usage chunks and `[DONE]`), "
+        f"{plan.chunks} content chunks per stream (+ role, finish, usage chunks and `[DONE]`) in "
+        f"the shape OpenAI writes since 2025 (no logprobs, an `obfuscation` string last), "
         f"TTFT {plan.ttft_ms:g} ms, {plan.gap_ms:g} ms between chunks; non-stream body after "
         f"{plan.latency_ms:g} ms.",
         f"- Load generator (bench/loadgen.py, aiohttp + uvloop, the runner's process): fixed "
