@@ -219,21 +219,26 @@ class StreamTap:
         """The decoded content of a read's fast events, then the parser's events that came
         after them in the read: as `_measure_items` would, the read timed once."""
         try:
-            ex = self.ex
-            if shape.response_id is not None:
-                ex.response_id = shape.response_id
-            if shape.response_model is not None:
-                ex.response_model = shape.response_model
-            flags = 0
-            if text:
-                self.parts.append(text)
-                flags = VISIBLE
+            flags = self._took(text, shape)
             if rest:
                 flags |= self.on_events(rest)
             if flags:
                 self._carried(t_ns, flags)
         except Exception:  # noqa: BLE001 - as _measure: never reach the relay
             self._failed()
+
+    def _took(self, content: str, shape: ContentShape) -> int:
+        """What decoding a fast event whole would note: its content, and the shape's id and
+        model (those of the chunk it was learned from, byte for byte the same). Its flags."""
+        ex = self.ex
+        if shape.response_id is not None:
+            ex.response_id = shape.response_id
+        if shape.response_model is not None:
+            ex.response_model = shape.response_model
+        if content:
+            self.parts.append(content)
+            return VISIBLE
+        return 0
 
     def _take(self, chunk: bytes, t_ns: int, rewriter: EventRewriter | None) -> list[bytes] | None:
         """`feed` (and, with `rewriter`, the rewritten bytes to relay), with the events of
@@ -365,21 +370,13 @@ class StreamTap:
     def _measure_items(
         self, items: list[list[SSEEvent] | _Fast], t_ns: int, shape: ContentShape, carried: int = 0
     ) -> None:
-        ex = self.ex
         try:
             for item in items:
                 if isinstance(item, list):
                     if item:
                         carried |= self.on_events(item)
                     continue
-                content = item[3]
-                if content:
-                    self.parts.append(content)
-                    carried |= VISIBLE
-                if shape.response_id is not None:
-                    ex.response_id = shape.response_id
-                if shape.response_model is not None:
-                    ex.response_model = shape.response_model
+                carried |= self._took(item[3], shape)
             if carried:
                 self._carried(t_ns, carried)
         except Exception:  # noqa: BLE001 - as _measure: never reach the relay
@@ -450,13 +447,7 @@ class StreamTap:
                     except orjson.JSONDecodeError:
                         pass  # the whole decode below decides what it is
                     else:
-                        if content:
-                            self.parts.append(content)
-                            carried |= VISIBLE
-                        if shape.response_id is not None:
-                            ex.response_id = shape.response_id
-                        if shape.response_model is not None:
-                            ex.response_model = shape.response_model
+                        carried |= self._took(content, shape)
                         continue
             try:
                 payload = orjson.loads(data)
