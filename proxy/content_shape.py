@@ -78,6 +78,21 @@ class ContentShape:
             return -1
         return at
 
+    def match(self, buf: bytes, start: int, end: int) -> tuple[int, str] | None:
+        """`literal_end` and the decode of the literals: where the content literal ends and
+        the content, if `buf[start:end]` has this shape around one string literal (and one
+        obfuscation literal); else None, and the parser decides what the event is."""
+        at = self.literal_end(buf, start, end)
+        if at < 0:
+            return None
+        try:
+            content: str = orjson.loads(buf[start:at])
+            if self.obfuscated:
+                orjson.loads(buf[at + len(self.mid) : end - 1])
+        except orjson.JSONDecodeError:
+            return None
+        return at, content
+
 
 def _identity(value: Any) -> bool:
     return value is None or type(value) is str
@@ -147,7 +162,7 @@ def learn(ev: SSEEvent, payload: dict[str, Any]) -> ContentShape | None:
             cut_line = cut
         elif cut >= len(line) + len(literal) and cut + len(_USAGE_NULL) <= len(line) + len(literal) + len(mid):
             cut_mid = cut - len(line) - len(literal)
-        strippable = cut >= 0 and (cut_line >= 0 or cut_mid >= 0) and (
+        strippable = (cut_line >= 0 or cut_mid >= 0) and (
             UsageStripper().rewrite(ev) == raw[:cut] + raw[cut + len(_USAGE_NULL) :]
         )
     return ContentShape(line, prefix, mid, obfuscated, rid, model, cut_line, cut_mid, strippable)

@@ -133,16 +133,10 @@ class StreamTap:
         if chunk.find(b"\n", start, end) >= 0:
             out = self._several(chunk, t_ns, shape, rewriter, cut)
         else:
-            at = shape.literal_end(chunk, start, end)
-            if at < 0:
-                return None
-            try:
-                # One string literal each, or the parser decides (`_take`).
-                content = orjson.loads(chunk[start:at])
-                if shape.obfuscated:
-                    orjson.loads(chunk[at + len(shape.mid) : end - 1])
-            except orjson.JSONDecodeError:
-                return None
+            match = shape.match(chunk, start, end)
+            if match is None:
+                return None  # `_take` and the parser decide
+            at, content = match
             self._measure_texts(content, t_ns, shape, [])
             out = chunk
             if cut and shape.cut_line >= 0:
@@ -281,23 +275,16 @@ class StreamTap:
                 pos = n
         line = shape.line
         skip = len(line)
-        lm = len(shape.mid)
         while chunk.startswith(line, pos):
             # Line and mid hold no CR or LF: the first LF after the line must end the data
             # line, and a second one the event.
             eol = chunk.find(b"\n", pos + skip)
             if eol < 0 or eol + 1 >= n or chunk[eol + 1] != 0x0A:
                 break
-            at = shape.literal_end(chunk, pos + skip, eol)
-            if at < 0:
-                break
-            try:
-                content = orjson.loads(chunk[pos + skip : at])
-                if shape.obfuscated:
-                    orjson.loads(chunk[at + lm : eol - 1])
-            except orjson.JSONDecodeError:
+            match = shape.match(chunk, pos + skip, eol)
+            if match is None:
                 break  # the parser decides what it is
-            items.append((pos, at, eol + 2, content))
+            items.append((pos, match[0], eol + 2, match[1]))
             pos = eol + 2
         if pos < n:
             rest = chunk[pos:]
@@ -437,18 +424,10 @@ class StreamTap:
                 continue
             shape = self._shape
             if chat and shape is not None and data.startswith(shape.prefix):
-                start = len(shape.prefix)
-                at = shape.literal_end(data, start, len(data))
-                if at >= 0:
-                    try:
-                        content = orjson.loads(data[start:at])
-                        if shape.obfuscated:
-                            orjson.loads(data[at + len(shape.mid) : -1])
-                    except orjson.JSONDecodeError:
-                        pass  # the whole decode below decides what it is
-                    else:
-                        carried |= self._took(content, shape)
-                        continue
+                match = shape.match(data, len(shape.prefix), len(data))
+                if match is not None:  # else the whole decode below decides what it is
+                    carried |= self._took(match[1], shape)
+                    continue
             try:
                 payload = orjson.loads(data)
             except orjson.JSONDecodeError:
