@@ -283,19 +283,18 @@ class SyntheticUpstream:
                     "system_fingerprint": None,
                     "choices": choices,
                 }
-                if truth.include_usage:
-                    payload["usage"] = usage
-                payload["obfuscation"] = next(pads)
-                return b"data: " + orjson.dumps(payload) + b"\n\n"
-            payload = {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "choices": choices,
-                "model": truth.model,
-            }
+            else:
+                payload = {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "choices": choices,
+                    "model": truth.model,
+                }
             if truth.include_usage:
                 payload["usage"] = usage
+            if chat:
+                payload["obfuscation"] = next(pads)
             return b"data: " + orjson.dumps(payload) + b"\n\n"
 
         role_delta = {"role": "assistant", "content": "", "refusal": None}
