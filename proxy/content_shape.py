@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from proxy.sse import SSEEvent
-from proxy.strip import UsageStripper
+from proxy.strip import USAGE_NULL, UsageStripper
 
 # What a plain content chunk may hold besides its one choice: nothing the measuring reads but
 # id and model. (`usage` only as null, which UsageStripper may cut; `obfuscation` only as the
@@ -38,7 +38,6 @@ _CHOICE = frozenset({"index", "delta", "logprobs", "finish_reason"})
 # Ollama and TGI repeat the role on every chunk; the measuring does not read it.
 _DELTA = frozenset({"content", "role"})
 _OBFUSCATION = b'"obfuscation":'
-_USAGE_NULL = b',"usage":null'
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,12 +156,12 @@ def learn(ev: SSEEvent, payload: dict[str, Any]) -> ContentShape | None:
     if "usage" in payload:
         # The cut UsageStripper makes (the first `,"usage":null`), found in the bytes that
         # repeat, and checked against the stripper itself rather than argued.
-        cut = raw.find(_USAGE_NULL)
-        if 0 <= cut and cut + len(_USAGE_NULL) <= len(line):
+        cut = raw.find(USAGE_NULL)
+        if 0 <= cut and cut + len(USAGE_NULL) <= len(line):
             cut_line = cut
-        elif cut >= len(line) + len(literal) and cut + len(_USAGE_NULL) <= len(line) + len(literal) + len(mid):
+        elif cut >= len(line) + len(literal) and cut + len(USAGE_NULL) <= len(line) + len(literal) + len(mid):
             cut_mid = cut - len(line) - len(literal)
         strippable = (cut_line >= 0 or cut_mid >= 0) and (
-            UsageStripper().rewrite(ev) == raw[:cut] + raw[cut + len(_USAGE_NULL) :]
+            UsageStripper().rewrite(ev) == raw[:cut] + raw[cut + len(USAGE_NULL) :]
         )
     return ContentShape(line, prefix, mid, obfuscated, rid, model, cut_line, cut_mid, strippable)

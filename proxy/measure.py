@@ -36,7 +36,7 @@ from proxy.output import (
     output_of_payload,
 )
 from proxy.sse import SSEEvent, SSEParser
-from proxy.strip import EventRewriter
+from proxy.strip import USAGE_NULL, EventRewriter
 from proxy.usage import usage_from_stream_payload
 
 log = logging.getLogger("tollgate.measure")
@@ -44,7 +44,7 @@ log = logging.getLogger("tollgate.measure")
 # A fast event in a read: where it starts, where its content literal ends, where it ends
 # (after its blank line), and its decoded content.
 _Fast = tuple[int, int, int, str]
-_USAGE_NULL_LEN = len(b',"usage":null')
+_USAGE_NULL_LEN = len(USAGE_NULL)
 # The longest partial event the tap holds across reads itself; a longer one goes to the
 # parser, which scans a long line once rather than again at every read.
 _MAX_CARRY = 16384

@@ -16,6 +16,10 @@ from proxy.sse import SSEEvent
 
 log = logging.getLogger("tollgate.measure")
 
+# The member OpenAI adds to every chunk but the usage chunk when asked for usage, as it writes
+# it (with the comma before it): what `UsageStripper` cuts from its compact bytes.
+USAGE_NULL = b',"usage":null'
+
 
 class EventRewriter(Protocol):
     """What the relay writes instead of each whole event of a stream it rewrites."""
@@ -72,9 +76,9 @@ class UsageStripper:
             return raw  # a real usage on a content chunk: not what the option added alone
         # OpenAI's own bytes: the only "usage" is the top-level key, written compactly.
         if data.count(b'"usage"') == 1:
-            at = raw.find(b',"usage":null')
+            at = raw.find(USAGE_NULL)
             if at >= 0:
-                return raw[:at] + raw[at + 13 :]
+                return raw[:at] + raw[at + len(USAGE_NULL) :]
         return _cut_usage_null(raw, data, payload)
 
 
